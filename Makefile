@@ -1,0 +1,34 @@
+# The two commands the README opens with:
+#   make example   the main job: the arithmetic example end to end, W&B offline
+#   make test      the whole test suite
+# Both create .venv on first use. TORCH_SPEC picks the torch build: the default asks for
+# torch==2.13.0, which pip takes from a local wheel where one is configured (a CPU build)
+# and from PyPI otherwise (the CUDA build on Linux). Use your own, e.g.
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+.PHONY: install example test benchmark clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+example: $(VENV)/.installed
+	WANDB_MODE=offline $(PY) benchmarks/engine.py
+
+test: $(VENV)/.installed
+	WANDB_MODE=offline $(PY) -m pytest -q
+
+benchmark: $(VENV)/.installed
+	$(PY) benchmarks/engine.py
+
+clean:
+	rm -rf $(VENV) runs wandb

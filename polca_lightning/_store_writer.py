@@ -1,0 +1,485 @@
+"""The background writer of a POLCA store (public as :class:`polca_lightning.store.StoreWriter`).
+
+One process writes. Every ``write_*`` call validates and copies its inputs in the
+caller's thread and queues a closure; one thread runs the closures in order. Arrays
+grow (``resize``) just before data lands in them, so a kill can leave shapes longer than
+the data written: the group attributes ``committed_snapshots``/``committed_basis`` are
+rewritten only after the data they cover is on disk, and readers trust only those.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import threading
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import zarr
+
+from polca_lightning.store import (
+    BUILTIN_TOKEN_COORDS, FORMAT_KEY, FORMAT_VERSION, TRAINING_SPECS, StoreError, StoreExistsError,
+    StoreWriteError, TokenIndex, _as_float32, _as_index, _as_int64, _check_location, _chunk_plan,
+    _consolidate, _fill_value_for, _jsonable, _n_params, _open_polca_group, _remove_store, _same_json,
+    _shrink_array, _to_numpy,
+)
+
+# --------------------------------------------------------------------- background queue
+class BackgroundQueue:
+    """Runs closures in submission order on one thread (or inline), holding at most
+    `max_pending_bytes` of queued data; the first failure stops it and is re-raised,
+    wrapped in StoreWriteError, by every later call."""
+
+    def __init__(self, description: str, background: bool = True, max_pending_bytes: int = 1 << 30):
+        self._description = description
+        self._max_pending = max_pending_bytes
+        self._jobs: collections.deque[tuple[Callable[[], None], int]] = collections.deque()
+        self._pending_bytes = 0
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="polca-store-writer", daemon=True)
+            self._thread.start()
+            # The thread is a daemon (a forgotten close() must not hang the interpreter);
+            # at exit, finish what is queued so the committed part is as long as possible.
+            # It must run before concurrent.futures shuts its executors down (zarr's I/O
+            # runs on one), hence threading's exit hooks rather than atexit's, which run later.
+            self._atexit = _weak_flush(self)
+            _REGISTER_AT_EXIT(self._atexit)
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StoreWriteError(f"writing {self._description} failed in the background writer: "
+                                  f"{type(self._error).__name__}: {self._error}") from self._error
+
+    def submit(self, job: Callable[[], None], nbytes: int = 0) -> None:
+        self.raise_if_failed()
+        if self._thread is None:
+            try:
+                job()
+            except Exception as error:
+                self._error = error
+                self.raise_if_failed()
+            return
+        with self._cond:
+            while self._jobs and self._pending_bytes + nbytes > self._max_pending and self._error is None:
+                self._cond.wait()
+            self.raise_if_failed()
+            if self._stopping:
+                raise StoreError(f"{self._description} is closed")
+            self._jobs.append((job, nbytes))
+            self._pending_bytes += nbytes
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        if self._thread is not None:
+            with self._cond:
+                while self._jobs and self._error is None:
+                    self._cond.wait()
+        self.raise_if_failed()
+
+    def stop(self) -> None:
+        """Finish queued work, stop the thread; re-raise a failure."""
+        if self._thread is not None:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._thread.join()
+            self._atexit.cancelled = True
+        self.raise_if_failed()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job, nbytes = self._jobs[0]
+            try:
+                job()
+            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                with self._cond:
+                    self._error = error
+                    self._jobs.clear()
+                    self._pending_bytes = 0
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._jobs.popleft()
+                self._pending_bytes -= nbytes
+                self._cond.notify_all()
+
+
+# threading._register_atexit (3.9+, what concurrent.futures uses) runs hooks at
+# interpreter shutdown before the executors stop; atexit is the fallback.
+_REGISTER_AT_EXIT = getattr(threading, "_register_atexit", atexit.register)
+
+
+def _weak_flush(queue: BackgroundQueue) -> Callable[[], None]:
+    ref = weakref.ref(queue)
+
+    def flush_at_exit() -> None:
+        live = ref()
+        if live is not None and not flush_at_exit.cancelled:
+            try:
+                live.flush()
+            except Exception as error:  # noqa: BLE001 - nobody left to raise to
+                warnings.warn(f"POLCA store writer failed at exit: {error}", RuntimeWarning, stacklevel=1)
+
+    flush_at_exit.cancelled = False  # type: ignore[attr-defined]
+    return flush_at_exit
+
+
+
+# -------------------------------------------------------------------------- the writer
+class StoreWriter:
+    """Writes one training run into a POLCA store, in the background.
+
+    Args:
+        path: directory of the Zarr v3 store (local).
+        mode: ``'w-'`` create, refusing if anything (but an empty directory) is at
+            `path`; ``'w'`` overwrite a previous POLCA store (never anything else);
+            ``'a'`` resume an existing store after checking it was written with the same
+            settings (created if absent). On resume, data past the committed lengths
+            (left by a crash) is dropped.
+        tokens: the probe tokens.
+        parameters: ``[(name, shape), ...]`` of the selected parameters, in order.
+        order: POLCA order of the ``polca`` variable.
+        config: JSON-able run settings, stored as the ``config`` attribute.
+        max_basis: most basis vectors the run will find.
+        with_curvature: create the ``curvature`` variable.
+        store_weights: create the ``weights`` variable (needed for backfill).
+        background: write on a background thread (``False``: inline, for debugging).
+
+    Raises:
+        StoreExistsError: mode ``'w-'`` and something is at `path`.
+        StoreError: mode ``'a'`` and a setting differs, or `path` is not a POLCA store.
+        PermissionError, NotADirectoryError: `path` cannot be written.
+
+    Example:
+        >>> w = StoreWriter("run.zarr", tokens=tokens, parameters=[("w", (3, 4))], order="first",
+        ...                 config={}, max_basis=8, with_curvature=False)
+        >>> w.write_snapshot(0, step=0, loss=loss0, weights=theta0); w.commit(1, 0); w.close()
+    """
+
+    def __init__(self, path: Any, *, mode: str = "w-", tokens: TokenIndex,
+                 parameters: list[tuple[str, tuple[int, ...]]], order: str, config: dict,
+                 max_basis: int, with_curvature: bool, store_weights: bool = True,
+                 background: bool = True):
+        if mode not in ("w-", "w", "a"):
+            raise ValueError(f"mode must be 'w-', 'w' or 'a', got {mode!r}")
+        if not isinstance(tokens, TokenIndex):
+            raise TypeError(f"tokens must be a TokenIndex, got {type(tokens).__name__}")
+        if len(tokens) == 0:
+            raise ValueError("tokens: the probe data has no loss-bearing token")
+        self.path = Path(path)
+        self.tokens = tokens
+        self.parameters = [(str(name), tuple(_as_index(s, f"shape of {name}") for s in shape))
+                           for name, shape in parameters]
+        self.n_tokens, self.n_params = len(tokens), _n_params(self.parameters)
+        if self.n_params == 0:
+            raise ValueError("parameters: no parameter selected")
+        self.max_basis = _as_index(max_basis, "max_basis", low=1)
+        self.with_curvature, self.store_weights = bool(with_curvature), bool(store_weights)
+        self.order = str(order)
+        self._settings = {  # what a resume must match, as stored in the attributes
+            "order": self.order, "with_curvature": self.with_curvature, "store_weights": self.store_weights,
+            "max_basis": self.max_basis, "parameters": _jsonable(self.parameters, "parameters"),
+            "config": _jsonable(dict(config), "config"), "token_labels": list(tokens.labels),
+        }
+        _check_location(self.path)
+        exists = self.path.exists() and any(self.path.iterdir())
+        if mode == "w-" and exists:
+            raise StoreExistsError(f"{str(self.path)!r} already exists; use mode='a' to resume that "
+                                   "store or mode='w' to overwrite it")
+        if mode == "w":
+            _remove_store(self.path)
+        if mode == "a" and exists:
+            self._group = _open_polca_group(self.path, mode="r+")
+            self._verify_resume()
+        else:
+            self._group = self._create()
+        self._arrays = {name: arr for name, arr in self._group.arrays() if name in TRAINING_SPECS}
+        self._lengths = {"snapshot": 0, "interval": 0, "basis": 0}
+        for name, arr in self._arrays.items():
+            for dim, size in zip(TRAINING_SPECS[name].dims, arr.shape):
+                if dim in self._lengths:
+                    self._lengths[dim] = max(self._lengths[dim], size)
+        attrs = self._group.attrs
+        self._committed = (int(attrs["committed_snapshots"]), int(attrs["committed_basis"]))
+        self._truncate_now(*self._committed)  # drop what a crash left past the committed part
+        self._steps = {i: int(s) for i, s in enumerate(self._arrays["step"][: self._committed[0]])}
+        if attrs.get("complete", False):
+            attrs.update({"complete": False})  # rewrites zarr.json: drops stale consolidated metadata
+        self._queue = BackgroundQueue(f"the POLCA store {str(self.path)!r}", background)
+        self._closed = False
+
+    # ------------------------------------------------------------------ creation/resume
+    def _create(self) -> zarr.Group:
+        try:
+            version = __import__("importlib.metadata").metadata.version("polca-lightning")
+        except Exception:  # noqa: BLE001 - running from a source tree
+            version = "unknown"
+        labels = list(self.tokens.labels)
+        coords = [*BUILTIN_TOKEN_COORDS, *labels] + [n for n, s in TRAINING_SPECS.items() if s.coordinate]
+        group = zarr.open_group(self.path, mode="w", zarr_format=3, attributes={
+            FORMAT_KEY: FORMAT_VERSION, "polca_lightning_version": version, **self._settings,
+            "committed_snapshots": 0, "committed_basis": 0, "complete": False,
+            "coordinates": " ".join(coords),
+        })
+        chunks = _chunk_plan(self.n_tokens, self.n_params, self.max_basis)
+        sizes = {"snapshot": 0, "interval": 0, "basis": 0, "token": self.n_tokens, "param": self.n_params}
+        for name, spec in TRAINING_SPECS.items():
+            if (name == "curvature" and not self.with_curvature) or (name == "weights" and not self.store_weights):
+                continue
+            attributes = {"description": spec.description}
+            if name == "polca":
+                attributes["order"] = self.order
+            group.create_array(name, shape=tuple(sizes[d] for d in spec.dims), chunks=chunks[name],
+                               dtype=spec.dtype, fill_value=_fill_value_for(np.dtype(spec.dtype)),
+                               dimension_names=spec.dims, attributes=attributes)
+        for name, values in self.tokens.coordinates().items():
+            arr = group.create_array(name, shape=(self.n_tokens,), chunks=chunks["token_coord"], dtype="int64",
+                                     fill_value=-1, dimension_names=("token",),
+                                     attributes={"description": "token label" if name in labels else f"token {name}"})
+            arr[:] = values
+        return group
+
+    def _verify_resume(self) -> None:
+        attrs = self._group.attrs
+        stored_tokens = {name: self._group[name][:] for name in (*BUILTIN_TOKEN_COORDS, *attrs.get("token_labels", []))}
+        checks = [("number of probe tokens", len(stored_tokens["sequence"]), self.n_tokens)]
+        checks += [(k, attrs.get(k), v) for k, v in self._settings.items() if k not in ("config", "parameters")]
+        checks.append(("parameters", attrs.get("parameters"), self._settings["parameters"]))
+        for name, values in self.tokens.coordinates().items():
+            old = stored_tokens.get(name)
+            if old is not None and old.shape == values.shape and not np.array_equal(old, values):
+                i = int(np.flatnonzero(old != values)[0])
+                checks.append((f"token coordinate {name!r} at token {i}", int(old[i]), int(values[i])))
+        old_config, new_config = attrs.get("config", {}), self._settings["config"]
+        for key in sorted(set(old_config) | set(new_config), key=lambda k: (k not in new_config, k)):
+            checks.append((f"config[{key!r}]", old_config.get(key, "<absent>"), new_config.get(key, "<absent>")))
+        for name, old, new in checks:
+            if not _same_json(old, new):
+                raise StoreError(f"cannot resume the POLCA store {str(self.path)!r}: {name} differs "
+                                 f"(store: {old!r}, this run: {new!r}). Use mode='w' to overwrite it "
+                                 "or choose another path.")
+
+    # ------------------------------------------------------------------ writer-thread side
+    def _ensure(self, dim: str, n: int) -> None:
+        """Grow every array along `dim` to at least `n` (interval stays snapshot - 1)."""
+        if dim == "interval":
+            return self._ensure("snapshot", n + 1)
+        if n <= self._lengths[dim]:
+            return None
+        self._lengths[dim] = n
+        if dim == "snapshot":
+            self._lengths["interval"] = n - 1
+        self._resize_all(grow=True)
+        return None
+
+    def _resize_all(self, grow: bool) -> None:
+        for name, arr in self._arrays.items():
+            shape = tuple(self._lengths.get(d, s) for d, s in zip(TRAINING_SPECS[name].dims, arr.shape))
+            if shape != tuple(arr.shape):
+                arr.resize(shape) if grow else _shrink_array(arr, shape)
+
+    def _truncate_now(self, n_snapshots: int, n_basis: int) -> None:
+        # Commit the shorter lengths first: a kill during the shrink leaves a valid store.
+        self._group.attrs.update({"committed_snapshots": n_snapshots, "committed_basis": n_basis})
+        self._committed = (n_snapshots, n_basis)
+        self._lengths = {"snapshot": n_snapshots, "interval": max(n_snapshots - 1, 0), "basis": n_basis}
+        self._resize_all(grow=False)
+        if hasattr(self, "_steps"):
+            self._steps = {i: s for i, s in self._steps.items() if i < n_snapshots}
+
+    def _write_snapshot(self, index: int, step: int, loss: np.ndarray, weights: np.ndarray | None) -> None:
+        self._ensure("snapshot", index + 1)
+        a = self._arrays
+        a["step"][index] = step
+        a["loss"][index, :] = loss
+        if weights is not None:
+            a["weights"][index, :] = weights
+        self._steps[index] = step
+        if index - 1 in self._steps:  # interval index-1 ends here
+            a["interval_start_step"][index - 1] = self._steps[index - 1]
+            a["interval_end_step"][index - 1] = step
+        if index + 1 in self._steps:  # rewriting an earlier snapshot
+            a["interval_start_step"][index] = step
+
+    def _write_rows(self, name: str, time_dim: str, index: int, basis_start: int, values: np.ndarray) -> None:
+        self._ensure(time_dim, index + 1)
+        self._ensure("basis", basis_start + len(values))
+        self._arrays[name][index, basis_start: basis_start + len(values)] = values
+
+    def _write_basis(self, start: int, vectors: np.ndarray, eigenvalue: np.ndarray, step: np.ndarray) -> None:
+        stop = start + len(vectors)
+        self._ensure("basis", stop)
+        self._arrays["basis_vectors"][start:stop] = vectors
+        self._arrays["eigenvalue"][start:stop] = eigenvalue
+        self._arrays["basis_step"][start:stop] = step
+
+    def _write_interval(self, i: int, start: int, delta, polca, polca_first) -> None:
+        self._write_rows("delta", "interval", i, start, delta)
+        self._write_rows("polca", "interval", i, start, polca)
+        self._write_rows("polca_first", "interval", i, start, polca_first)
+
+    def _commit(self, n_snapshots: int, n_basis: int) -> None:
+        self._ensure("snapshot", n_snapshots)  # a reader trims to these; never beyond the shapes
+        self._ensure("basis", n_basis)
+        self._group.attrs.update({"committed_snapshots": n_snapshots, "committed_basis": n_basis})
+        self._committed = (n_snapshots, n_basis)
+
+    # ------------------------------------------------------------------ public writes
+    def _submit(self, job: Callable[[], None], *arrays: np.ndarray | None) -> None:
+        if self._closed:
+            raise StoreError(f"the POLCA store writer for {str(self.path)!r} is closed")
+        self._queue.submit(job, sum(a.nbytes for a in arrays if a is not None))
+
+    def _rows(self, basis_start: int, values: Any, name: str) -> tuple[int, np.ndarray]:
+        start = _as_index(basis_start, "basis_start", high=self.max_basis - 1)
+        array = np.array(_to_numpy(values), dtype=np.float32, copy=True)
+        kb = array.shape[0] if array.ndim == 2 else -1
+        if array.ndim != 2 or array.shape[1] != self.n_tokens or not 1 <= kb <= self.max_basis - start:
+            raise ValueError(f"{name} must have shape [kb, {self.n_tokens}] with 1 <= kb <= "
+                             f"{self.max_basis - start} (max_basis {self.max_basis}, basis_start {start}), "
+                             f"got {tuple(array.shape)}")
+        return start, array
+
+    def write_snapshot(self, index: int, step: int, loss: Any, weights: Any = None) -> None:
+        """Queue snapshot `index`: its optimizer `step`, `loss` [T], `weights` [d] (optional)."""
+        index, step = _as_index(index, "index"), _as_index(step, "step", low=-(1 << 62))
+        loss = _as_float32(loss, "loss", (self.n_tokens,))
+        weights = (_as_float32(weights, "weights", (self.n_params,))
+                   if weights is not None and self.store_weights else None)
+        self._submit(lambda: self._write_snapshot(index, step, loss, weights), loss, weights)
+
+    def write_directional_grad(self, snapshot: int, basis_start: int, g: Any) -> None:
+        """Queue ``g`` [kb, T] for basis rows ``basis_start:basis_start+kb`` at `snapshot`."""
+        snapshot = _as_index(snapshot, "snapshot")
+        start, g = self._rows(basis_start, g, "g")
+        self._submit(lambda: self._write_rows("directional_grad", "snapshot", snapshot, start, g), g)
+
+    def write_curvature(self, snapshot: int, basis_start: int, c: Any) -> None:
+        """Queue ``c`` [kb, T] like :meth:`write_directional_grad` (``with_curvature`` runs only)."""
+        if not self.with_curvature:
+            raise StoreError("this store was created with with_curvature=False: it has no curvature variable")
+        snapshot = _as_index(snapshot, "snapshot")
+        start, c = self._rows(basis_start, c, "c")
+        self._submit(lambda: self._write_rows("curvature", "snapshot", snapshot, start, c), c)
+
+    def write_basis(self, basis_start: int, vectors: Any, eigenvalue: Any, basis_step: Any) -> None:
+        """Queue basis rows: `vectors` [kb, d], `eigenvalue` [kb] (NaN allowed), `basis_step` [kb]."""
+        start = _as_index(basis_start, "basis_start", high=self.max_basis - 1)
+        vectors = np.array(_to_numpy(vectors), dtype=np.float32, copy=True)
+        kb = vectors.shape[0] if vectors.ndim == 2 else -1
+        if vectors.ndim != 2 or vectors.shape[1] != self.n_params or not 1 <= kb <= self.max_basis - start:
+            raise ValueError(f"vectors must have shape [kb, {self.n_params}] with 1 <= kb <= "
+                             f"{self.max_basis - start}, got {tuple(vectors.shape)}")
+        eigenvalue = _as_float32(np.reshape(_to_numpy(eigenvalue), -1), "eigenvalue", (kb,))
+        steps = _as_int64(np.reshape(_to_numpy(basis_step), -1), "basis_step")
+        if steps.shape != (kb,):
+            raise ValueError(f"basis_step must have shape ({kb},), got {steps.shape}")
+        self._submit(lambda: self._write_basis(start, vectors, eigenvalue, steps), vectors)
+
+    def write_interval(self, interval: int, basis_start: int, delta: Any, polca: Any, polca_first: Any) -> None:
+        """Queue interval values: `delta` [kb], `polca` and `polca_first` [kb, T]."""
+        interval = _as_index(interval, "interval")
+        start, polca = self._rows(basis_start, polca, "polca")
+        _, polca_first = self._rows(basis_start, polca_first, "polca_first")
+        delta = _as_float32(np.reshape(_to_numpy(delta), -1), "delta", (len(polca),))
+        if polca_first.shape != polca.shape:
+            raise ValueError(f"polca_first has shape {polca_first.shape}, polca {polca.shape}")
+        self._submit(lambda: self._write_interval(interval, start, delta, polca, polca_first),
+                     delta, polca, polca_first)
+
+    def commit(self, n_snapshots: int, n_basis: int) -> None:
+        """Queue: declare the first `n_snapshots` snapshots and `n_basis` vectors complete.
+
+        Readers see exactly this much (and ``n_snapshots - 1`` intervals). Runs after the
+        writes queued before it, so it only ever covers data already on disk.
+        """
+        n_snapshots = _as_index(n_snapshots, "n_snapshots")
+        n_basis = _as_index(n_basis, "n_basis", high=self.max_basis)
+        self._submit(lambda: self._commit(n_snapshots, n_basis))
+
+    def flush(self) -> None:
+        """Block until everything queued is on disk; re-raise a writer failure."""
+        self._queue.flush()
+
+    def close(self, complete: bool = True) -> None:
+        """Flush and stop the writer. ``complete=True`` marks the run finished: arrays are
+        cut to the committed lengths and the metadata consolidated. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.stop()
+        if complete:
+            self._truncate_now(*self._committed)
+            self._group.attrs.update({"complete": True})
+            _consolidate(self.path)
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close(complete=True)
+        else:
+            try:
+                self.close(complete=False)
+            except StoreWriteError:
+                pass  # the exception in flight says more
+
+    # ------------------------------------------------------------------ read side (committed data)
+    @property
+    def committed(self) -> tuple[int, int]:
+        """``(n_snapshots, n_basis)`` on disk and committed, after a flush."""
+        self.flush()
+        return self._committed
+
+    def _snapshot_index(self, snapshot: int) -> int:
+        return _as_index(snapshot, "snapshot", high=self.committed[0] - 1)
+
+    def read_weights(self, snapshot: int) -> np.ndarray:
+        """Flattened parameters [d] of committed `snapshot`."""
+        if not self.store_weights:
+            raise StoreError("this store was created with store_weights=False: it holds no weights")
+        return self._arrays["weights"][self._snapshot_index(snapshot), :]
+
+    def read_steps(self) -> np.ndarray:
+        """Steps [S] of the committed snapshots."""
+        return self._arrays["step"][: self.committed[0]]
+
+    def read_basis(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Committed basis: vectors [K, d], eigenvalue [K], basis_step [K]."""
+        k = self.committed[1]
+        a = self._arrays
+        return a["basis_vectors"][:k], a["eigenvalue"][:k], a["basis_step"][:k]
+
+    def read_directional_grad(self, snapshot: int) -> np.ndarray:
+        """g [K, T] of committed `snapshot` over the committed basis."""
+        index = self._snapshot_index(snapshot)
+        return self._arrays["directional_grad"][index, : self._committed[1], :]
+
+    def truncate(self, n_snapshots: int, n_basis: int) -> None:
+        """Drop everything past `n_snapshots` snapshots and `n_basis` vectors (resume from an
+        earlier checkpoint). Raises StoreError if more is asked than is committed."""
+        done_s, done_b = self.committed
+        n_snapshots = _as_index(n_snapshots, "n_snapshots")
+        n_basis = _as_index(n_basis, "n_basis")
+        if n_snapshots > done_s or n_basis > done_b:
+            raise StoreError(f"cannot truncate {str(self.path)!r} to {n_snapshots} snapshots and {n_basis} "
+                             f"basis vectors: only {done_s} and {done_b} are committed")
+        self._submit(lambda: self._truncate_now(n_snapshots, n_basis))
+        self.flush()
+
+
+StoreWriter.__module__ = "polca_lightning.store"
+

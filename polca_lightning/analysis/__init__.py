@@ -1,0 +1,109 @@
+"""Analysis of a POLCA store: filtering, clustering, onsets, baselines, scores.
+
+Plain numpy in, numpy out (hdbscan for clustering, torchmetrics only for its
+entropy-based clustering scores, imported when used); ``analyze`` reads a store
+``xarray.Dataset`` and returns a new Dataset of results.
+
+Modules (one concept each):
+
+- ``trajectories``: ``projected_loss`` (Eq. 8), ``loss_change``, ``cumulative_fisher``,
+  ``filter_trajectories`` (§4.1: keep a vector iff its mean final projected loss < 0,
+  keep a token along it iff its final projected loss < 0 and its trajectory is finite).
+- ``clustering``: ``ClusterSettings``, ``reduce_trajectories`` (time block-averaging +
+  PCA), ``cluster_trajectories`` (HDBSCAN, optional groups), ``cluster_medoids``;
+  labels ``>= 0`` clusters (0 = largest), ``OUTLIER = -1``, ``FILTERED = -2``.
+- ``onsets``: ``acceleration`` and ``breakthrough_onset`` (Eq. 9; onset of a drop = most
+  negative a(t)), ``plateau_step`` (τ), ``hidden_breakthrough`` (Eq. 10).
+- ``scores``: ``label_scores`` (homogeneity, recall, F1, App. G restriction),
+  ``best_clusters``, ``clustering_scores`` (torchmetrics).
+- ``methods``: the six trajectory types of App. G (``METHODS``).
+- ``pipeline``: ``analyze``.
+- ``synthetic``: ``make_synthetic_store`` (planted breakthroughs, for tests/benchmarks).
+
+Result of ``analyze`` (``U`` = the method's unit dim: ``basis`` for polca, polca_first
+and fisher, ``lca_basis`` for lca, none for loss and loss_change; POLCA's variables
+have no prefix, the baselines' are prefixed ``polca_first_``, ``lca_``, ``fisher_``,
+``loss_``, ``loss_change_``):
+
+- ``cluster[U, token]`` int (``-1`` outlier, ``-2`` not clustered),
+  ``cluster_size[U, cluster_id]``, ``medoid[U, cluster_id]`` (token index, -1 none),
+  ``cluster_onset[U, cluster_id]`` (onset step of the cluster mean curve),
+  ``cluster_mean_token_onset[U, cluster_id]`` (mean of member token onsets),
+  ``hidden[U, cluster_id]`` (Eq. 10 under ``hidden_rule``),
+  ``token_onset[U, token]``, ``cluster_trajectory[U, cluster_id, snapshot]``;
+- with their own filter (polca, polca_first, lca): ``kept[U]``,
+  ``token_kept[U, token]``, ``final_projected_loss[U, token]``;
+- ``tau``, ``onset_delta`` (scalars, steps), ``mean_loss[snapshot]``;
+- table of clusterings: dim ``clustering`` with coords ``clustering_method``,
+  ``clustering_unit`` (-1 for loss methods) and ``clustering_n_clusters``,
+  ``clustering_n_clustered``, ``clustering_n_outliers``, ``clustering_n_filtered``;
+- table of clusters: dim ``entry`` with coords ``entry_method``, ``entry_unit``,
+  ``entry_cluster`` and ``entry_size``, ``entry_onset``, ``entry_mean_token_onset``,
+  ``entry_hidden``; ``hidden_fraction[method]``;
+- per label coordinate ``L`` (e.g. ``carry``), dim ``L_value``: ``L_homogeneity``,
+  ``L_recall``, ``L_f1``, ``L_eligible`` ``[entry, L_value]``; ``L_best[method,
+  L_value, rank]`` (entry indices of the top clusters, one per unit, -1 none);
+  ``L_homogeneity_score``, ``L_completeness_score``, ``L_v_measure_score``
+  ``[clustering]`` (torchmetrics, clustered tokens only).
+
+Example:
+    >>> from polca_lightning.analysis import analyze, make_synthetic_store
+    >>> ds = make_synthetic_store(n_sequences=100, n_intervals=60, n_basis=4)
+    >>> res = analyze(ds, restrict={"carry": ("place", (1, 2))})
+    >>> best = int(res["carry_best"].sel(method="polca", carry_value=1, rank=0))
+    >>> round(float(res["carry_homogeneity"][best].sel(carry_value=1)), 1)
+    1.0
+"""
+
+from .clustering import (
+    FILTERED,
+    OUTLIER,
+    ClusterSettings,
+    cluster_medoids,
+    cluster_points,
+    cluster_trajectories,
+    reduce_trajectories,
+)
+from .methods import METHODS, MethodSpec, available_methods
+from .onsets import (
+    acceleration,
+    breakthrough_onset,
+    default_delta,
+    hidden_breakthrough,
+    plateau_step,
+    smooth_curve,
+)
+from .pipeline import analyze, complete_snapshots
+from .scores import best_clusters, clustering_scores, label_scores
+from .synthetic import make_synthetic_store, planted_groups
+from .trajectories import cumulative_fisher, filter_trajectories, loss_change, projected_loss
+
+__all__ = [
+    "analyze",
+    "complete_snapshots",
+    "projected_loss",
+    "loss_change",
+    "cumulative_fisher",
+    "filter_trajectories",
+    "ClusterSettings",
+    "OUTLIER",
+    "FILTERED",
+    "reduce_trajectories",
+    "cluster_points",
+    "cluster_trajectories",
+    "cluster_medoids",
+    "acceleration",
+    "breakthrough_onset",
+    "default_delta",
+    "smooth_curve",
+    "plateau_step",
+    "hidden_breakthrough",
+    "label_scores",
+    "best_clusters",
+    "clustering_scores",
+    "METHODS",
+    "MethodSpec",
+    "available_methods",
+    "make_synthetic_store",
+    "planted_groups",
+]

@@ -1,0 +1,345 @@
+"""Directional derivatives of every probe token's loss.
+
+For parameters ``theta`` ``[d]``, probe batches and K directions ``V`` ``[K, d]``:
+
+- ``loss[x]``   = ``l_x(theta)``,                         ``[T]``
+- ``g[k, x]``   = ``<V_k, grad l_x(theta)>``,              ``[K, T]``
+- ``c[k, x]``   = ``V_kᵀ (hess l_x(theta)) V_k`` (optional), ``[K, T]``
+
+Two engines compute the same numbers:
+
+- ``forward``: one JVP per direction gives ``g`` for every token at once (a nested JVP
+  gives ``c``); vmapped over chunks of directions. Cost grows with K.
+- ``reverse``: per-sample Jacobians of the loss-bearing positions (vmapped ``jacrev``),
+  projected on all K directions at once, a chunk of samples at a time, never stored
+  whole. Cost grows with loss-bearing positions per sequence.
+
+``engine="auto"`` chooses with :func:`estimate_cost`; an op one engine cannot
+differentiate makes it fall back to the other, and if neither can, the error says what
+to change.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import jacrev, jvp, vmap
+from torch.utils._pytree import tree_map
+
+from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.losses import TokenLoss
+
+__all__ = ["DirectionalDerivatives", "DerivativeResult", "EngineError", "estimate_cost"]
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "forward", "reverse")
+
+# Cost of each engine in plain forward passes over the probe set, measured by
+# benchmarks/engine.py on 2 CPU cores (see the README's table).
+FORWARD_PASSES_PER_DIRECTION = 3.0  # jvp ~ forward + tangent; nested jvp for c doubles it
+REVERSE_PASSES_PER_POSITION = 6.0  # one vmapped vjp per loss-bearing position, plus projection
+
+
+class EngineError(RuntimeError):
+    """Neither engine could differentiate the model; the message says what to change."""
+
+
+@dataclass
+class DerivativeResult:
+    """What :class:`DirectionalDerivatives` computes for one parameter vector.
+
+    Attributes:
+        loss: ``[T]`` per-token loss.
+        g: ``[K, T]`` directional derivatives (``None`` when no directions were given).
+        c: ``[K, T]`` second directional derivatives, when asked for.
+        engine: the engine that computed ``g`` and ``c``.
+    """
+
+    loss: Tensor
+    g: Tensor | None
+    c: Tensor | None
+    engine: str
+
+
+def estimate_cost(n_directions: int, positions_per_sequence: float, sequence_length: int, curvature: bool) -> dict:
+    """Estimated cost of each engine, in plain forward passes over the probe set.
+
+    ``forward``: ``FORWARD_PASSES_PER_DIRECTION`` per direction (twice that with curvature).
+    ``reverse``: per loss-bearing position, ``REVERSE_PASSES_PER_POSITION`` plus the
+    projection, ``K / sequence_length`` forward passes (a per-sample gradient has as many
+    entries as parameters; projecting it on K directions costs K multiply-adds per
+    parameter, a forward pass about ``sequence_length``). With curvature the reverse
+    engine needs a JVP per direction per position.
+    """
+    k = max(n_directions, 1)
+    forward = FORWARD_PASSES_PER_DIRECTION * k * (2.0 if curvature else 1.0)
+    reverse = positions_per_sequence * (REVERSE_PASSES_PER_POSITION + k / max(sequence_length, 1))
+    if curvature:
+        reverse *= 1.0 + k
+    return {"forward": forward, "reverse": reverse}
+
+
+def _is_ad_gap(err: BaseException) -> bool:
+    """Errors that mean "this engine cannot differentiate an op", not a user bug."""
+    text = str(err).lower()
+    return isinstance(err, NotImplementedError) or any(
+        s in text
+        for s in (
+            "forward ad",
+            "forward-mode",
+            "not implemented",
+            "batching rule",
+            "vmap",
+            "double backward",
+            "derivative for",
+            "does not support",
+        )
+    )
+
+
+class DirectionalDerivatives:
+    """Per-token losses and their derivatives along K directions, by the cheaper engine.
+
+    Args:
+        module: the user's module; evaluated in eval mode and restored afterwards.
+        token_loss: ``(module, batch) -> (loss, mask[, target])``.
+        space: which parameters ``theta`` stands for.
+        engine: ``"auto"`` (cost model), ``"forward"`` or ``"reverse"``.
+        memory_cap: bytes of intermediate results one chunk may use (directions in forward
+            mode, samples in reverse mode are chunked to fit).
+
+    Example:
+        >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
+        >>> space = ParameterSpace.from_module(model)
+        >>> dd = DirectionalDerivatives(model, causal_lm_token_loss, space)
+        >>> theta = space.flatten(model)
+        >>> V = torch.linalg.qr(torch.randn(space.dim, 3)).Q.T   # [3, d] orthonormal
+        >>> out = dd(theta, [torch.randint(0, 10, (4, 6))], V)
+        >>> out.g.shape                                          # [K, tokens]: 4 sequences x 5 tokens
+        torch.Size([3, 20])
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        token_loss: TokenLoss,
+        space: ParameterSpace,
+        *,
+        engine: str = "auto",
+        memory_cap: int = 1 << 30,
+    ):
+        if engine not in ENGINES:
+            raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+        if isinstance(memory_cap, bool) or not isinstance(memory_cap, int) or memory_cap < 1:
+            raise ValueError(f"memory_cap: expected a positive int (bytes), got {memory_cap!r}")
+        self.module = module
+        self.space = space
+        self.engine = engine
+        self.memory_cap = memory_cap
+        self.fn = FunctionalTokenLoss(module, token_loss, space)
+        self._disabled: dict[str, str] = {}  # engine -> why it cannot run this model
+
+    # ------------------------------------------------------------------ public
+    def __call__(
+        self,
+        theta: Tensor,
+        batches: Iterable[Any],
+        directions: Tensor | None = None,
+        *,
+        curvature: bool = False,
+    ) -> DerivativeResult:
+        """Compute ``loss`` ``[T]``, ``g`` ``[K, T]`` and optionally ``c`` ``[K, T]`` at ``theta``.
+
+        Raises:
+            ValueError: bad shapes, or no loss-bearing token in the probe batches.
+            EngineError: neither engine can differentiate the model.
+        """
+        if theta.dim() != 1 or theta.shape[0] != self.space.dim:
+            raise ValueError(f"theta: expected shape [{self.space.dim}], got {list(theta.shape)}")
+        if directions is not None and (directions.dim() != 2 or directions.shape[1] != self.space.dim):
+            raise ValueError(
+                f"directions: expected shape [K, {self.space.dim}], got {list(directions.shape)}"
+            )
+        if directions is not None and directions.shape[0] == 0:
+            directions = None
+        theta = theta.detach()
+        batches = list(batches)
+        if not batches:
+            raise ValueError("probe data: expected at least one batch, got none")
+        with evaluation_mode(self.module, second_order=curvature):
+            if directions is None:
+                return self._loss_only(theta, batches)
+            directions = directions.to(device=theta.device, dtype=theta.dtype)
+            engine = self.choose(theta, batches, directions.shape[0], curvature)
+            return self._run(engine, theta, batches, directions, curvature)
+
+    def choose(self, theta: Tensor, batches: Sequence[Any], n_directions: int, curvature: bool) -> str:
+        """The engine to use for this workload (the fixed one, or the cost model's pick)."""
+        if self.engine != "auto":
+            return self.engine
+        with torch.no_grad():
+            _, mask, _ = self.fn(theta, batches[0])
+        per_seq = float(mask.any(0).sum())  # positions the reverse engine differentiates
+        cost = estimate_cost(n_directions, per_seq, mask.shape[1], curvature)
+        usable = {e: c for e, c in cost.items() if e not in self._disabled}
+        return min(usable or cost, key=(usable or cost).get)
+
+    # ---------------------------------------------------------------- internal
+    def _run(self, engine: str, theta, batches, directions, curvature) -> DerivativeResult:
+        order = [engine] + [e for e in ("forward", "reverse") if e != engine]
+        errors = {}
+        for name in order:
+            if name in self._disabled and name != order[-1] and self.engine == "auto":
+                continue
+            try:
+                return self._compute(name, theta, batches, directions, curvature)
+            except (RuntimeError, NotImplementedError) as err:
+                if not _is_ad_gap(err):
+                    raise
+                errors[name] = err
+                self._disabled[name] = str(err).splitlines()[0]
+                if self.engine != "auto":
+                    break
+                warnings.warn(
+                    f"POLCA: the {name} engine cannot differentiate this model ({self._disabled[name]}); "
+                    "using the other engine",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        detail = "; ".join(f"{k} mode: {str(v).splitlines()[0]}" for k, v in errors.items())
+        raise EngineError(
+            f"cannot compute directional derivatives of this model ({detail}). Fused attention kernels and "
+            "some fused layers have no forward-mode AD or double backward: use attention on the math backend "
+            "(Hugging Face models: attn_implementation=\"eager\"), or write the op in plain torch"
+            + ("" if self.engine == "auto" else f"; or pass engine='auto' instead of engine={self.engine!r}")
+        ) from next(iter(errors.values()), None)
+
+    def _loss_only(self, theta: Tensor, batches) -> DerivativeResult:
+        losses = []
+        with torch.no_grad():
+            for batch in batches:
+                loss, mask, _ = self.fn(theta, batch)
+                losses.append(loss[mask])
+        loss = torch.cat(losses)
+        if loss.numel() == 0:
+            raise ValueError("probe data: every token is masked; there is no loss-bearing token to decompose")
+        return DerivativeResult(loss.detach(), None, None, "none")
+
+    def _compute(self, engine, theta, batches, directions, curvature) -> DerivativeResult:
+        step = self._forward_batch if engine == "forward" else self._reverse_batch
+        losses, gs, cs = [], [], []
+        for batch in batches:
+            loss, g, c = step(theta, batch, directions, curvature)
+            losses.append(loss)
+            gs.append(g)
+            cs.append(c)
+        loss = torch.cat(losses)
+        if loss.numel() == 0:
+            raise ValueError("probe data: every token is masked; there is no loss-bearing token to decompose")
+        return DerivativeResult(
+            loss.detach(), torch.cat(gs, 1).detach(), torch.cat(cs, 1).detach() if curvature else None, engine
+        )
+
+    def _activation_bytes(self, theta: Tensor, batch) -> int:
+        """Bytes of every submodule's output in one plain forward pass (a memory estimate)."""
+        total = 0
+
+        def hook(_mod, _inp, out):
+            nonlocal total
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, Tensor):
+                    total += t.numel() * t.element_size()
+
+        handles = [m.register_forward_hook(hook) for m in self.module.modules()]
+        try:
+            with torch.no_grad():
+                self.fn(theta, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return max(total, 1)
+
+    def _forward_batch(self, theta, batch, directions, curvature):
+        """Forward mode: a chunk of directions at a time, each a (nested) JVP."""
+        fn = self.fn
+
+        def loss_and_mask(t):
+            loss, mask, _ = fn(t, batch)
+            return loss, mask
+
+        def first(v):
+            loss, g, mask = jvp(loss_and_mask, (theta,), (v,), has_aux=True)
+            return loss, g, mask
+
+        def second(v):
+            def g_of(t):
+                return jvp(loss_and_mask, (t,), (v,), has_aux=True)[1]
+
+            g, c = jvp(g_of, (theta,), (v,))
+            return g, c
+
+        act = self._activation_bytes(theta, batch) * (6 if curvature else 3)
+        chunk = max(1, min(directions.shape[0], self.memory_cap // act))
+        with torch.no_grad():
+            loss, mask, _ = fn(theta, batch)  # [B, P]
+        gs, cs = [], []
+        for start in range(0, directions.shape[0], chunk):
+            v = directions[start : start + chunk]  # [kc, d]
+            if curvature:
+                g, c = vmap(second)(v)  # [kc, B, P] each
+                cs.append(c[:, mask])
+            else:
+                _, g, _ = vmap(first)(v)  # [kc, B, P]
+            gs.append(g[:, mask])  # [kc, tokens of this batch]
+        return loss[mask], torch.cat(gs), torch.cat(cs) if curvature else None
+
+    def _reverse_batch(self, theta, batch, directions, curvature):
+        """Reverse mode: per-sample Jacobians of the loss-bearing positions, projected at once."""
+        fn = self.fn
+        with torch.no_grad():
+            loss, mask, _ = fn(theta, batch)  # [B, P]
+        cols = mask.any(0).nonzero().squeeze(1)  # positions any sample differentiates, [p]
+        n_samples = mask.shape[0]
+        if cols.numel() == 0:  # no loss-bearing token in this batch
+            empty = theta.new_empty(directions.shape[0], 0)
+            return loss[mask], empty, empty if curvature else None
+
+        def sample_loss(t, sample):
+            one = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, sample)
+            return fn(t, one)[0][0, cols]  # [p]
+
+        jac = jacrev(sample_loss)  # (t, sample) -> [p, d]
+
+        def project(sample):
+            return torch.einsum("pd,kd->kp", jac(theta, sample), directions)  # [K, p]
+
+        def project_curvature(sample):
+            def gv(t, v):
+                return jac(t, sample) @ v  # [p]
+
+            def both(v):
+                return jvp(lambda t: gv(t, v), (theta,), (v,))  # ([p], [p])
+
+            return vmap(both)(directions)  # [K, p] each
+
+        item = theta.element_size()
+        per_sample = max(1, cols.numel()) * self.space.dim * item * (2 + (directions.shape[0] if curvature else 0))
+        chunk = max(1, min(n_samples, self.memory_cap // per_sample))
+        sample_dim = tree_map(lambda x: 0 if isinstance(x, Tensor) else None, batch)
+        g = torch.empty(directions.shape[0], n_samples, mask.shape[1], dtype=theta.dtype, device=theta.device)
+        c = torch.empty_like(g) if curvature else None
+        for start in range(0, n_samples, chunk):
+            part = tree_map(lambda x: x[start : start + chunk] if isinstance(x, Tensor) else x, batch)
+            if curvature:
+                gp, cp = vmap(project_curvature, in_dims=(sample_dim,), out_dims=1)(part)  # [K, bc, p]
+                c[:, start : start + chunk][:, :, cols] = cp
+            else:
+                gp = vmap(project, in_dims=(sample_dim,), out_dims=1)(part)  # [K, bc, p]
+            g[:, start : start + chunk][:, :, cols] = gp
+        return loss[mask], g[:, mask], c[:, mask] if curvature else None

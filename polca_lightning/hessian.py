@@ -1,0 +1,322 @@
+"""Hessian-vector products and the projected Lanczos eigensolver (one step of Algorithm 1).
+
+Given a symmetric operator ``H`` known only through ``v -> H v`` and an orthonormal basis
+``B`` ([K, d]), :func:`projected_hessian_eigs` finds the top-k eigenpairs (largest
+*algebraic* eigenvalue first) of ``P H P`` with ``P = I - Bᵀ B``, restricted to the
+complement of ``B``. It runs thick-restart Lanczos (Wu & Simon, 2000) with full
+reorthogonalisation against the Krylov basis and against ``B``; memory is
+``(krylov_dim + 1 + K + k) * d`` numbers, never a d×d matrix.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["EigenResult", "projected_hessian_eigs", "hvp_of"]
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Top-k eigenpairs of ``P H P`` restricted to the complement of the basis.
+
+    Attributes:
+        eigenvalues: [k], descending (largest algebraic first).
+        eigenvectors: [k, d], rows orthonormal, each orthogonal to every row of the basis.
+        residuals: [k], ``||P H P v - λ v||_2`` per pair (absolute; the Lanczos estimate
+            ``|β y_last|``, equal to the explicit residual up to ~eps·||PHP||).
+        n_hvp: number of ``hvp`` calls spent.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    n_hvp: int
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_basis(basis: Tensor | None, dim: int) -> Tensor | None:
+    """Validate that ``basis`` is [K, dim] with orthonormal rows (checked via ||B Bᵀ - I||)."""
+    if basis is None:
+        return None
+    if not isinstance(basis, Tensor):
+        raise TypeError(f"`basis` must be a Tensor of shape [K, {dim}] or None, got {type(basis).__name__}")
+    if basis.ndim != 2 or basis.shape[1] != dim:
+        raise ValueError(f"`basis` must have shape [K, dim=({dim})], got {tuple(basis.shape)}")
+    if not basis.is_floating_point():
+        raise TypeError(f"`basis` must be floating point, got dtype {basis.dtype}")
+    if basis.shape[0] == 0:
+        return None
+    gram = basis.double() @ basis.double().T  # [K, K]
+    err = (gram - torch.eye(basis.shape[0], dtype=gram.dtype, device=gram.device)).abs().max().item()
+    limit = 1e-8 if basis.dtype == torch.float64 else 1e-4
+    if not math.isfinite(err) or err > limit:
+        raise ValueError(f"`basis` rows must be orthonormal: max |B Bᵀ - I| = {err:.3g} exceeds {limit:g}")
+    return basis
+
+
+def projected_hessian_eigs(
+    hvp: Callable[[Tensor], Tensor],
+    dim: int,
+    k: int,
+    basis: Tensor | None = None,
+    *,
+    tol: float = 1e-3,
+    max_hvp: int | None = None,
+    krylov_dim: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device=None,
+    progress: Callable[[int, Tensor], None] | None = None,
+) -> EigenResult:
+    """Top-k eigenpairs (largest algebraic first) of ``P H P``, ``P = I - Bᵀ B``, matrix-free.
+
+    Eigenvectors are searched in the complement of ``basis`` only, so the K trivial zero
+    eigenvalues of ``P H P`` on ``span(B)`` are never returned. If ``H`` has rank below k in
+    that complement, Lanczos breaks down (invariant subspace); it restarts from a fresh
+    random vector orthogonal to everything so far, so eigenvalue-0 directions are returned.
+    Like any single-vector Krylov method it may miss copies of an exactly repeated
+    eigenvalue that the start vector does not reach (other than on breakdown).
+
+    Args:
+        hvp: ``v [d] -> H v [d]``; H symmetric. Called with vectors of the working dtype on
+            ``device``; its output is cast to them.
+        dim: d, the length of the vectors.
+        k: number of eigenpairs, ``1 <= k <= dim - K``.
+        basis: [K, d] with orthonormal rows, or None (K = 0).
+        tol: stop when every residual <= ``tol * max(|eigenvalues|)`` (with a floor of
+            ``100 eps ||PHP||`` so that an all-zero spectrum terminates).
+        max_hvp: budget of ``hvp`` calls (default ``max(1000, 40 k)``); if exhausted, the
+            best pairs so far are returned and a RuntimeWarning names the residual reached.
+        krylov_dim: Krylov basis size m before a thick restart (default ``max(2k + 10, 20)``),
+            capped by ``dim - K``; must exceed k unless it equals ``dim - K``.
+        seed: seeds a CPU ``torch.Generator`` for the start vector (and breakdown restarts),
+            so every process of a distributed run gets the same result.
+        dtype: working dtype, float32 or float64 (default: basis dtype, else float32).
+        device: working device (default: basis device, else CPU).
+        progress: called after each restart and at the end with ``(n_hvp, residuals [k])``.
+
+    Returns:
+        :class:`EigenResult` with tensors on ``device`` in ``dtype``.
+
+    Raises:
+        TypeError, ValueError: on invalid arguments (the message names the argument).
+        FloatingPointError: if an ``hvp`` call returns NaN or inf.
+
+    Example:
+        >>> H = torch.diag(torch.tensor([3.0, -5.0, 1.0, 0.5]))
+        >>> res = projected_hessian_eigs(lambda v: H @ v, dim=4, k=2)
+        >>> res.eigenvalues.round(decimals=4)  # largest algebraic, not largest magnitude
+        tensor([3., 1.])
+    """
+    if not callable(hvp):
+        raise TypeError(f"`hvp` must be callable (v [d] -> H v [d]), got {type(hvp).__name__}")
+    dim = _check_int("dim", dim, 1)
+    k = _check_int("k", k, 1)
+    basis = _check_basis(basis, dim)
+    n_basis = 0 if basis is None else basis.shape[0]
+    n_avail = dim - n_basis  # dimension of the complement of span(B)
+    if k > n_avail:
+        raise ValueError(f"`k` must be <= dim - K = {dim} - {n_basis} = {n_avail}, got {k}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < float("inf")):
+        raise ValueError(f"`tol` must be a positive finite float, got {tol!r}")
+    max_hvp = max(1000, 40 * k) if max_hvp is None else _check_int("max_hvp", max_hvp, k)
+    if krylov_dim is None:
+        m = min(max(2 * k + 10, 20), n_avail)
+    else:
+        m = min(_check_int("krylov_dim", krylov_dim, 1), n_avail)
+        if m <= k and m < n_avail:
+            raise ValueError(f"`krylov_dim` must be > k = {k} (or >= dim - K = {n_avail}), got {krylov_dim}")
+    if dtype is None:
+        dtype = basis.dtype if basis is not None and basis.dtype in (torch.float32, torch.float64) else torch.float32
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
+    device = torch.device(device) if device is not None else (basis.device if basis is not None else torch.device("cpu"))
+    B = None if basis is None else basis.to(device=device, dtype=dtype)  # [K, d]
+    eps = torch.finfo(dtype).eps
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+
+    def orthogonalize(w: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+        """Classical Gram-Schmidt of w [d] against rows of V [j, d] and B, twice."""
+        h = torch.zeros(V.shape[0], dtype=dtype, device=device)  # [j]
+        for _ in range(2):  # "twice is enough" (Giraitis/Parlett)
+            c = V @ w  # [j]
+            w = w - c @ V
+            h = h + c
+            if B is not None:
+                w = w - (B @ w) @ B
+        return w, h
+
+    n_hvp = 0
+
+    def apply(v: Tensor) -> Tensor:
+        """P H P v for v [d]."""
+        nonlocal n_hvp
+        if B is not None:
+            v = v - (B @ v) @ B
+        n_hvp += 1
+        out = hvp(v)
+        if not isinstance(out, Tensor) or out.shape != (dim,):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"`hvp` must return a Tensor of shape ({dim},), got {got} on call {n_hvp}")
+        out = out.detach().to(device=device, dtype=dtype)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"`hvp` returned non-finite values on call {n_hvp} (of this solve)")
+        return out if B is None else out - (B @ out) @ B
+
+    def random_unit(V: Tensor) -> Tensor | None:
+        """A seeded random unit vector orthogonal to V and B (None if none is left)."""
+        r = torch.randn(dim, generator=gen, dtype=dtype).to(device)  # [d], same on every process
+        r, _ = orthogonalize(r, V)
+        norm = r.norm()
+        return None if norm <= 1e3 * eps * math.sqrt(dim) else r / norm
+
+    V = torch.empty(m + 1, dim, dtype=dtype, device=device)  # Lanczos vectors, rows
+    T = torch.zeros(m + 1, m + 1, dtype=torch.float64)  # projected matrix Vᵀ (PHP) V
+    start = random_unit(V[:0])
+    if start is None:  # only possible when n_avail is ~0 numerically
+        raise ValueError("`basis` leaves no room: no vector orthogonal to it could be drawn")
+    V[0] = start
+    j, beta, anorm, exhausted = 0, 0.0, 0.0, False
+    seq_start, block_top = 0, None  # Krylov sequence since the last breakdown; top of the one before
+    keep = max(k, min(m - 1, k + (m - k) // 2))  # Ritz vectors kept at a thick restart
+    while True:
+        w = apply(V[j])  # [d]
+        anorm = max(anorm, w.norm().item())
+        w, h = orthogonalize(w, V[: j + 1])
+        h64 = h.double().cpu()
+        T[: j + 1, j] = h64  # symmetric Arnoldi: column and row j from the same projections
+        T[j, : j + 1] = h64
+        beta = w.norm().item()
+        j += 1
+        if j >= n_avail:  # Krylov space is the whole complement: T is exact
+            beta, exhausted = 0.0, True
+        elif beta <= 100 * eps * anorm:  # invariant subspace: continue from a fresh direction
+            block_top = torch.linalg.eigvalsh(T[seq_start:j, seq_start:j]).max().item()
+            beta, nxt, seq_start = 0.0, random_unit(V[:j]), j
+            exhausted = nxt is None
+            if nxt is not None:
+                V[j] = nxt
+        else:
+            V[j] = w / beta
+            block_top = None
+        if j < k and not exhausted and n_hvp < max_hvp:
+            continue
+        theta, Y = torch.linalg.eigh(T[:j, :j])  # ascending
+        theta, Y = theta.flip(0), Y.flip(1)  # descending: largest algebraic first
+        res = beta * Y[j - 1, :].abs()  # [j] residual norms of all Ritz pairs
+        scale = theta[:k].abs().max().item()
+        threshold = max(tol * scale, 100 * eps * anorm)
+        converged = bool((res[:k] <= threshold).all()) and j > k
+        # Right after a breakdown the fresh direction is unexplored. Later sequences only hold
+        # further copies of eigenvalues already found, so the top k are final once the
+        # sequence just completed could not enter them.
+        if block_top is not None and block_top > theta[k - 1].item() + threshold:
+            converged = False
+        if converged or exhausted or n_hvp >= max_hvp:
+            break
+        if j == m:  # thick restart: keep the top `keep` Ritz vectors, then the residual vector
+            Yk = Y[:, :keep].to(device=device, dtype=dtype)  # [m, keep]
+            V[:keep] = Yk.T @ V[:m]  # [keep, d]
+            V[keep] = V[m]
+            T.zero_()
+            T[:keep, :keep] = torch.diag(theta[:keep])
+            T[keep, :keep] = T[:keep, keep] = beta * Y[m - 1, :keep]  # arrowhead coupling
+            j, seq_start = keep, 0
+            if progress is not None:
+                progress(n_hvp, res[:k].to(dtype))
+    vecs = Y[:, :k].to(device=device, dtype=dtype).T @ V[:j]  # [k, d]
+    if B is not None:  # re-orthogonalise against B (twice) so orthogonality holds to roundoff
+        for _ in range(2):
+            vecs = vecs - (vecs @ B.T) @ B
+    vecs = vecs / vecs.norm(dim=1, keepdim=True)
+    residuals = res[:k].to(device=device, dtype=dtype)
+    if progress is not None:
+        progress(n_hvp, residuals)
+    if not converged and not exhausted:
+        worst = (res[:k] / max(scale, 1e-300)).max().item()
+        warnings.warn(
+            f"projected_hessian_eigs: max_hvp={max_hvp} exhausted before convergence; "
+            f"largest relative residual reached {worst:.3g} (tol {tol:g})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return EigenResult(theta[:k].to(device=device, dtype=dtype), vecs, residuals, n_hvp)
+
+
+def hvp_of(
+    loss_fn: Callable[[Tensor], Tensor], theta: Tensor, method: str = "double_backward"
+) -> Callable[[Tensor], Tensor]:
+    """Hessian-vector product ``v -> ∇²L(θ) v`` of a scalar loss of a flat parameter vector.
+
+    Both methods give the same numbers. ``"double_backward"`` recomputes the forward pass
+    and the gradient graph on every call (create_graph=True, then the gradient of
+    ``<g, v>``) and keeps nothing between calls; it works wherever double backward does.
+    ``"forward_over_reverse"`` (``torch.func.jvp`` of ``torch.func.grad``) pushes a tangent
+    through one forward+backward pass and never stores the double graph: it is usually the
+    cheaper of the two in time and memory (see ``benchmarks/hessian_lanczos.py``), but needs
+    forward-mode AD for every op (not the fused attention kernels, see DESIGN.md).
+
+    Args:
+        loss_fn: flat parameters [d] -> scalar loss.
+        theta: [d] point at which the Hessian is taken (detached; never modified).
+        method: ``"double_backward"`` or ``"forward_over_reverse"``.
+
+    Returns:
+        A callable ``v [d] -> H v [d]`` returning in ``v``'s dtype and device; it works
+        under ``torch.no_grad()`` too.
+
+    Raises:
+        TypeError: ``theta`` not a floating Tensor. ValueError: ``theta`` not 1-D, unknown
+        ``method``; when called, ``v`` of the wrong shape or ``loss_fn`` not returning a scalar.
+
+    Example:
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+        >>> hvp = hvp_of(lambda x: 0.5 * x @ A @ x, torch.zeros(2))
+        >>> hvp(torch.tensor([1.0, 0.0]))
+        tensor([2., 1.])
+    """
+    if not isinstance(theta, Tensor) or not theta.is_floating_point():
+        raise TypeError(f"`theta` must be a floating-point Tensor, got {getattr(theta, 'dtype', type(theta).__name__)}")
+    if theta.ndim != 1:
+        raise ValueError(f"`theta` must be a flat vector [d], got shape {tuple(theta.shape)}")
+    methods = ("double_backward", "forward_over_reverse")
+    if method not in methods:
+        raise ValueError(f"`method` must be one of {methods}, got {method!r}")
+    theta = theta.detach()
+
+    def scalar_loss(x: Tensor) -> Tensor:
+        loss = loss_fn(x)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"`loss_fn` must return a scalar Tensor, got {got}")
+        return loss.reshape(())
+
+    def hvp(v: Tensor) -> Tensor:
+        if v.shape != theta.shape:
+            raise ValueError(f"hvp: `v` must have shape {tuple(theta.shape)}, got {tuple(v.shape)}")
+        u = v.detach().to(device=theta.device, dtype=theta.dtype)
+        with torch.enable_grad():
+            if method == "forward_over_reverse":
+                _, hv = torch.func.jvp(torch.func.grad(scalar_loss), (theta,), (u,))
+            else:
+                x = theta.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(scalar_loss(x), x, create_graph=True)  # [d]
+                if not g.requires_grad:  # loss linear in theta: zero Hessian
+                    return torch.zeros_like(v)
+                (hv,) = torch.autograd.grad(g, x, grad_outputs=u, allow_unused=True)  # ∇<g, u>
+                hv = torch.zeros_like(u) if hv is None else hv
+        return hv.detach().to(device=v.device, dtype=v.dtype)
+
+    return hvp

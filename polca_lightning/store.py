@@ -1,0 +1,501 @@
+"""The POLCA store: a Zarr v3 group that a training run fills and users reload.
+
+Written during training by one process (:class:`StoreWriter`, used by the callback),
+read lazily with :func:`open_store` or, as it is, with ``xarray.open_zarr(path)``
+(every array carries ``dimension_names``). Names are stable; analysis code relies on them.
+
+Dimensions: ``snapshot`` (grows), ``interval`` (= snapshot - 1: interval ``i`` runs from
+snapshot ``i`` to ``i+1``), ``basis`` (grows up to ``max_basis``), ``token``, ``param``.
+
+=====================  ========================  =========================================
+variable               dims                      meaning
+=====================  ========================  =========================================
+step (coord)           snapshot                  optimizer step of each snapshot (int64)
+interval_start_step    interval                  step of snapshot i (coord, int64)
+interval_end_step      interval                  step of snapshot i+1 (coord, int64)
+loss                   snapshot, token           per-token loss
+directional_grad       snapshot, basis, token    g_i(x,b)
+curvature              snapshot, basis, token    c_i(x,b), only if ``with_curvature``
+delta                  interval, basis           delta_i(b)
+polca                  interval, basis, token    POLCA of the order in its attribute ``order``
+polca_first            interval, basis, token    first-order POLCA
+eigenvalue             basis                     lambda_b, NaN for vectors without one
+basis_step (coord)     basis                     step at which b joined (int64)
+basis_vectors          basis, param              B, rows orthonormal
+weights                snapshot, param           parameter snapshots, if ``store_weights``
+sequence, position,    token                     token coordinates (int64; target -1 where
+target, <labels>                                 there is none; one per user label)
+=====================  ========================  =========================================
+
+Floats not computed yet are NaN, integers -1. Group attributes: ``parameters`` (list of
+``[name, shape]`` in ``param`` order), ``order``, ``config``, ``max_basis``,
+``with_curvature``, ``store_weights``, ``token_labels``, ``polca_lightning_version``,
+``polca_lightning_format`` (marks a POLCA store), ``committed_snapshots`` and
+``committed_basis`` (how much is complete), ``complete`` (the run closed the store).
+
+Crash safety: arrays grow before data lands in them, so after a kill they may be longer
+than what was written. The committed lengths are written only after the data they
+cover; :func:`open_store` trims every variable to them, so a store being written, or
+left by a crash, opens with its complete part. ``xarray.open_zarr`` shows the raw arrays
+(identical once the run closed the store). Consolidated metadata is written only at
+close, as it is a snapshot.
+
+Analysis results (:func:`write_analysis`) are variables of their own beside these.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xarray as xr
+import zarr
+from xarray.backends import BackendArray
+from xarray.core import indexing
+
+if TYPE_CHECKING:
+    from polca_lightning._store_writer import StoreWriter
+
+__all__ = ["StoreError", "StoreExistsError", "StoreWriteError", "StoreWriter", "TokenIndex",
+           "open_store", "write_analysis"]
+
+FORMAT_KEY = "polca_lightning_format"
+FORMAT_VERSION = 1
+
+TRAINING_DIMS = ("snapshot", "interval", "basis", "token", "param")
+BUILTIN_TOKEN_COORDS = ("sequence", "position", "target")
+
+_BYTES_PER_CHUNK = 4 << 20  # aim for chunks of at most ~4 MiB (float32)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    dims: tuple[str, ...]
+    dtype: str
+    description: str
+    coordinate: bool = False
+
+
+# name -> layout; `curvature` and `weights` exist only when the run asks for them.
+TRAINING_SPECS: dict[str, _Spec] = {
+    "step": _Spec(("snapshot",), "int64", "optimizer step of each snapshot", True),
+    "interval_start_step": _Spec(("interval",), "int64", "step of snapshot i, where interval i starts", True),
+    "interval_end_step": _Spec(("interval",), "int64", "step of snapshot i+1, where interval i ends", True),
+    "loss": _Spec(("snapshot", "token"), "float32", "per-token loss l_x(theta_i)"),
+    "directional_grad": _Spec(("snapshot", "basis", "token"), "float32", "g_i(x,b) = <b, grad l_x(theta_i)>"),
+    "curvature": _Spec(("snapshot", "basis", "token"), "float32", "c_i(x,b) = b^T hess l_x(theta_i) b"),
+    "delta": _Spec(("interval", "basis"), "float32", "delta_i(b) = <b, theta_{i+1} - theta_i>"),
+    "polca": _Spec(("interval", "basis", "token"), "float32", "POLCA of the configured order (attribute `order`)"),
+    "polca_first": _Spec(("interval", "basis", "token"), "float32", "first-order POLCA g_i(x,b) delta_i(b)"),
+    "eigenvalue": _Spec(("basis",), "float32", "eigenvalue found for b (NaN when none)"),
+    "basis_step": _Spec(("basis",), "int64", "optimizer step at which b joined the basis", True),
+    "basis_vectors": _Spec(("basis", "param"), "float32", "basis B, rows orthonormal"),
+    "weights": _Spec(("snapshot", "param"), "float32", "flattened parameters at each snapshot"),
+}
+# Names analysis results may never take (token label coordinates are added per store).
+RESERVED_NAMES = frozenset(TRAINING_SPECS) | frozenset(TRAINING_DIMS) | frozenset(BUILTIN_TOKEN_COORDS)
+
+
+class StoreError(ValueError):
+    """A path is not a POLCA store, or a store does not match the run (a ``ValueError``)."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """Something is already at the path and mode ``'w-'`` refuses to touch it."""
+
+
+class StoreWriteError(StoreError, RuntimeError):
+    """The background writer failed; the original exception is ``__cause__``."""
+
+
+@dataclass
+class TokenIndex:
+    """The probe tokens, in probe order (one entry per loss-bearing token).
+
+    Args:
+        sequence: ``[T]`` int, index of the probe sequence the token comes from.
+        position: ``[T]`` int, position of the token in its sequence.
+        target: ``[T]`` int, target token id, ``-1`` where there is none.
+        labels: name -> ``[T]`` int, one coordinate per user label.
+
+    Example:
+        >>> TokenIndex(np.zeros(3), np.arange(3), np.array([5, 6, -1]), {"carry": np.array([0, 1, 0])})
+    """
+
+    sequence: np.ndarray
+    position: np.ndarray
+    target: np.ndarray
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sequence = _as_int64(self.sequence, "TokenIndex.sequence")
+        self.position = _as_int64(self.position, "TokenIndex.position")
+        self.target = _as_int64(self.target, "TokenIndex.target")
+        self.labels = {str(k): _as_int64(v, f"TokenIndex.labels[{k!r}]") for k, v in dict(self.labels).items()}
+        n = len(self.sequence)
+        for name, values in self.coordinates().items():
+            if values.shape != (n,):
+                raise ValueError(f"TokenIndex: {name} has {len(values)} entries, sequence has {n}")
+        for name in self.labels:
+            if not name or name in RESERVED_NAMES or "/" in name or name.startswith(("_", ".")):
+                raise ValueError(f"TokenIndex: label name {name!r} is reserved or not a valid variable name")
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+    def coordinates(self) -> dict[str, np.ndarray]:
+        """All token coordinates by name: sequence, position, target, then the labels."""
+        return {"sequence": self.sequence, "position": self.position, "target": self.target, **self.labels}
+
+
+def _as_int64(values: Any, name: str) -> np.ndarray:
+    array = np.asarray(_to_numpy(values))
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
+def _to_numpy(values: Any) -> Any:
+    """A torch tensor (any device, any dtype) as a CPU array; anything else unchanged."""
+    if hasattr(values, "detach") and hasattr(values, "cpu"):
+        values = values.detach().cpu()
+        if values.dtype.is_floating_point:
+            values = values.float()  # bfloat16/float16 have no exact numpy twin
+        return values.numpy()
+    return values
+
+
+def _as_float32(values: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A private float32 copy of `values` with the exact `shape`, or ValueError."""
+    array = np.array(_to_numpy(values), dtype=np.float32, copy=True)
+    if array.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {array.shape}")
+    return array
+
+
+def _as_index(value: Any, name: str, low: int = 0, high: int | None = None) -> int:
+    """`value` as a Python int in [low, high]; ValueError/TypeError naming `name` otherwise."""
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if index < low or (high is not None and index > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {index}")
+    return index
+
+
+def _jsonable(value: Any, where: str = "config") -> Any:
+    """`value` as plain JSON types (tuples become lists), or StoreError naming the key."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist(), where)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise StoreError(f"{where}: keys must be strings, got {key!r}")
+            out[key] = _jsonable(item, f"{where}[{key!r}]")
+        return out
+    raise StoreError(f"{where} = {value!r} ({type(value).__name__}) cannot be stored as JSON; "
+                     "pass numbers, strings, booleans, lists or dicts")
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equality of JSON values, NaN equal to NaN and tuples equal to lists."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _chunk_plan(n_tokens: int, n_params: int, max_basis: int) -> dict[str, tuple[int, ...]]:
+    """Chunk shape of every training array.
+
+    One snapshot (or interval) per chunk along time, so writing a snapshot touches only
+    its own chunks and never reads back older data. Token rows are grouped by basis
+    vector so that a chunk holds ~4 MiB: writing g for all K vectors of a snapshot is
+    one or a few chunk writes, and a backfilled row rewrites one chunk per snapshot.
+    Parameter axes are cut at 1M float32 (4 MiB) so a weights snapshot streams in
+    pieces and a reader can fetch one parameter tensor without the whole model.
+    """
+    tok = min(n_tokens, _BYTES_PER_CHUNK // 16)                      # <= 1 MiB per basis row
+    bas = max(1, min(max_basis, _BYTES_PER_CHUNK // (4 * tok)))      # rows per chunk, <= ~4 MiB
+    par = min(n_params, _BYTES_PER_CHUNK // 4)                       # <= 1M params per chunk
+    small = max(1, min(max_basis, 1 << 16))
+    return {
+        "step": (1024,), "interval_start_step": (1024,), "interval_end_step": (1024,),
+        "loss": (1, tok),
+        "directional_grad": (1, bas, tok), "curvature": (1, bas, tok),
+        "polca": (1, bas, tok), "polca_first": (1, bas, tok),
+        "delta": (64, small), "eigenvalue": (small,), "basis_step": (small,),
+        "basis_vectors": (1, par), "weights": (1, par),
+        "token_coord": (min(n_tokens, 1 << 20),),
+    }
+
+
+def _fill_value_for(dtype: np.dtype) -> Any:
+    """NaN for floats, -1 for signed ints, 0 for unsigned, False, '' for strings."""
+    kind = np.dtype(dtype).kind
+    return {"f": np.nan, "i": -1, "u": 0, "b": False, "U": ""}.get(kind, None)
+
+
+def _shrink_array(array: zarr.Array, new_shape: tuple[int, ...]) -> None:
+    """Resize `array` down to `new_shape`, resetting dropped cells in kept chunks.
+
+    zarr deletes the chunks that fall wholly outside the new shape but keeps the
+    partial ones as they are, so without the reset old values would reappear when the
+    array grows again.
+    """
+    shape = tuple(array.shape)
+    for axis, (old, new) in enumerate(zip(shape, new_shape)):
+        if new < old:
+            chunk = array.chunks[axis]
+            end = min(old, -(-new // chunk) * chunk)  # end of the chunk holding index new-1
+            if end > new:
+                region = [slice(None)] * len(shape)
+                region[axis] = slice(new, end)
+                array[tuple(region)] = array.fill_value
+    if tuple(new_shape) != shape:
+        array.resize(tuple(new_shape))
+
+
+# ---------------------------------------------------------------------- paths & groups
+def _check_location(path: Path) -> None:
+    """Fail now, not after hours of training, if `path` cannot hold a store."""
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"POLCA store path {str(path)!r} is a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"POLCA store directory {str(path)!r} is not writable")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot create POLCA store {str(path)!r}: {str(parent)!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create POLCA store {str(path)!r}: {str(parent)!r} is not writable")
+
+
+def _open_polca_group(path: Any, mode: str = "r") -> zarr.Group:
+    """The zarr group at `path` if it is a POLCA store; FileNotFoundError or StoreError."""
+    if isinstance(path, (str, os.PathLike)) and "://" not in os.fspath(path):
+        local = Path(path)
+        if not local.exists():
+            raise FileNotFoundError(f"no POLCA store at {str(local)!r}: the path does not exist")
+        if not local.is_dir():
+            raise StoreError(f"{str(local)!r} is a file, not a POLCA store (a Zarr directory)")
+    try:
+        group = zarr.open_group(path, mode=mode, use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.BaseZarrError) as error:
+        raise StoreError(f"{path!r} is not a POLCA store: it is not a Zarr group ({error})") from None
+    version = group.attrs.get(FORMAT_KEY)
+    if version is None:
+        raise StoreError(f"{path!r} is a Zarr group but not a POLCA store (no {FORMAT_KEY!r} attribute)")
+    if version > FORMAT_VERSION:
+        raise StoreError(f"{path!r} has store format {version}; this polca_lightning reads up to "
+                         f"{FORMAT_VERSION}: upgrade polca_lightning")
+    return group
+
+
+def _is_polca_store(path: Path) -> bool:
+    try:
+        _open_polca_group(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _remove_store(path: Path) -> None:
+    """Delete a previous POLCA store (or an empty directory) at `path`; refuse anything else."""
+    if not path.exists():
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if not _is_polca_store(path):
+        raise StoreError(f"mode='w' refuses to delete {str(path)!r}: it is not a POLCA store. "
+                         "Choose another path or remove it yourself.")
+    shutil.rmtree(path)
+
+
+def _consolidate(path: Any) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "consolidated metadata is not part of the v3 spec"
+        zarr.consolidate_metadata(path)
+
+
+
+def _n_params(parameters: list[tuple[str, tuple[int, ...]]]) -> int:
+    return sum(math.prod(shape) for _, shape in parameters)
+
+
+
+
+# ---------------------------------------------------------------------------- reading
+class _ZarrBackendArray(BackendArray):
+    """Lazy view of one zarr array for xarray (outer indexing maps onto ``oindex``)."""
+
+    def __init__(self, array: zarr.Array):
+        self._array = array
+        self.shape = tuple(array.shape)
+        self.dtype = np.dtype(array.dtype.to_native_dtype() if hasattr(array.dtype, "to_native_dtype") else array.dtype)
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER, self._raw)
+
+    def _raw(self, key: tuple) -> np.ndarray:
+        if all(isinstance(k, slice) for k in key):
+            return np.asarray(self._array[key])
+        return np.asarray(self._array.oindex[key])
+
+
+def _lengths(attrs: dict) -> dict[str, int]:
+    n_snapshots, n_basis = int(attrs.get("committed_snapshots", 0)), int(attrs.get("committed_basis", 0))
+    return {"snapshot": n_snapshots, "interval": max(n_snapshots - 1, 0), "basis": n_basis}
+
+
+def open_store(path: Any) -> xr.Dataset:
+    """Open a POLCA store lazily as a labelled :class:`xarray.Dataset`.
+
+    Every variable is cut to the committed lengths, so a store still being written (or
+    left by a crash) shows its complete part. Nothing is read until values are used;
+    dask is not needed. ``ds.attrs["complete"]`` tells whether the run closed the store.
+
+    Args:
+        path: directory of the store.
+
+    Returns:
+        The Dataset: the variables of the module docstring plus analysis results.
+
+    Raises:
+        FileNotFoundError: nothing at `path`.
+        StoreError: `path` is not a POLCA store.
+
+    Example:
+        >>> ds = open_store("runs/polca.zarr")
+        >>> ds.polca.sel(basis=0).sum("interval")      # projected loss change per token
+    """
+    group = _open_polca_group(path)
+    attrs = dict(group.attrs)
+    lengths = _lengths(attrs)
+    coord_names = set(attrs.pop("coordinates", "").split())
+    variables: dict[str, xr.Variable] = {}
+    for name, array in sorted(group.arrays(), key=lambda item: item[0]):
+        dims = array.metadata.dimension_names
+        if dims is None or any(d is None for d in dims):
+            warnings.warn(f"open_store: skipping array {name!r}: it has no dimension_names", UserWarning, stacklevel=2)
+            continue
+        var = xr.Variable(dims, indexing.LazilyIndexedArray(_ZarrBackendArray(array)), dict(array.attrs))
+        short = [d for d in dims if d in lengths and var.sizes[d] < lengths[d]]
+        if short:
+            if name in TRAINING_SPECS or name in coord_names:
+                raise StoreError(f"{path!r} is damaged: {name!r} is shorter along {short[0]!r} "
+                                 f"({var.sizes[short[0]]}) than the committed {lengths[short[0]]}")
+            warnings.warn(f"open_store: skipping analysis variable {name!r}: computed for "
+                          f"{var.sizes[short[0]]} {short[0]} entries, the store now has "
+                          f"{lengths[short[0]]}; run the analysis again", UserWarning, stacklevel=2)
+            continue
+        variables[name] = var.isel({d: slice(0, lengths[d]) for d in dims if d in lengths})
+    coords = {k: v for k, v in variables.items() if k in coord_names or (v.dims == (k,))}
+    data_vars = {k: v for k, v in variables.items() if k not in coords}
+    return xr.Dataset(data_vars, coords, attrs)
+
+
+# --------------------------------------------------------------------------- analysis
+def write_analysis(path: Any, variables: dict[str, tuple[tuple[str, ...], Any, dict]], *,
+                   overwrite: bool = True) -> None:
+    """Add analysis results to a store, as variables beside the training data.
+
+    Args:
+        path: the store.
+        variables: name -> ``(dims, values, attrs)``. Dims may be the store's own
+            (``basis``, ``token``, ..., at their committed lengths) or new ones
+            (``cluster_id``, ``method``); a variable named like its only dim becomes
+            that dim's coordinate.
+        overwrite: replace analysis variables of the same names (re-running an analysis);
+            with ``False`` an existing name raises StoreError.
+
+    Raises:
+        StoreError: a training name, a size that does not match the store or the other
+            analysis variables, or a value that zarr cannot hold.
+
+    Example:
+        >>> write_analysis("runs/polca.zarr", {"cluster": (("basis", "token"), labels, {"method": "hdbscan"})})
+    """
+    group = _open_polca_group(path, mode="r+")
+    attrs = dict(group.attrs)
+    reserved = RESERVED_NAMES | set(attrs.get("token_labels", [])) | {"coordinates"}
+    existing = {name: arr for name, arr in group.arrays()}
+    sizes = {**_lengths(attrs), "token": existing["sequence"].shape[0], "param": _n_params(attrs["parameters"])}
+    for name, arr in existing.items():  # dims of the analysis variables that stay
+        if name not in reserved and name not in variables and arr.metadata.dimension_names:
+            for d, n in zip(arr.metadata.dimension_names, arr.shape):
+                sizes.setdefault(d, n)
+    prepared = {}
+    for name, spec in variables.items():
+        if not isinstance(name, str) or not name or "/" in name or name.startswith((".", "__")):
+            raise StoreError(f"write_analysis: {name!r} is not a valid variable name")
+        if name in reserved:
+            raise StoreError(f"write_analysis: {name!r} is a training variable, dimension or coordinate "
+                             "of the store; analysis results need names of their own")
+        if name in existing and not overwrite:
+            raise StoreError(f"write_analysis: {name!r} already exists in {path!r} (pass overwrite=True to replace it)")
+        try:
+            dims, values, var_attrs = spec
+        except (TypeError, ValueError):
+            raise StoreError(f"write_analysis: {name!r} must be (dims, values, attrs)") from None
+        dims = (dims,) if isinstance(dims, str) else tuple(dims)
+        values = np.asarray(_to_numpy(values))
+        if values.dtype.kind == "O":
+            values = values.astype(str)
+        if values.dtype.kind not in "fiubU":
+            raise StoreError(f"write_analysis: {name!r} has dtype {values.dtype}, not numbers, booleans or strings")
+        if values.ndim != len(dims):
+            raise StoreError(f"write_analysis: {name!r} has {values.ndim} dimensions but dims {dims}")
+        for d, n in zip(dims, values.shape):
+            if sizes.setdefault(d, n) != n:
+                raise StoreError(f"write_analysis: {name!r} has {n} entries along {d!r}, the store has {sizes[d]}")
+        prepared[name] = (dims, values, _jsonable(dict(var_attrs or {}), f"attrs of {name!r}"))
+    for name, (dims, values, var_attrs) in prepared.items():
+        if name in existing:
+            del group[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # string dtypes: "no Zarr V3 specification yet"
+            arr = group.create_array(name, shape=values.shape, dtype=values.dtype,
+                                     chunks=tuple(max(1, n) for n in values.shape) if values.size == 0 else "auto",
+                                     fill_value=_fill_value_for(values.dtype), dimension_names=dims,
+                                     attributes=var_attrs)
+            if values.size:
+                arr[...] = values
+    if attrs.get("complete", False):
+        _consolidate(path)  # keep the snapshot in step for xarray.open_zarr
+
+
+def __getattr__(name: str) -> Any:
+    # StoreWriter lives in a module of its own that imports this one; loading it lazily
+    # keeps the import graph free of cycles.
+    if name == "StoreWriter":
+        from polca_lightning._store_writer import StoreWriter
+
+        return StoreWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
