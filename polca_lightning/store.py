@@ -200,7 +200,7 @@ def _jsonable(value: Any, where: str = "config") -> Any:
     """`value` as plain JSON types (tuples become lists), or StoreError naming the key."""
     if value is None or isinstance(value, (bool, str)):
         return value
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, (int, np.integer)):
         return int(value)
@@ -280,12 +280,17 @@ def _shrink_array(array: zarr.Array, new_shape: tuple[int, ...]) -> None:
 
 
 # ---------------------------------------------------------------------- paths & groups
+def _writable(path: Path) -> bool:
+    effective = os.access in os.supports_effective_ids  # the user the process acts as
+    return os.access(path, os.W_OK | os.X_OK, effective_ids=effective)
+
+
 def _check_location(path: Path) -> None:
     """Fail now, not after hours of training, if `path` cannot hold a store."""
     if path.exists():
         if not path.is_dir():
             raise NotADirectoryError(f"POLCA store path {str(path)!r} is a file, not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
+        if not _writable(path):
             raise PermissionError(f"POLCA store directory {str(path)!r} is not writable")
         return
     parent = path.parent
@@ -293,7 +298,7 @@ def _check_location(path: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise NotADirectoryError(f"cannot create POLCA store {str(path)!r}: {str(parent)!r} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not _writable(parent):
         raise PermissionError(f"cannot create POLCA store {str(path)!r}: {str(parent)!r} is not writable")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -136,6 +137,13 @@ def test_round_trip_open_store_and_xarray(tmp_path, background):
     ds = open_store(path)
     assert not ds["polca"].variable._in_memory  # lazy until used
     assert_matches(ds, ref, 4, 3)
+    # Lazy indexing of every kind reaches the right cells.
+    np.testing.assert_array_equal(ds["polca"].isel(basis=[2, 0], token=slice(1, 6, 2)).values,
+                                  ref["polca"][:, [2, 0]][:, :, 1:6:2])
+    np.testing.assert_array_equal(ds["loss"].isel(token=slice(None, None, -2)).values, ref["loss"][:, ::-2])
+    picked = ds["loss"].isel(snapshot=xr.DataArray([3, 0]), token=xr.DataArray([1, 6]))
+    np.testing.assert_array_equal(picked.values, ref["loss"][[3, 0], [1, 6]])
+    np.testing.assert_array_equal(ds["directional_grad"][-1, 1, 2].values, ref["directional_grad"][-1, 1, 2])
     assert ds.attrs["complete"] is True
     assert ds.attrs["order"] == "trapezoid" and ds["polca"].attrs["order"] == "trapezoid"
     assert ds.attrs["parameters"] == [["layer.weight", [3, 4]], ["layer.bias", [1]]]
@@ -294,13 +302,32 @@ def test_bad_locations_fail_at_construction(tmp_path):
 
 
 def test_read_only_directory(tmp_path):
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Root writes anywhere: try as an unprivileged user, in a child process.
+        with tempfile.TemporaryDirectory() as top:
+            os.chmod(top, 0o755)
+            locked = Path(top) / "locked"
+            locked.mkdir(mode=0o555)
+            script = textwrap.dedent(f"""
+                import os, sys
+                sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+                from test_store import make_writer
+                os.setegid(65534); os.seteuid(65534)
+                try:
+                    make_writer({str(locked / "run.zarr")!r})
+                except PermissionError as error:
+                    print("PermissionError", error)
+            """)
+            result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert "PermissionError" in result.stdout and "not writable" in result.stdout, result.stderr
+        return
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     try:
         if os.access(locked, os.W_OK):
-            pytest.skip("running with privileges that ignore directory permissions")
-        with pytest.raises(PermissionError):
+            pytest.skip("this user ignores directory permissions")
+        with pytest.raises(PermissionError, match="not writable"):
             make_writer(locked / "run.zarr")
     finally:
         locked.chmod(0o755)
@@ -314,7 +341,7 @@ def test_open_store_errors(tmp_path):
     (plain / "data.csv").write_text("a,b\n")
     with pytest.raises(StoreError, match="not a POLCA store"):
         open_store(plain)
-    xr.Dataset({"x": ("a", np.arange(3))}).to_zarr(tmp_path / "other.zarr", zarr_format=3)
+    xr.Dataset({"x": ("a", np.arange(3))}).to_zarr(tmp_path / "other.zarr", zarr_format=3, consolidated=False)
     with pytest.raises(StoreError, match="not a POLCA store"):
         open_store(tmp_path / "other.zarr")
     with pytest.raises(StoreError):
@@ -393,3 +420,28 @@ def test_write_analysis(tmp_path):
     for ds in (open_store(path), xr.open_zarr(path)):
         assert ds.sizes["cluster_id"] == 3 and float(ds["homogeneity"].sum()) == 6.0
         np.testing.assert_array_equal(ds["cluster"].values, cluster)
+
+
+def test_reader_sees_only_complete_snapshots_while_writing(tmp_path):
+    path = tmp_path / "run.zarr"
+    writer = make_writer(path, with_curvature=False)
+    writer.write_basis(0, np.eye(2, D), [1.0, 2.0], [0, 0])
+    seen = set()
+    for s in range(30):
+        writer.write_snapshot(s, s, np.full(T, s), np.full(D, s))
+        writer.write_directional_grad(s, 0, np.full((2, T), s))
+        if s:
+            writer.write_interval(s - 1, 0, np.ones(2), np.full((2, T), s), np.full((2, T), s))
+        writer.commit(s + 1, 2)
+        ds = open_store(path)  # races the writer thread on purpose
+        n = ds.sizes["snapshot"]
+        seen.add(n)
+        if n == 0:  # nothing committed yet (not even the basis)
+            continue
+        assert ds.sizes["basis"] == 2
+        expected = np.arange(n, dtype=np.float32)
+        np.testing.assert_array_equal(ds["loss"].values[:, 0], expected)
+        np.testing.assert_array_equal(ds["directional_grad"].values[:, 1, 0], expected)
+        np.testing.assert_array_equal(ds["polca"].values[:, 0, 0], expected[1:])
+    writer.close()
+    assert open_store(path).sizes["snapshot"] == 30

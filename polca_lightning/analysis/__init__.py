@@ -39,9 +39,10 @@ have no prefix, the baselines' are prefixed ``polca_first_``, ``lca_``, ``fisher
   ``clustering_n_clustered``, ``clustering_n_outliers``, ``clustering_n_filtered``;
 - table of clusters: dim ``entry`` with coords ``entry_method``, ``entry_unit``,
   ``entry_cluster`` and ``entry_size``, ``entry_onset``, ``entry_mean_token_onset``,
-  ``entry_hidden``; ``hidden_fraction[method]``;
+  ``entry_hidden``; ``hidden_fraction[trajectory_type]`` (the ``trajectory_type`` dim
+  lists the methods; it is not called ``method``, which ``.sel`` reserves);
 - per label coordinate ``L`` (e.g. ``carry``), dim ``L_value``: ``L_homogeneity``,
-  ``L_recall``, ``L_f1``, ``L_eligible`` ``[entry, L_value]``; ``L_best[method,
+  ``L_recall``, ``L_f1``, ``L_eligible`` ``[entry, L_value]``; ``L_best[trajectory_type,
   L_value, rank]`` (entry indices of the top clusters, one per unit, -1 none);
   ``L_homogeneity_score``, ``L_completeness_score``, ``L_v_measure_score``
   ``[clustering]`` (torchmetrics, clustered tokens only).
@@ -50,7 +51,7 @@ Example:
     >>> from polca_lightning.analysis import analyze, make_synthetic_store
     >>> ds = make_synthetic_store(n_sequences=100, n_intervals=60, n_basis=4)
     >>> res = analyze(ds, restrict={"carry": ("place", (1, 2))})
-    >>> best = int(res["carry_best"].sel(method="polca", carry_value=1, rank=0))
+    >>> best = int(res["carry_best"].sel(trajectory_type="polca", carry_value=1, rank=0))
     >>> round(float(res["carry_homogeneity"][best].sel(carry_value=1)), 1)
     1.0
 """

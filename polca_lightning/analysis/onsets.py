@@ -101,13 +101,24 @@ def acceleration(
         )
     t = step[valid]
     fc = f[valid]  # f(t), exact at snapshots
-    lo_p, w_p = _interp_weights(step, t + delta)
-    lo_m, w_m = _interp_weights(step, t - delta)
-    shape = (-1,) + (1,) * (f.ndim - 1)  # broadcast weights over trailing dims
-    w_p, w_m = w_p.reshape(shape), w_m.reshape(shape)
-    f_plus = (1 - w_p) * f[lo_p] + w_p * f[lo_p + 1]
-    f_minus = (1 - w_m) * f[lo_m] + w_m * f[lo_m + 1]
+    f_plus = _interp_rows(f, step, t + delta)
+    f_minus = _interp_rows(f, step, t - delta)
     return (f_plus - fc) - (fc - f_minus), t
+
+
+def _interp_rows(f: np.ndarray, step: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Rows of ``f`` linearly interpolated at steps ``target``; slices when they hit
+    a contiguous run of snapshots exactly (the usual case: even steps, Δ a multiple of
+    the spacing), gathers otherwise."""
+    lo, w = _interp_weights(step, target)
+    exact_lo, exact_hi = np.all(w < 1e-12), np.all(w > 1 - 1e-12)
+    if exact_lo or exact_hi:
+        idx = lo if exact_lo else lo + 1
+        if np.all(np.diff(idx) == 1):
+            return f[idx[0] : idx[-1] + 1]  # a view: no copy
+        return f[idx]
+    w = w.reshape((-1,) + (1,) * (f.ndim - 1))  # broadcast over trailing dims
+    return (1 - w) * f[lo] + w * f[lo + 1]
 
 
 def breakthrough_onset(
@@ -138,12 +149,13 @@ def breakthrough_onset(
     if direction not in ("falling", "rising"):
         raise ValueError(f"direction must be 'falling' or 'rising', got {direction!r}")
     a, t = acceleration(f, step, delta)
-    if direction == "rising":
-        a = -a
-    bad = ~np.isfinite(a).all(axis=0)
-    idx = np.argmin(np.where(np.isfinite(a), a, np.inf), axis=0)
-    onset = t[idx]
-    return np.where(bad, np.nan, onset)
+    # argmin of a (falling) or of -a (rising); NaN curves -> NaN onset
+    idx = np.argmax(a, axis=0) if direction == "rising" else np.argmin(a, axis=0)
+    onset = t[idx].astype(np.float64)
+    bad = np.isnan(a.sum(axis=0))
+    if bad.any():
+        onset[bad] = np.nan
+    return onset
 
 
 def smooth_curve(f: np.ndarray, window: int) -> np.ndarray:

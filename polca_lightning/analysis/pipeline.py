@@ -17,7 +17,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .clustering import FILTERED, OUTLIER, ClusterSettings, cluster_medoids, cluster_trajectories
+from .clustering import (
+    FILTERED,
+    OUTLIER,
+    ClusterSettings,
+    cluster_medoids,
+    cluster_trajectories,
+    single_threaded_blas,
+)
 from .methods import METHODS, available_methods
 from .onsets import breakthrough_onset, default_delta, hidden_breakthrough, plateau_step
 from .scores import best_clusters, clustering_scores, label_scores
@@ -85,6 +92,44 @@ def _pad(rows: list[np.ndarray], width: int, fill, dtype) -> np.ndarray:
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r
     return out
+
+
+def _run_methods(ds, order, n_snap, step, settings, groups, delta, per_method, timings, bar):
+    """Build, filter, cluster and time every unit of every method into ``per_method``."""
+    polca_masks = None
+    for m in order:
+        spec = METHODS[m]
+        t_m = time.perf_counter()
+        res = {k: [] for k in ("labels", "medoid", "size", "curves", "onset", "mean_token_onset",
+                               "token_onset", "kept", "token_kept", "final")}
+        for u in range(spec.n_units(ds)):
+            t0 = time.perf_counter()
+            traj = spec.trajectory(ds, u, n_snap)  # [snapshot, token]
+            t1 = time.perf_counter()
+            if spec.filter == "own":
+                kept, tok = filter_trajectories(traj)
+                kept = bool(kept)
+            elif spec.filter == "polca":
+                if polca_masks is None:
+                    polca_masks = [filter_trajectories(METHODS["polca"].trajectory(ds, v, n_snap))[1]
+                                   for v in range(METHODS["polca"].n_units(ds))]
+                tok = polca_masks[u]
+                kept = bool(tok.any())
+            else:
+                tok = np.isfinite(traj).all(axis=0)
+                kept = True
+            timings["trajectories"] = timings.get("trajectories", 0.0) + t1 - t0
+            timings["filter"] = timings.get("filter", 0.0) + time.perf_counter() - t1
+            out = _cluster_one(traj, tok, step, settings, groups, delta, spec.direction, timings)
+            out.update(kept=kept, token_kept=tok, final=traj[-1])
+            for k, v in out.items():
+                res[k].append(v)
+            if m == "polca" and polca_masks is None:
+                polca_masks = res["token_kept"]
+            if bar is not None:
+                bar.update(1)
+        per_method[m] = res
+        log.info("analysis: %s, %d clusterings in %.1f s", m, spec.n_units(ds), time.perf_counter() - t_m)
 
 
 def analyze(
@@ -195,48 +240,18 @@ def analyze(
     T = int(ds.sizes["token"])
 
     order = sorted(methods, key=lambda m: m != "polca")  # polca first: fisher reuses its masks
-    polca_masks = None
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(METHODS[m].n_units(ds) for m in order), desc="clustering", unit="clustering")
     per_method = {}
-    for m in order:
-        spec = METHODS[m]
-        t_m = time.perf_counter()
-        res = {k: [] for k in ("labels", "medoid", "size", "curves", "onset", "mean_token_onset",
-                               "token_onset", "kept", "token_kept", "final")}
-        for u in range(spec.n_units(ds)):
-            t0 = time.perf_counter()
-            traj = spec.trajectory(ds, u, n_snap)  # [snapshot, token]
-            t1 = time.perf_counter()
-            if spec.filter == "own":
-                kept, tok = filter_trajectories(traj)
-                kept = bool(kept)
-            elif spec.filter == "polca":
-                if polca_masks is None:
-                    polca_masks = [filter_trajectories(METHODS["polca"].trajectory(ds, v, n_snap))[1]
-                                   for v in range(METHODS["polca"].n_units(ds))]
-                tok = polca_masks[u]
-                kept = bool(tok.any())
-            else:
-                tok = np.isfinite(traj).all(axis=0)
-                kept = True
-            timings["trajectories"] = timings.get("trajectories", 0.0) + t1 - t0
-            timings["filter"] = timings.get("filter", 0.0) + time.perf_counter() - t1
-            out = _cluster_one(traj, tok, step, settings, groups, delta, spec.direction, timings)
-            out.update(kept=kept, token_kept=tok, final=traj[-1])
-            for k, v in out.items():
-                res[k].append(v)
-            if m == "polca" and polca_masks is None:
-                polca_masks = res["token_kept"]
-            if bar is not None:
-                bar.update(1)
-        per_method[m] = res
-        log.info("analysis: %s, %d clusterings in %.1f s", m, spec.n_units(ds), time.perf_counter() - t_m)
-    if bar is not None:
-        bar.close()
+    try:
+        with single_threaded_blas():
+            _run_methods(ds, order, n_snap, step, settings, groups, delta, per_method, timings, bar)
+    finally:
+        if bar is not None:
+            bar.close()
 
     # ---- assemble per-method variables
     n_cid = max([r.shape[0] for m in order for r in per_method[m]["size"]] + [0])
@@ -304,8 +319,8 @@ def analyze(
     entry_hidden = hidden_breakthrough(rule_col, tau)
     data["entry_hidden"] = (("entry",), entry_hidden)
     em = coords["entry_method"][1]
-    coords["method"] = np.array(methods, dtype=str)
-    data["hidden_fraction"] = (("method",), np.array(
+    coords["trajectory_type"] = np.array(methods, dtype=str)
+    data["hidden_fraction"] = (("trajectory_type",), np.array(
         [entry_hidden[em == m].mean() if (em == m).any() else np.nan for m in methods]))
 
     # ---- label scores
@@ -343,7 +358,7 @@ def analyze(
             for vi in range(vals.size):
                 b = best_clusters(cols["homogeneity"][idx, vi], eu[idx], elig[idx, vi], top_k)
                 best[mi, vi] = np.where(b >= 0, idx[np.maximum(b, 0)] if idx.size else -1, -1)
-        data[f"{name}_best"] = (("method", vdim, "rank"), best)
+        data[f"{name}_best"] = (("trajectory_type", vdim, "rank"), best)
     timings["scores"] = time.perf_counter() - t_s
 
     data["tau"] = ((), tau)

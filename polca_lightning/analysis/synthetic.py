@@ -6,7 +6,8 @@ It mimics the arithmetic setting of the paper: sequences of 4 answer tokens with
 what makes the digit a 1). What is planted:
 
 - exact loss: fast early drops whose timing depends on ``place`` (done by ~25 % of
-  training, so the mean loss plateaus there), plus a small late drop for carry tokens;
+  training, so the mean loss plateaus there), plus a small late drop for carry tokens
+  at a random time per token (so the exact loss does not single carries out);
 - vector 0: carry tokens in the 10s/100s places drop at 55 % of training (a *hidden*
   breakthrough: after the plateau), everything else drifts with noise;
 - vector 1: 1000s-place tokens drop at 35 %;
@@ -97,7 +98,8 @@ def make_synthetic_store(
     early_on = (0.03 + 0.04 * place) * span + rng.normal(0, 0.005 * span, T)
     w_early = np.full(T, 0.02 * span)
     loss = 2.3 - 2.0 * _drop(sf, early_on, w_early)
-    loss -= 0.15 * carry * _drop(sf, np.full(T, 0.55 * span), np.full(T, 0.02 * span))
+    late_on = rng.uniform(0.3, 0.8, T) * span  # carries help late, but not in step
+    loss -= 0.03 * carry * _drop(sf, late_on, np.full(T, 0.05 * span))
     loss += rng.normal(0, 0.01, loss.shape)
 
     planted = {"tau_approx": 0.25 * span, "vectors": {}}
@@ -165,7 +167,7 @@ def make_synthetic_store(
         mix = rng.normal(0, 1, (n_lca, n_basis)) / np.sqrt(n_basis)  # directions mix the planted ones
         mix[0, 0] += 0.6
         lca_curves = np.einsum("lb,bst->slt", mix, curves)  # [snapshot, lca_basis, token]
-        lca_curves += 0.3 * np.einsum("l,st->slt", rng.normal(0, 1, n_lca), loss - loss[:1])
+        lca_curves += 0.3 * np.einsum("l,st->slt", np.abs(rng.normal(0, 1, n_lca)), loss - loss[:1])
         lca_polca = np.diff(lca_curves, axis=0) + rng.normal(0, noise, (S, n_lca, T))
         data_vars["lca_polca"] = (("interval", "lca_basis", "token"), lca_polca.astype(dtype))
     coords = {

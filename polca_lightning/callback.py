@@ -1,0 +1,342 @@
+"""``POLCACallback``: Lightning hooks and scheduling around :class:`~polca_lightning.tracker.POLCATracker`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import move_data_to_device
+from torch import Tensor
+
+from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.losses import resolve_token_loss
+from polca_lightning.polca import ORDERS, needs_curvature
+from polca_lightning.store import StoreWriter, TokenIndex
+from polca_lightning.tracker import Collective, POLCATracker, TorchDistributed
+
+__all__ = ["POLCACallback"]
+
+log = logging.getLogger("polca_lightning")
+
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _batches(name: str, data: Any) -> list:
+    if data is None:
+        raise ValueError(f"{name}: expected a DataLoader or an iterable of batches, got None")
+    if isinstance(data, (Tensor, Mapping, str)) or not isinstance(data, Iterable):
+        raise TypeError(f"{name}: expected a DataLoader or an iterable of batches, got {type(data).__name__}")
+    batches = list(data)
+    if not batches:
+        raise ValueError(f"{name}: expected at least one batch, got none (is the dataset empty?)")
+    return batches
+
+
+class POLCACallback(Callback):
+    """Decompose every probe token's loss change along a growing Hessian basis, during training.
+
+    Snapshots the selected parameters at step 0 and every ``snapshot_every`` optimizer
+    steps; every ``basis_every`` steps adds ``k`` eigenvectors of the projected Hessian
+    (Algorithm 1 of the paper) and backfills them over every earlier snapshot; streams
+    per-token loss, directional derivatives and POLCA values into a Zarr store that
+    :func:`polca_lightning.open_store` reads back.
+
+    Args:
+        store: path of the Zarr store (a directory).
+        probe_data: DataLoader or iterable of batches: the held-out tokens to decompose.
+        hessian_data: DataLoader or iterable of batches: the training sample whose mean
+            loss defines the Hessian (needed for ``basis="hessian"``).
+        token_loss: ``(module, batch) -> (loss, mask[, target])``; default: the module's
+            ``token_loss`` method if it has one, else the causal-LM built-in.
+        token_labels: optional ``batch -> {name: tensor[batch, positions]}``; each name
+            becomes a token coordinate of the store.
+        snapshot_every: N, optimizer steps between snapshots.
+        basis_every: M, optimizer steps between basis steps (a multiple of N).
+        k: vectors per basis step.
+        max_basis: at most this many basis vectors.
+        order: ``"first"``, ``"second"``, ``"trapezoid"`` (default) or ``"exact"``.
+        basis: ``"hessian"``, ``"random"`` (orthonormal) or a callable
+            ``(module, step, basis [K, d]) -> [k, d]`` (orthonormalised against the basis).
+        parameters: names or shell patterns of the parameters to decompose (default all).
+        mode: ``"w-"`` refuses an existing store, ``"a"`` resumes (with ``ckpt_path``),
+            ``"w"`` overwrites.
+        engine: ``"auto"``, ``"forward"`` or ``"reverse"``.
+        memory_cap: bytes one chunk of derivative work may use.
+        basis_on_device: keep the basis on the model's device (else on the CPU).
+        lanczos_tol: relative residual at which the eigensolver stops.
+        seed: seed of the eigensolver's start vectors and of random bases.
+        analyze: run the analysis and reports after fit.
+        progress: progress bars for eigensolves and backfills.
+
+    Raises:
+        ValueError, TypeError: a bad argument, naming it, what was expected and what came.
+
+    Example:
+        >>> callback = POLCACallback(store="runs/polca.zarr", probe_data=probe_loader,
+        ...                          hessian_data=hessian_loader, snapshot_every=25, basis_every=200)
+        >>> trainer = L.Trainer(max_steps=3000, callbacks=[callback])
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        probe_data: Iterable,
+        hessian_data: Iterable | None = None,
+        *,
+        token_loss: Callable | None = None,
+        token_labels: Callable[[Any], Mapping[str, Tensor]] | None = None,
+        snapshot_every: int = 25,
+        basis_every: int = 200,
+        k: int = 1,
+        max_basis: int = 15,
+        order: str = "trapezoid",
+        basis: str | Callable = "hessian",
+        parameters: list[str] | None = None,
+        mode: str = "w-",
+        engine: str = "auto",
+        memory_cap: int = 1 << 30,
+        basis_on_device: bool = True,
+        lanczos_tol: float = 1e-3,
+        seed: int = 0,
+        analyze: bool = True,
+        progress: bool = True,
+    ):
+        if not isinstance(store, (str, os.PathLike)):
+            raise TypeError(f"store: expected a path, got {type(store).__name__}")
+        self.store = Path(store)
+        self.snapshot_every = _positive_int("snapshot_every", snapshot_every)
+        self.basis_every = _positive_int("basis_every", basis_every)
+        if self.basis_every % self.snapshot_every:
+            raise ValueError(
+                f"basis_every: expected a multiple of snapshot_every ({snapshot_every}), got {basis_every}"
+            )
+        self.k = _positive_int("k", k)
+        self.max_basis = _positive_int("max_basis", max_basis)
+        if order not in ORDERS:
+            raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
+        self.order = order
+        if not (callable(basis) or basis in ("hessian", "random")):
+            raise ValueError(f"basis: expected 'hessian', 'random' or a callable, got {basis!r}")
+        self.basis = basis
+        if mode not in ("w-", "a", "w"):
+            raise ValueError(f"mode: expected 'w-' (new store), 'a' (resume) or 'w' (overwrite), got {mode!r}")
+        self.mode = mode
+        if token_loss is not None and not callable(token_loss):
+            raise TypeError(f"token_loss: expected a callable (module, batch) -> (loss, mask), got {token_loss!r}")
+        if token_labels is not None and not callable(token_labels):
+            raise TypeError(f"token_labels: expected a callable batch -> {{name: tensor}}, got {token_labels!r}")
+        if parameters is not None and (isinstance(parameters, str) or not all(isinstance(p, str) for p in parameters)):
+            raise TypeError(f"parameters: expected a list of names or patterns, got {parameters!r}")
+        if engine not in ("auto", "forward", "reverse"):
+            raise ValueError(f"engine: expected 'auto', 'forward' or 'reverse', got {engine!r}")
+        if not (isinstance(lanczos_tol, float) and 0 < lanczos_tol < 1):
+            raise ValueError(f"lanczos_tol: expected a float in (0, 1), got {lanczos_tol!r}")
+        self.probe_batches = _batches("probe_data", probe_data)
+        self.hessian_batches = _batches("hessian_data", hessian_data) if basis == "hessian" else []
+        if basis != "hessian" and hessian_data is not None:
+            self.hessian_batches = _batches("hessian_data", hessian_data)
+        self.token_loss, self.token_labels = token_loss, token_labels
+        self.parameters, self.engine, self.memory_cap = parameters, engine, memory_cap
+        self.basis_on_device, self.lanczos_tol, self.seed = bool(basis_on_device), lanczos_tol, int(seed)
+        self.analyze, self.progress = bool(analyze), bool(progress)
+        self.tracker: POLCATracker | None = None
+        self.writer: StoreWriter | None = None
+        self._last_step = -1
+        self._resume_state: dict | None = None
+
+    # ------------------------------------------------------------- settings
+    @property
+    def config(self) -> dict:
+        """The run settings stored in the store's attributes (a resume must match them)."""
+        return {
+            "snapshot_every": self.snapshot_every,
+            "basis_every": self.basis_every,
+            "k": self.k,
+            "max_basis": self.max_basis,
+            "order": self.order,
+            "basis": self.basis if isinstance(self.basis, str) else getattr(self.basis, "__name__", "callable"),
+            "parameters": self.parameters,
+            "lanczos_tol": self.lanczos_tol,
+            "seed": self.seed,
+            "n_probe_batches": len(self.probe_batches),
+            "n_hessian_batches": len(self.hessian_batches),
+        }
+
+    def state_key(self) -> str:  # one state per store path
+        return f"POLCACallback{{store={str(self.store)!r}}}"
+
+    def state_dict(self) -> dict:
+        if self.writer is not None:
+            self.writer.flush()  # a checkpoint only ever refers to data on disk
+        t = self.tracker
+        return {
+            "last_step": self._last_step,
+            "n_snapshots": t.n_snapshots if t else 0,
+            "n_basis": t.n_basis if t else 0,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_state = dict(state_dict)
+
+    # ---------------------------------------------------------------- hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy)
+        if any(cls.__name__ in _SHARDED for cls in strategy.__mro__):
+            raise RuntimeError(
+                f"POLCACallback: the {strategy.__name__} strategy shards parameters, which POLCA does not "
+                "support yet; use a single device or DDP"
+            )
+        if trainer.global_rank == 0:
+            from polca_lightning.store import _check_location
+
+            _check_location(self.store)
+            if self.mode == "w-" and self.store.exists() and any(self.store.iterdir()):
+                from polca_lightning.store import StoreExistsError
+
+                raise StoreExistsError(
+                    f"store: {str(self.store)!r} already exists; pass mode='a' to resume it (with ckpt_path) "
+                    "or mode='w' to overwrite it"
+                )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        token_loss = resolve_token_loss(pl_module, self.token_loss)
+        space = ParameterSpace.from_module(pl_module, self.parameters)
+        device = pl_module.device
+        probe = [move_data_to_device(b, device) for b in self.probe_batches]
+        hessian = [move_data_to_device(b, device) for b in self.hessian_batches]
+        tokens = self._token_index(pl_module, token_loss, space, probe)
+        collective = TorchDistributed() if trainer.world_size > 1 else Collective()
+        if trainer.global_rank == 0:
+            self.writer = StoreWriter(
+                self.store, mode=self.mode, tokens=tokens, parameters=list(zip(space.names, space.shapes)),
+                order=self.order, config=self.config, max_basis=self.max_basis,
+                with_curvature=needs_curvature(self.order),
+            )
+        self.tracker = POLCATracker(
+            pl_module, token_loss, space, probe, hessian, order=self.order, k=self.k, max_basis=self.max_basis,
+            basis=self.basis, writer=self.writer, collective=collective, engine=self.engine,
+            memory_cap=self.memory_cap, basis_on_device=self.basis_on_device, lanczos_tol=self.lanczos_tol,
+            seed=self.seed, log_metrics=lambda m, step: self._log(trainer, m, step), progress=self.progress,
+        )
+        self._check_engine(space)
+        self._resume(trainer)
+
+    def _token_index(self, module, token_loss, space, probe) -> TokenIndex:
+        """Which positions are tokens, with their coordinates; validates the probe data on the way."""
+        fn = FunctionalTokenLoss(module, token_loss, space)
+        theta = space.flatten(module)
+        seq, pos, tgt, labels, offset = [], [], [], {}, 0
+        with evaluation_mode(module), torch.no_grad():
+            for batch in probe:
+                loss, mask, target = fn(theta, batch)
+                b, p = mask.nonzero(as_tuple=True)
+                seq.append(b + offset)
+                pos.append(p)
+                tgt.append(target[mask] if target is not None else torch.full_like(b, -1))
+                if self.token_labels is not None:
+                    for name, value in dict(self.token_labels(batch)).items():
+                        if not isinstance(value, Tensor) or value.shape != mask.shape:
+                            raise ValueError(
+                                f"token_labels: expected {name!r} as a tensor of shape {list(mask.shape)} "
+                                f"(like the loss), got {type(value).__name__}"
+                                f"{list(value.shape) if isinstance(value, Tensor) else ''}"
+                            )
+                        labels.setdefault(name, []).append(value[mask])
+                offset += mask.shape[0]
+        n = sum(len(s) for s in seq)
+        if n == 0:
+            raise ValueError("probe_data: every token is masked; there is no loss-bearing token to decompose")
+        cat = lambda parts: torch.cat(parts).cpu().numpy()  # noqa: E731
+        return TokenIndex(cat(seq), cat(pos), cat(tgt), {k: cat(v) for k, v in labels.items()})
+
+    def _check_engine(self, space: ParameterSpace) -> None:
+        """One direction on one probe batch: an op neither engine handles fails here, before training."""
+        t = self.tracker
+        theta = space.flatten(t.module)
+        v = torch.zeros(1, space.dim, dtype=theta.dtype, device=theta.device)
+        v[0, 0] = 1.0
+        t.dd(theta, t.probe[:1], v, curvature=t.curvature)
+
+    def _resume(self, trainer: Trainer) -> None:
+        state = self._resume_state
+        committed = self.writer.committed if self.writer is not None else (0, 0)
+        committed = tuple(int(x) for x in self.tracker.coll.broadcast(torch.tensor(committed)).tolist())
+        if state is None:
+            if committed[0]:
+                raise RuntimeError(
+                    f"store: {str(self.store)!r} holds {committed[0]} snapshots but training did not resume "
+                    "from a checkpoint; pass ckpt_path= to Trainer.fit to continue it, or mode='w' to start over"
+                )
+            return
+        n_snapshots, n_basis = state["n_snapshots"], state["n_basis"]
+        if committed[0] < n_snapshots or committed[1] < n_basis:
+            raise RuntimeError(
+                f"store: {str(self.store)!r} holds {committed[0]} snapshots and {committed[1]} basis vectors, "
+                f"fewer than the checkpoint's {n_snapshots} and {n_basis}: it is not this run's store"
+            )
+        if self.writer is not None:
+            self.writer.truncate(n_snapshots, n_basis)
+        self.tracker.restore(n_snapshots)
+        self._last_step = state["last_step"]
+        log.info("POLCA: resumed %s at snapshot %d with %d basis vectors", self.store, n_snapshots, n_basis)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.tracker.n_snapshots == 0:
+            self._step(trainer, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        # with gradient accumulation several micro-batches see the same global_step
+        step = trainer.global_step
+        if step != self._last_step and step % self.snapshot_every == 0:
+            self._step(trainer, step)
+
+    def _step(self, trainer: Trainer, step: int) -> None:
+        self._last_step = step
+        self.tracker.snapshot(step)
+        if step % self.basis_every == 0:
+            with torch.enable_grad():
+                self.tracker.grow_basis(step)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.writer is not None:
+            self.writer.close(complete=True)
+            t = self.tracker
+            log.info(
+                "POLCA: %d snapshots, %d basis vectors in %s; time %s", t.n_snapshots, t.n_basis, self.store,
+                {k: round(v, 2) for k, v in t.timings.items()},
+            )
+        if self.analyze and trainer.global_rank == 0:
+            self._analyze(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.close(complete=False)  # keep what is committed; the store stays resumable
+            except Exception:  # noqa: BLE001 - the exception in flight says more
+                log.exception("POLCA: could not close the store after %s", type(exception).__name__)
+
+    def _analyze(self, trainer: Trainer) -> None:
+        try:
+            from polca_lightning.report import report_after_fit
+        except ImportError:  # the analysis and report modules are optional layers
+            return
+        report_after_fit(self.store, trainer)
+
+    @staticmethod
+    def _log(trainer: Trainer, metrics: dict, step: int) -> None:
+        if trainer.global_rank != 0:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)

@@ -1,0 +1,413 @@
+"""One run's POLCA bookkeeping, without Lightning: snapshots, basis growth, backfill.
+
+:class:`POLCATracker` is what :class:`~polca_lightning.POLCACallback` drives. At each
+snapshot ``j`` (parameters ``theta_j``) it
+
+1. computes every probe token's loss and ``g`` (and ``c`` where the order needs it)
+   along the current basis;
+2. allocates interval ``j-1`` with :func:`~polca_lightning.polca.polca_interval`;
+3. writes the snapshot and the interval, then commits them;
+
+and at each basis step it finds ``k`` new vectors with the projected Lanczos at
+``theta_j``, then *backfills* them: ``g`` at every earlier snapshot (read back from the
+store) and POLCA for every earlier interval, so the trajectories are as complete as if
+the basis had been known from the start.
+
+In a distributed run every rank holds a tracker: probe and Hessian batches are split
+across ranks (rank ``r`` takes batches ``r, r+W, ...``), results are gathered and HVPs
+summed, the Lanczos runs identically everywhere, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from polca_lightning.engine import DirectionalDerivatives
+from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.hessian import projected_hessian_eigs
+from polca_lightning.polca import coverage, needs_curvature, polca_interval
+
+__all__ = ["POLCATracker", "Collective"]
+
+log = logging.getLogger("polca_lightning")
+
+
+class Collective:
+    """The collectives a tracker needs; the default is a single process."""
+
+    rank, world_size = 0, 1
+
+    def gather(self, items: list) -> list[list]:
+        """Every rank's ``items``, indexed by rank."""
+        return [items]
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+
+class TorchDistributed(Collective):
+    """Collectives over an initialised ``torch.distributed`` process group."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def gather(self, items: list) -> list[list]:
+        out = [None] * self.world_size
+        self._dist.all_gather_object(out, [t.cpu() if isinstance(t, Tensor) else t for t in items])
+        return out
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        self._dist.all_reduce(tensor)
+        return tensor
+
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        self._dist.broadcast(tensor, src=0)
+        return tensor
+
+
+def _orthonormalize(vectors: Tensor, basis: Tensor | None, what: str) -> Tensor:
+    """Rows of ``vectors`` made orthonormal to each other and to ``basis`` (twice Gram-Schmidt)."""
+    v = vectors.double()
+    for _ in range(2):
+        if basis is not None and basis.shape[0]:
+            b = basis.to(v)
+            v = v - (v @ b.T) @ b
+        q, r = torch.linalg.qr(v.T)  # [d, k]
+        if (r.diagonal().abs() < 1e-8 * max(1.0, r.diagonal().abs().max().item())).any():
+            raise ValueError(f"basis: the {what} directions are linearly dependent on each other or on the basis")
+        v = q.T
+    return v.to(vectors.dtype)
+
+
+class POLCATracker:
+    """Snapshots, basis growth, interval POLCA and backfill for one training run.
+
+    Args:
+        module: the model being trained (read, never modified).
+        token_loss: the token-loss contract.
+        space: the selected parameters.
+        probe_batches, hessian_batches: lists of batches, already on the model's device.
+        order: POLCA order of the ``polca`` variable.
+        k, max_basis: vectors per basis step, and at most this many in all.
+        basis: ``"hessian"``, ``"random"`` or ``callable(module, step, basis [K, d]) -> [k, d]``.
+        writer: the :class:`~polca_lightning.store.StoreWriter` (``None`` on ranks > 0).
+        collective: :class:`Collective` (single process) or :class:`TorchDistributed`.
+        engine, memory_cap: passed to :class:`~polca_lightning.engine.DirectionalDerivatives`.
+        basis_on_device: keep the basis on the model's device (else on the CPU between uses).
+        lanczos_tol, seed: eigensolver tolerance and seed (deterministic across ranks).
+        log_metrics: ``callable(dict, step)`` for scalars; progress: show bars on long work.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        token_loss,
+        space: ParameterSpace,
+        probe_batches: Sequence[Any],
+        hessian_batches: Sequence[Any],
+        *,
+        order: str,
+        k: int,
+        max_basis: int,
+        basis: str | Callable = "hessian",
+        writer=None,
+        collective: Collective | None = None,
+        engine: str = "auto",
+        memory_cap: int = 1 << 30,
+        basis_on_device: bool = True,
+        lanczos_tol: float = 1e-3,
+        seed: int = 0,
+        log_metrics: Callable[[dict, int], None] | None = None,
+        progress: bool = True,
+    ):
+        self.module, self.space, self.order = module, space, order
+        self.k, self.max_basis, self.basis_kind = k, max_basis, basis
+        self.writer = writer
+        self.coll = collective or Collective()
+        self.basis_on_device, self.lanczos_tol, self.seed = basis_on_device, lanczos_tol, seed
+        self.log_metrics = log_metrics or (lambda metrics, step: None)
+        self.progress = progress
+        self.curvature = needs_curvature(order)
+        self.token_loss = token_loss
+        self.dd = DirectionalDerivatives(module, token_loss, space, engine=engine, memory_cap=memory_cap)
+        r, w = self.coll.rank, self.coll.world_size
+        self.probe = list(probe_batches)
+        self.my_probe = self.probe[r::w]
+        self.my_hessian = list(hessian_batches)[r::w]
+        self.timings: dict[str, float] = defaultdict(float)
+        self.guarded = 0  # second-order denominators clamped so far
+        self._warned_nonfinite = False
+        # state: the basis and the last snapshot
+        self.basis: Tensor | None = None  # [K, d]
+        self.eigenvalues: list[float] = []
+        self.basis_steps: list[int] = []
+        self.n_snapshots = 0
+        self.prev: dict | None = None  # theta, loss, g, c at the last snapshot
+
+    # ----------------------------------------------------------------- helpers
+    @contextmanager
+    def _timed(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] += time.perf_counter() - start
+
+    @property
+    def n_basis(self) -> int:
+        return 0 if self.basis is None else self.basis.shape[0]
+
+    def _theta(self) -> Tensor:
+        return self.space.flatten(self.module)
+
+    def _device_basis(self, rows: slice | None = None) -> Tensor | None:
+        if self.basis is None:
+            return None
+        b = self.basis if rows is None else self.basis[rows]
+        return b.to(self._theta_device)
+
+    def derivatives(self, theta: Tensor, directions: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Loss ``[T]``, ``g`` and ``c`` ``[K, T]`` over all probe tokens (gathered in probe order)."""
+        out = []
+        for batch in self.my_probe:  # one batch at a time, so ranks interleave in probe order
+            r = self.dd(theta, [batch], directions, curvature=self.curvature and directions is not None)
+            out.append((r.loss, r.g, r.c))
+        parts = self.coll.gather(out)
+        ordered = [parts[i % self.coll.world_size][i // self.coll.world_size] for i in range(len(self.probe))]
+        loss = torch.cat([o[0].to(theta.device) for o in ordered])
+        g = torch.cat([o[1].to(theta.device) for o in ordered], 1) if directions is not None else None
+        c = torch.cat([o[2].to(theta.device) for o in ordered], 1) if g is not None and self.curvature else None
+        if not self._warned_nonfinite and not torch.isfinite(loss).all():
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"POLCA: {int((~torch.isfinite(loss)).sum())} probe token losses are not finite; they are "
+                "recorded as NaN and training goes on (warned once)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return loss, g, c
+
+    def _interval(self, index: int, start: dict, end: dict, rows: slice, local: slice, eigen: Tensor) -> dict:
+        """POLCA of interval ``index`` for basis ``rows`` (``local``: those rows in ``start``/``end``'s g); writes it."""
+        b = self.basis[rows].to(end["theta"])
+        delta = (b.double() @ (end["theta"] - start["theta"]).double()).to(end["theta"].dtype)  # [kb]
+        out = polca_interval(
+            self.order,
+            start["g"][local],
+            delta,
+            g_end=end["g"][local],
+            eigenvalue=eigen.to(delta),
+            curvature=None if start["c"] is None else start["c"][local],
+        )
+        self.guarded += int(out.guarded.sum())
+        if self.writer is not None:
+            with self._timed("io"):
+                self.writer.write_interval(index, rows.start, delta, out.values, out.first)
+        return {"values": out.values, "first": out.first}
+
+    # -------------------------------------------------------------- lifecycle
+    def snapshot(self, step: int) -> dict:
+        """Record snapshot ``n_snapshots`` at ``step`` and allocate the interval it closes."""
+        with self._timed("snapshot"):
+            theta = self._theta()
+            self._theta_device = theta.device
+        with self._timed("interval"), evaluation_mode(self.module):
+            loss, g, c = self.derivatives(theta, self._device_basis())
+        now = {"theta": theta, "loss": loss, "g": g, "c": c, "step": step}
+        metrics = {}
+        j = self.n_snapshots
+        if self.writer is not None:
+            with self._timed("io"):
+                self.writer.write_snapshot(j, step, loss, theta)
+                if g is not None:
+                    self.writer.write_directional_grad(j, 0, g)
+                    if c is not None:
+                        self.writer.write_curvature(j, 0, c)
+        if j > 0 and self.n_basis:
+            with self._timed("interval"):
+                eigen = torch.tensor(self.eigenvalues, dtype=torch.float64)
+                every = slice(0, self.n_basis)
+                res = self._interval(j - 1, self.prev, now, every, every, eigen)
+                for name, values in (("", res["values"]), ("_first", res["first"])):
+                    cov = coverage(values, self.prev["loss"], loss)
+                    metrics[f"polca/coverage{name}"] = cov["ratio"]
+                    metrics[f"polca/explained{name}"] = cov["explained"]
+        if j > 0:
+            metrics["polca/probe_loss"] = loss.nanmean().item()
+        self._commit(j + 1, self.n_basis)
+        self.n_snapshots = j + 1
+        self.prev = now
+        if metrics:
+            self.log_metrics(metrics, step)
+        return metrics
+
+    def _commit(self, n_snapshots: int, n_basis: int) -> None:
+        if self.writer is not None:
+            with self._timed("io"):
+                self.writer.commit(n_snapshots, n_basis)
+
+    def _new_directions(self, step: int, k: int) -> tuple[Tensor, Tensor, dict]:
+        theta = self.prev["theta"]
+        existing = self._device_basis()
+        if self.basis_kind == "hessian":
+            fn = FunctionalTokenLoss(self.module, self.token_loss, self.space)
+            with evaluation_mode(self.module):
+                with torch.no_grad():
+                    local = sum(int(fn(theta, b)[1].sum()) for b in self.my_hessian)
+                n_tokens = int(self.coll.all_reduce(torch.tensor([local], device=theta.device)).item())
+                hvp_local = fn.mean_loss_hvp(theta, self.my_hessian, n_tokens=n_tokens) if self.my_hessian else None
+
+                def hvp(v: Tensor) -> Tensor:
+                    out = hvp_local(v) if hvp_local is not None else torch.zeros_like(v)
+                    return self.coll.all_reduce(out)
+
+                bar = self._bar(f"POLCA eigensolve at step {step}", None)
+                res = projected_hessian_eigs(
+                    hvp, self.space.dim, k, existing, tol=self.lanczos_tol, seed=self.seed + self.n_basis,
+                    dtype=theta.dtype, device=theta.device,
+                    progress=(lambda n, r: bar.set_postfix(hvps=n, residual=f"{r.max().item():.2e}")) if bar is not None else None,
+                )
+                if bar is not None:
+                    bar.close()
+            info = {"n_hvp": res.n_hvp, "residual": (res.residuals / res.eigenvalues.abs().max()).max().item()}
+            return res.eigenvectors, res.eigenvalues, info
+        if self.basis_kind == "random":
+            gen = torch.Generator().manual_seed(self.seed + self.n_basis)
+            raw = torch.randn(k, self.space.dim, generator=gen, dtype=torch.float64).to(theta.device)
+            vecs = _orthonormalize(raw, existing, "random")
+        else:
+            raw = self.basis_kind(self.module, step, existing)
+            if not isinstance(raw, Tensor) or raw.dim() != 2 or raw.shape[1] != self.space.dim:
+                raise ValueError(
+                    f"basis: expected the callable to return a tensor [k, {self.space.dim}], got "
+                    f"{type(raw).__name__}{list(raw.shape) if isinstance(raw, Tensor) else ''}"
+                )
+            vecs = _orthonormalize(raw.to(theta), existing, "returned")
+        return vecs.to(theta.dtype), torch.full((vecs.shape[0],), float("nan"), dtype=torch.float64), {}
+
+    def _bar(self, desc: str, total: int | None):
+        if not self.progress or self.coll.rank != 0:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def grow_basis(self, step: int) -> dict:
+        """Add up to ``k`` vectors at the last snapshot and backfill them over every earlier snapshot."""
+        k = min(self.k, self.max_basis - self.n_basis, self.space.dim - self.n_basis)
+        if k <= 0 or self.prev is None:
+            return {}
+        start_time = time.perf_counter()
+        with self._timed("eigensolve"):
+            try:
+                vecs, eigen, info = self._new_directions(step, k)
+            except FloatingPointError as err:
+                warnings.warn(f"POLCA: basis step at {step} skipped: {err}", RuntimeWarning, stacklevel=2)
+                return {}
+        solve_time = time.perf_counter() - start_time
+        K0 = self.n_basis
+        rows = slice(K0, K0 + vecs.shape[0])
+        store_vecs = vecs if self.basis_on_device else vecs.cpu()
+        self.basis = store_vecs if self.basis is None else torch.cat([self.basis, store_vecs])
+        self.eigenvalues += eigen.tolist()
+        self.basis_steps += [step] * vecs.shape[0]
+        if self.writer is not None:
+            with self._timed("io"):
+                self.writer.write_basis(K0, vecs, eigen, np.full(vecs.shape[0], step))
+        with self._timed("backfill"):
+            self._backfill(rows, vecs, eigen)
+        self._commit(self.n_snapshots, self.n_basis)
+        metrics = {f"polca/eigenvalue_{K0 + i}": float(e) for i, e in enumerate(eigen.tolist())}
+        metrics.update({f"polca/{k_}": v for k_, v in info.items()})
+        metrics["polca/basis_size"] = self.n_basis
+        metrics["polca/eigensolve_seconds"] = solve_time
+        metrics["polca/backfill_seconds"] = time.perf_counter() - start_time - solve_time
+        log.info(
+            "POLCA: basis step at %d: %d vector(s), eigenvalues %s, %.1fs eigensolve, %.1fs backfill over %d snapshots",
+            step, vecs.shape[0], [f"{e:.4g}" for e in eigen.tolist()], solve_time,
+            metrics["polca/backfill_seconds"], self.n_snapshots,
+        )
+        self.log_metrics(metrics, step)
+        return metrics
+
+    def _weights(self, snapshot: int, like: Tensor) -> Tensor:
+        """Parameters of an earlier snapshot, read from the store on rank 0 and broadcast."""
+        with self._timed("io"):
+            out = torch.empty_like(like)
+            if self.writer is not None:
+                out.copy_(torch.from_numpy(np.asarray(self.writer.read_weights(snapshot))).to(like))
+            return self.coll.broadcast(out)
+
+    def _backfill(self, rows: slice, vecs: Tensor, eigen: Tensor) -> None:
+        """``g`` of the new vectors at every snapshot, and POLCA of every interval, in order."""
+        last = self.n_snapshots - 1
+        theta_last = self.prev["theta"]
+        if self.writer is not None and last > 0:
+            with self._timed("io"):
+                self.writer.flush()
+        bar = self._bar(f"POLCA backfill of {vecs.shape[0]} vector(s)", last + 1)
+        previous = None
+        for i in range(last + 1):
+            theta = theta_last if i == last else self._weights(i, theta_last)
+            with evaluation_mode(self.module):
+                loss, g, c = self.derivatives(theta, vecs)
+            current = {"theta": theta, "loss": loss, "g": g, "c": c}
+            if self.writer is not None:
+                with self._timed("io"):
+                    self.writer.write_directional_grad(i, rows.start, g)
+                    if c is not None:
+                        self.writer.write_curvature(i, rows.start, c)
+            if previous is not None:  # g, c here hold the new vectors only: rows 0.. locally
+                self._interval(i - 1, previous, current, rows, slice(0, vecs.shape[0]), eigen)
+            previous = current
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        self.prev["g"] = g if self.prev["g"] is None else torch.cat([self.prev["g"], g])
+        if self.curvature:
+            self.prev["c"] = c if self.prev["c"] is None else torch.cat([self.prev["c"], c])
+
+    # ----------------------------------------------------------------- resume
+    def restore(self, n_snapshots: int) -> None:
+        """Continue a store whose first ``n_snapshots`` snapshots and basis are committed."""
+        if n_snapshots == 0:
+            return
+        like = self._theta()
+        self._theta_device = like.device
+        K = 0
+        if self.writer is not None:
+            vectors, eigen, steps = self.writer.read_basis()
+            K = len(eigen)
+        K = int(self.coll.broadcast(torch.tensor([K], device=like.device)).item())
+        if K:
+            vecs = torch.zeros(K, self.space.dim, dtype=like.dtype, device=like.device)
+            meta = torch.zeros(2, K, dtype=torch.float64, device=like.device)
+            if self.writer is not None:
+                vecs.copy_(torch.from_numpy(np.asarray(vectors)).to(vecs))
+                meta[0] = torch.from_numpy(np.asarray(eigen, dtype=np.float64))
+                meta[1] = torch.from_numpy(np.asarray(steps, dtype=np.float64))
+            vecs, meta = self.coll.broadcast(vecs), self.coll.broadcast(meta)
+            self.basis = vecs if self.basis_on_device else vecs.cpu()
+            self.eigenvalues = meta[0].tolist()
+            self.basis_steps = [int(s) for s in meta[1].tolist()]
+        self.n_snapshots = n_snapshots
+        theta = self._weights(n_snapshots - 1, like)
+        with evaluation_mode(self.module):
+            loss, g, c = self.derivatives(theta, self._device_basis())
+        self.prev = {"theta": theta, "loss": loss, "g": g, "c": c}
