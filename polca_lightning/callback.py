@@ -172,8 +172,9 @@ class POLCACallback(Callback):
             "n_hessian_batches": len(self.hessian_batches),
         }
 
+    @property
     def state_key(self) -> str:  # one state per store path
-        return f"POLCACallback{{store={str(self.store)!r}}}"
+        return self._generate_state_key(store=str(self.store))
 
     def state_dict(self) -> dict:
         if self.writer is not None:

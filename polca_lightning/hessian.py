@@ -86,8 +86,9 @@ def projected_hessian_eigs(
     eigenvalues of ``P H P`` on ``span(B)`` are never returned. If ``H`` has rank below k in
     that complement, Lanczos breaks down (invariant subspace); it restarts from a fresh
     random vector orthogonal to everything so far, so eigenvalue-0 directions are returned.
-    Like any single-vector Krylov method it may miss copies of an exactly repeated
-    eigenvalue that the start vector does not reach (other than on breakdown).
+    After a (near) breakdown it does not stop before the next sequence shows that no
+    further copy of an eigenvalue above the k-th is left. Like any single-vector Krylov
+    method it can otherwise miss copies of a repeated eigenvalue.
 
     Args:
         hvp: ``v [d] -> H v [d]``; H symmetric. Called with vectors of the working dtype on
@@ -192,7 +193,7 @@ def projected_hessian_eigs(
         raise ValueError("`basis` leaves no room: no vector orthogonal to it could be drawn")
     V[0] = start
     j, beta, anorm, exhausted = 0, 0.0, 0.0, False
-    seq_start, block_top = 0, None  # Krylov sequence since the last breakdown; top of the one before
+    seq_start, block_top, scale = 0, None, None  # start of the current Krylov sequence (see below)
     keep = max(k, min(m - 1, k + (m - k) // 2))  # Ritz vectors kept at a thick restart
     while True:
         w = apply(V[j])  # [d]
@@ -205,15 +206,21 @@ def projected_hessian_eigs(
         j += 1
         if j >= n_avail:  # Krylov space is the whole complement: T is exact
             beta, exhausted = 0.0, True
-        elif beta <= 100 * eps * anorm:  # invariant subspace: continue from a fresh direction
-            block_top = torch.linalg.eigvalsh(T[seq_start:j, seq_start:j]).max().item()
-            beta, nxt, seq_start = 0.0, random_unit(V[:j]), j
-            exhausted = nxt is None
-            if nxt is not None:
-                V[j] = nxt
         else:
-            V[j] = w / beta
-            block_top = None
+            # span(V) invariant to within the tolerance: the next direction starts a new
+            # sequence, so remember the top eigenvalue of the sequence that just ended
+            if beta <= max(tol * (scale if scale is not None else anorm), 100 * eps * anorm):
+                block_top = torch.linalg.eigvalsh(T[seq_start:j, seq_start:j]).max().item()
+                seq_start = j
+            else:
+                block_top = None
+            if beta <= 100 * eps * anorm:  # exact breakdown: continue from a fresh direction
+                beta, nxt = 0.0, random_unit(V[:j])
+                exhausted = nxt is None
+                if nxt is not None:
+                    V[j] = nxt
+            else:
+                V[j] = w / beta
         if j < k and not exhausted and n_hvp < max_hvp:
             continue
         if j < k:  # only if random draws kept landing in span(V, B): a badly scaled basis
@@ -224,9 +231,9 @@ def projected_hessian_eigs(
         scale = theta[:k].abs().max().item()
         threshold = max(tol * scale, 100 * eps * anorm)
         converged = bool((res[:k] <= threshold).all()) and j > k
-        # Right after a breakdown the fresh direction is unexplored. Later sequences only hold
-        # further copies of eigenvalues already found, so the top k are final once the
-        # sequence just completed could not enter them.
+        # Right after a (near) breakdown the new direction is unexplored. Later sequences
+        # only hold further copies of eigenvalues already found (e.g. the null space of a
+        # low-rank H), so the top k are final once the sequence just ended cannot enter them.
         if block_top is not None and block_top > theta[k - 1].item() + threshold:
             converged = False
         if converged or exhausted or n_hvp >= max_hvp:

@@ -81,17 +81,22 @@ class TorchDistributed(Collective):
 
 
 def _orthonormalize(vectors: Tensor, basis: Tensor | None, what: str) -> Tensor:
-    """Rows of ``vectors`` made orthonormal to each other and to ``basis`` (twice Gram-Schmidt)."""
+    """Rows of ``vectors`` made orthonormal to each other and to ``basis``, in float64.
+
+    Raises:
+        ValueError: a row (nearly) in the span of the basis and the rows before it.
+    """
     v = vectors.double()
-    for _ in range(2):
-        if basis is not None and basis.shape[0]:
-            b = basis.to(v)
+    scale = v.norm(dim=1).max().clamp_min(1e-300)
+    if basis is not None and basis.shape[0]:
+        b = basis.double()
+        for _ in range(2):  # twice is enough (Kahan): b is orthonormal only to float32 accuracy
             v = v - (v @ b.T) @ b
-        q, r = torch.linalg.qr(v.T)  # [d, k]
-        if (r.diagonal().abs() < 1e-8 * max(1.0, r.diagonal().abs().max().item())).any():
-            raise ValueError(f"basis: the {what} directions are linearly dependent on each other or on the basis")
-        v = q.T
-    return v.to(vectors.dtype)
+    q, r = torch.linalg.qr(v.T)  # [d, k], [k, k]
+    diag = r.diagonal()
+    if (diag.abs() < 1e-4 * scale).any():
+        raise ValueError(f"basis: the {what} directions are linearly dependent on each other or on the basis")
+    return (q * diag.sign()).T.to(vectors.dtype)  # keep each row's orientation
 
 
 class POLCATracker:
@@ -192,10 +197,15 @@ class POLCATracker:
         loss = torch.cat([o[0].to(theta.device) for o in ordered])
         g = torch.cat([o[1].to(theta.device) for o in ordered], 1) if directions is not None else None
         c = torch.cat([o[2].to(theta.device) for o in ordered], 1) if g is not None and self.curvature else None
-        if not self._warned_nonfinite and not torch.isfinite(loss).all():
+        bad = ~torch.isfinite(loss)
+        if bad.any():  # a token whose loss is not finite has no meaningful allocation
+            loss = loss.masked_fill(bad, float("nan"))
+            g = None if g is None else g.masked_fill(bad, float("nan"))
+            c = None if c is None else c.masked_fill(bad, float("nan"))
+        if not self._warned_nonfinite and bad.any():
             self._warned_nonfinite = True
             warnings.warn(
-                f"POLCA: {int((~torch.isfinite(loss)).sum())} probe token losses are not finite; they are "
+                f"POLCA: {int(bad.sum())} probe token losses are not finite; they are "
                 "recorded as NaN and training goes on (warned once)",
                 RuntimeWarning,
                 stacklevel=2,

@@ -166,20 +166,21 @@ def test_diagonal_operator_with_dominant_negative_eigenvalue():
 
 
 @pytest.mark.parametrize("n_basis", [0, 3])
-@pytest.mark.parametrize("noise", [0.0, 1e-10])
+@pytest.mark.parametrize("noise", [0.0, 1e-10, 1e-7])
 def test_rank_deficient_operator_returns_null_directions(n_basis, noise):
     d, k = 40, 7
-    U = orthonormal_rows(3, d, seed=5)  # [3, d]
-    lam = torch.tensor([5.0, 2.0, -7.0], dtype=F64)
-    H = U.T @ torch.diag(lam) @ U  # rank 3, eigenvalues 5, 2, 0 (x37), -7
+    U = orthonormal_rows(4, d, seed=5)  # [4, d]
+    lam = torch.tensor([5.0, 2.0, -7.0, -9.0], dtype=F64)
+    H = U.T @ torch.diag(lam) @ U  # rank 4, eigenvalues 5, 2, 0 (x36), -7, -9
     E = torch.randn(d, d, generator=torch.Generator().manual_seed(8), dtype=F64)
     H = H + noise * (E + E.T)  # noise > 0: near (not exact) breakdown, no restart flagged
     B = orthonormal_rows(n_basis, d, seed=6) if n_basis else None
     counter = Counter(lambda v: H @ v)
     res = projected_hessian_eigs(counter, d, k, B, tol=1e-6, dtype=F64)
     ref_vals, _ = dense_projected_eigh(H, B)
-    torch.testing.assert_close(res.eigenvalues, ref_vals[:k], atol=1e-8, rtol=0)
-    assert res.eigenvalues.min() > -1e-6  # -7 is the most negative, never in the top 7
+    # the noise eigenvalues (|.| <~ 2.5e-6 at noise=1e-7) are only resolved to the tolerance
+    torch.testing.assert_close(res.eigenvalues, ref_vals[:k], atol=1e-8 + 50 * noise, rtol=0)
+    assert res.eigenvalues.min() > -1e-5  # -7 and -9 are never in the top 7
     X = res.eigenvectors
     torch.testing.assert_close(X @ X.T, torch.eye(k, dtype=F64), atol=1e-10, rtol=0)
     assert explicit_residuals(H, B, res).max() < 1e-5

@@ -99,11 +99,13 @@ def acceleration(
             f"delta={delta} steps is too long for a run spanning {step[-1] - step[0]} steps: "
             "no snapshot has both step-delta and step+delta inside it"
         )
-    t = step[valid]
-    fc = f[valid]  # f(t), exact at snapshots
-    f_plus = _interp_rows(f, step, t + delta)
-    f_minus = _interp_rows(f, step, t - delta)
-    return (f_plus - fc) - (fc - f_minus), t
+    i0, i1 = np.flatnonzero(valid)[[0, -1]]  # valid snapshots form one run (steps increase)
+    t = step[i0 : i1 + 1]
+    fc = f[i0 : i1 + 1]  # f(t), exact at snapshots (a view)
+    a = np.add(_interp_rows(f, step, t + delta), _interp_rows(f, step, t - delta))
+    a -= fc  # a = f(t+Δ) + f(t-Δ) - 2 f(t), in place to spare temporaries
+    a -= fc
+    return a, t
 
 
 def _interp_rows(f: np.ndarray, step: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -111,9 +113,8 @@ def _interp_rows(f: np.ndarray, step: np.ndarray, target: np.ndarray) -> np.ndar
     a contiguous run of snapshots exactly (the usual case: even steps, Δ a multiple of
     the spacing), gathers otherwise."""
     lo, w = _interp_weights(step, target)
-    exact_lo, exact_hi = np.all(w < 1e-12), np.all(w > 1 - 1e-12)
-    if exact_lo or exact_hi:
-        idx = lo if exact_lo else lo + 1
+    if np.all((w < 1e-9) | (w > 1 - 1e-9)):  # every target is a snapshot
+        idx = lo + (w > 0.5)
         if np.all(np.diff(idx) == 1):
             return f[idx[0] : idx[-1] + 1]  # a view: no copy
         return f[idx]

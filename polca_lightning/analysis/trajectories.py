@@ -108,7 +108,7 @@ def filter_trajectories(projected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         >>> P = projected_loss(np.array([[[-1.0, 0.5, -0.2]], [[-1.0, 0.0, 0.1]]]))
         >>> kept, tok = filter_trajectories(P)
         >>> kept.tolist(), tok.tolist()
-        ([True], [[True, False, False]])
+        ([True], [[True, False, True]])
     """
     projected = np.asarray(projected)
     squeeze = projected.ndim == 2
