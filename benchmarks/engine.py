@@ -63,6 +63,7 @@ def bench_shape(name, model, batches, ks, naive_sample, memory_cap):
     space = ParameterSpace.from_module(model)
     theta = space.flatten(model)
     engines = {e: DirectionalDerivatives(model, causal_lm_token_loss, space, engine=e, memory_cap=memory_cap) for e in ("forward", "reverse", "auto")}
+    engines["auto"].calibrate(theta, batches[0])  # as the callback does before training
     fwd = timed(lambda: engines["auto"](theta, batches), repeat=3)
     with torch.no_grad():
         _, mask, _ = engines["auto"].fn(theta, batches[0])

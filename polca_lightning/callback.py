@@ -269,6 +269,11 @@ class POLCACallback(Callback):
         v = torch.zeros(1, space.dim, dtype=theta.dtype, device=theta.device)
         v[0, 0] = 1.0
         t.dd(theta, t.probe[:1], v, curvature=t.curvature)
+        if self.engine == "auto" and not t.dd._disabled:
+            # measured costs make the engine choice right on this machine and model
+            with evaluation_mode(t.module):
+                cost = t.dd.calibrate(theta, t.probe[0], max_directions=min(16, self.max_basis))
+            log.info("POLCA: engine costs per probe batch (s): %s", {k: f"{v:.3g}" for k, v in cost.items()})
 
     def _resume(self, trainer: Trainer) -> None:
         state = self._resume_state

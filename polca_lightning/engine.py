@@ -144,6 +144,7 @@ class DirectionalDerivatives:
         self.memory_cap = memory_cap
         self.fn = FunctionalTokenLoss(module, token_loss, space)
         self._disabled: dict[str, str] = {}  # engine -> why it cannot run this model
+        self.calibration: dict | None = None  # measured costs, see calibrate()
 
     # ------------------------------------------------------------------ public
     def __call__(
@@ -180,15 +181,59 @@ class DirectionalDerivatives:
             return self._run(engine, theta, batches, directions, curvature)
 
     def choose(self, theta: Tensor, batches: Sequence[Any], n_directions: int, curvature: bool) -> str:
-        """The engine to use for this workload (the fixed one, or the cost model's pick)."""
+        """The engine to use for this workload (the fixed one, or the cost model's pick).
+
+        After :meth:`calibrate`, the pick uses the measured costs; before, :func:`estimate_cost`.
+        """
         if self.engine != "auto":
             return self.engine
-        with torch.no_grad():
-            _, mask, _ = self.fn(theta, batches[0])
-        per_seq = float(mask.any(0).sum())  # positions the reverse engine differentiates
-        cost = estimate_cost(n_directions, per_seq, mask.shape[1], curvature)
+        k = max(n_directions, 1)
+        if self.calibration is not None:
+            c = self.calibration
+            cost = {"forward": c["forward_per_direction"] * k * (2.0 if curvature else 1.0),
+                    "reverse": (c["reverse_base"] + c["reverse_per_direction"] * k) * ((1.0 + k) if curvature else 1.0)}
+        else:
+            with torch.no_grad():
+                _, mask, _ = self.fn(theta, batches[0])
+            per_seq = float(mask.any(0).sum())  # positions the reverse engine differentiates
+            cost = estimate_cost(k, per_seq, mask.shape[1], curvature)
         usable = {e: c for e, c in cost.items() if e not in self._disabled}
         return min(usable or cost, key=(usable or cost).get)
+
+    def calibrate(self, theta: Tensor, batch: Any, max_directions: int = 16) -> dict:
+        """Measure both engines on one batch, so that ``auto`` picks by measured cost.
+
+        Times forward mode with a few directions (seconds per direction) and reverse mode
+        with 1 and ``max_directions`` directions (a fixed part and a per-direction part),
+        best of two runs each, and keeps the result in :attr:`calibration`.
+
+        Returns:
+            ``{"forward_per_direction", "reverse_base", "reverse_per_direction"}`` in seconds.
+        """
+        import time
+
+        gen = torch.Generator().manual_seed(0)
+        big = torch.randn(max_directions, self.space.dim, generator=gen, dtype=torch.float64)
+        big = torch.linalg.qr(big.T).Q.T.to(theta)  # [kmax, d]
+
+        def seconds(engine: str, v: Tensor) -> float:
+            best = float("inf")
+            for _ in range(2):
+                start = time.perf_counter()
+                with evaluation_mode(self.module):
+                    self._compute(engine, theta.detach(), [batch], v, False)
+                if theta.is_cuda:
+                    torch.cuda.synchronize(theta.device)
+                best = min(best, time.perf_counter() - start)
+            return best
+
+        few = min(4, max_directions)
+        fwd = seconds("forward", big[:few]) / few
+        r1, rk = seconds("reverse", big[:1]), seconds("reverse", big)
+        per_dir = max(rk - r1, 0.0) / max(max_directions - 1, 1)
+        self.calibration = {"forward_per_direction": fwd, "reverse_base": max(r1 - per_dir, 0.0),
+                            "reverse_per_direction": per_dir}
+        return self.calibration
 
     # ---------------------------------------------------------------- internal
     def _run(self, engine: str, theta, batches, directions, curvature) -> DerivativeResult:

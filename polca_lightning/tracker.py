@@ -287,15 +287,18 @@ class POLCATracker:
                     return self.coll.all_reduce(out)
 
                 bar = self._bar(f"POLCA eigensolve at step {step}", None)
+                # half-precision models: the eigensolver works in float32
+                work = theta.dtype if theta.dtype in (torch.float32, torch.float64) else torch.float32
                 res = projected_hessian_eigs(
-                    hvp, self.space.dim, k, existing, tol=self.lanczos_tol, seed=self.seed + self.n_basis,
-                    dtype=theta.dtype, device=theta.device,
+                    lambda v: hvp(v.to(theta.dtype)).to(work), self.space.dim, k,
+                    None if existing is None else existing.to(work), tol=self.lanczos_tol,
+                    seed=self.seed + self.n_basis, dtype=work, device=theta.device,
                     progress=(lambda n, r: bar.set_postfix(hvps=n, residual=f"{r.max().item():.2e}")) if bar is not None else None,
                 )
                 if bar is not None:
                     bar.close()
             info = {"n_hvp": res.n_hvp, "residual": (res.residuals / res.eigenvalues.abs().max()).max().item()}
-            return res.eigenvectors, res.eigenvalues, info
+            return res.eigenvectors.to(theta.dtype), res.eigenvalues, info
         if self.basis_kind == "random":
             gen = torch.Generator().manual_seed(self.seed + self.n_basis)
             raw = torch.randn(k, self.space.dim, generator=gen, dtype=torch.float64).to(theta.device)
