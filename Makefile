@@ -14,7 +14,6 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
@@ -22,13 +21,15 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 example: $(VENV)/.installed
-	WANDB_MODE=offline $(PY) benchmarks/engine.py
+	WANDB_MODE=offline $(PY) examples/arithmetic.py --overwrite
 
 test: $(VENV)/.installed
 	WANDB_MODE=offline $(PY) -m pytest -q
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/callback.py
+	$(PY) benchmarks/analysis.py
 
 clean:
 	rm -rf $(VENV) runs wandb

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, jvp, vmap
 from torch.utils._pytree import tree_map
 
+from polca_lightning._ghost import Unsupported, ghost_plan, ghost_reverse
 from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
 from polca_lightning.losses import TokenLoss
 
@@ -145,6 +146,10 @@ class DirectionalDerivatives:
         self.fn = FunctionalTokenLoss(module, token_loss, space)
         self._disabled: dict[str, str] = {}  # engine -> why it cannot run this model
         self.calibration: dict | None = None  # measured costs, see calibrate()
+        # reverse mode from activations where every selected parameter allows it; checked
+        # against per-sample Jacobians on the first batch before it is trusted
+        self._ghost = ghost_plan(module, space.names)
+        self._ghost_checked = False
 
     # ------------------------------------------------------------------ public
     def __call__(
@@ -345,6 +350,24 @@ class DirectionalDerivatives:
         return loss[mask], torch.cat(gs), torch.cat(cs) if curvature else None
 
     def _reverse_batch(self, theta, batch, directions, curvature):
+        """Reverse mode: from activations where possible, else per-sample Jacobians."""
+        if self._ghost is not None and not curvature:
+            try:
+                loss, mask, g = ghost_reverse(self.fn, self.module, self.space, self._ghost, theta, batch, directions)
+            except Unsupported:
+                self._ghost = None
+            else:
+                if not self._ghost_checked and mask.any():  # trust it once it agrees with per-sample Jacobians
+                    self._ghost_checked = True
+                    _, ref, _ = self._jacobian_batch(theta, batch, directions[:2], False)
+                    if not torch.allclose(g[:2][:, mask], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-12):
+                        log.info("POLCA: activation-based reverse mode disagrees for this model; not used")
+                        self._ghost = None
+                        return self._jacobian_batch(theta, batch, directions, curvature)
+                return loss[mask], g[:, mask], None
+        return self._jacobian_batch(theta, batch, directions, curvature)
+
+    def _jacobian_batch(self, theta, batch, directions, curvature):
         """Reverse mode: per-sample Jacobians of the loss-bearing positions, projected at once."""
         fn = self.fn
         with torch.no_grad():

@@ -112,8 +112,11 @@ class TinyTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        L = input_ids.shape[1]
-        x = self.tok(input_ids) + self.pos(torch.arange(L, device=input_ids.device))  # [B, L, D]
+        B, L = input_ids.shape
+        # positions per sequence ([B, L], not broadcast [L]): every module output keeps the
+        # batch dimension, which the activation-based reverse engine needs
+        positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        x = self.tok(input_ids) + self.pos(positions)  # [B, L, D]
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))  # [B, L, vocab]

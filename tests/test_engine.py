@@ -223,3 +223,53 @@ def test_bad_inputs_are_named():
         dd(theta, [masked], _orthonormal(1, space.dim))
     with pytest.raises(ValueError, match="engine: expected one of"):
         DirectionalDerivatives(model, causal_lm_token_loss, space, engine="fast")
+
+
+class _BroadcastPositions(torch.nn.Module):
+    """nanoGPT-style: the position embedding is looked up for [L] and broadcast over the batch."""
+
+    def __init__(self, vocab=12, d=8, length=6):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(length, d)
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))  # [B, L, d] + [L, d]
+        return self.head(self.ln(x))
+
+
+class _WithScale(TinyMLP):
+    """A bare nn.Parameter: no module to take activations from."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+@pytest.mark.parametrize("batch_size", [6, 4])  # 6 == length: the broadcast output looks batch-first
+def test_reverse_paths_agree_with_forward_mode(batch_size):
+    cases = [
+        (_BroadcastPositions().double(), causal_lm_token_loss, [torch.randint(0, 12, (batch_size, 6))]),
+        (_WithScale().double(), classifier_token_loss, [(torch.randn(batch_size, 3, dtype=torch.float64), torch.arange(batch_size) % 4)]),
+        (tiny_lm(), causal_lm_token_loss, [addition_batch(batch_size)]),
+    ]
+    for model, token_loss, batches in cases:
+        space = ParameterSpace.from_module(model)
+        theta, V = space.flatten(model), _orthonormal(3, space.dim)
+        fwd = DirectionalDerivatives(model, token_loss, space, engine="forward")(theta, batches, V)
+        rev = DirectionalDerivatives(model, token_loss, space, engine="reverse")(theta, batches, V)
+        assert (fwd.g - rev.g).abs().max() <= 1e-10 * fwd.g.abs().max(), type(model).__name__
+
+
+def test_activation_based_reverse_mode_is_used_where_it_applies():
+    from polca_lightning._ghost import ghost_plan
+
+    assert ghost_plan(tiny_lm(), ParameterSpace.from_module(tiny_lm()).names) is not None
+    scaled = _WithScale()
+    assert ghost_plan(scaled, ParameterSpace.from_module(scaled).names) is None
+    tied = tiny_lm()
+    tied.head.weight = tied.tok.weight  # a weight shared by two modules
+    assert ghost_plan(tied, ParameterSpace.from_module(tied).names) is None
