@@ -146,6 +146,7 @@ class DirectionalDerivatives:
         self.fn = FunctionalTokenLoss(module, token_loss, space)
         self._disabled: dict[str, str] = {}  # engine -> why it cannot run this model
         self.calibration: dict | None = None  # measured costs, see calibrate()
+        self._activation_cache: dict = {}
         # reverse mode from activations where every selected parameter allows it; checked
         # against per-sample Jacobians on the first batch before it is trusted
         self._ghost = ghost_plan(module, space.names)
@@ -297,7 +298,13 @@ class DirectionalDerivatives:
         )
 
     def _activation_bytes(self, theta: Tensor, batch) -> int:
-        """Bytes of every submodule's output in one plain forward pass (a memory estimate)."""
+        """Bytes of every submodule's output in one plain forward pass (a memory estimate).
+
+        Measured once per batch shape and remembered.
+        """
+        key = tuple((tuple(t.shape), t.dtype) for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor))
+        if key in self._activation_cache:
+            return self._activation_cache[key]
         total = 0
 
         def hook(_mod, _inp, out):
@@ -313,7 +320,8 @@ class DirectionalDerivatives:
         finally:
             for h in handles:
                 h.remove()
-        return max(total, 1)
+        self._activation_cache[key] = max(total, 1)
+        return self._activation_cache[key]
 
     def _forward_batch(self, theta, batch, directions, curvature):
         """Forward mode: a chunk of directions at a time, each a (nested) JVP."""
@@ -325,28 +333,26 @@ class DirectionalDerivatives:
 
         def first(v):
             loss, g, mask = jvp(loss_and_mask, (theta,), (v,), has_aux=True)
-            return loss, g, mask
+            return loss, g, g, mask  # (g twice keeps one shape for both paths)
 
         def second(v):
             def g_of(t):
-                return jvp(loss_and_mask, (t,), (v,), has_aux=True)[1]
+                loss, g, mask = jvp(loss_and_mask, (t,), (v,), has_aux=True)
+                return g, (loss, mask)
 
-            g, c = jvp(g_of, (theta,), (v,))
-            return g, c
+            g, c, (loss, mask) = jvp(g_of, (theta,), (v,), has_aux=True)
+            return loss, g, c, mask
 
         act = self._activation_bytes(theta, batch) * (6 if curvature else 3)
         chunk = max(1, min(directions.shape[0], self.memory_cap // act))
-        with torch.no_grad():
-            loss, mask, _ = fn(theta, batch)  # [B, P]
         gs, cs = [], []
         for start in range(0, directions.shape[0], chunk):
             v = directions[start : start + chunk]  # [kc, d]
-            if curvature:
-                g, c = vmap(second)(v)  # [kc, B, P] each
-                cs.append(c[:, mask])
-            else:
-                _, g, _ = vmap(first)(v)  # [kc, B, P]
+            loss, g, c, mask = vmap(second if curvature else first)(v)  # [kc, B, P] each
+            loss, mask = loss[0], mask[0]  # the same for every direction
             gs.append(g[:, mask])  # [kc, tokens of this batch]
+            if curvature:
+                cs.append(c[:, mask])
         return loss[mask], torch.cat(gs), torch.cat(cs) if curvature else None
 
     def _reverse_batch(self, theta, batch, directions, curvature):
