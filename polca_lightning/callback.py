@@ -42,6 +42,29 @@ def _batches(name: str, data: Any) -> list:
     return batches
 
 
+def _on_rank_zero(trainer: Trainer, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on global rank 0 only; if it raises, every rank raises.
+
+    DDP: an error raised on rank 0 alone would leave the other ranks waiting in the next
+    collective (Lightning's ``post_setup`` barrier, the tracker's broadcasts) until the
+    process-group timeout. Rank 0 re-raises its own error; the others a RuntimeError
+    naming it (broadcast as text, as an exception object may not pickle).
+    """
+    result, error = None, None
+    if trainer.global_rank == 0:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+    message = f"{type(error).__name__}: {error}" if error is not None else None
+    message = trainer.strategy.broadcast(message, src=0) if trainer.world_size > 1 else message
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"POLCACallback failed on rank 0 with {message}")
+    return result
+
+
 class POLCACallback(Callback):
     """Decompose every probe token's loss change along a growing Hessian basis, during training.
 
@@ -75,7 +98,10 @@ class POLCACallback(Callback):
         basis_on_device: keep the basis on the model's device (else on the CPU).
         lanczos_tol: relative residual at which the eigensolver stops.
         seed: seed of the eigensolver's start vectors and of random bases.
-        analyze: run the analysis and reports after fit.
+        analyze: run the analysis and reports after fit (:func:`polca_lightning.report.report_after_fit`).
+        analysis_kwargs: settings for :func:`polca_lightning.analysis.analyze` (e.g. ``min_samples``).
+        decode: ``decode(sequence_index, position) -> str``, the text of a probe token's context,
+            shown in the table of contexts nearest each cluster medoid.
         progress: progress bars for eigensolves and backfills.
 
     Raises:
@@ -109,6 +135,8 @@ class POLCACallback(Callback):
         lanczos_tol: float = 1e-3,
         seed: int = 0,
         analyze: bool = True,
+        analysis_kwargs: dict | None = None,
+        decode: Callable[[int, int], str] | None = None,
         progress: bool = True,
     ):
         if not isinstance(store, (str, os.PathLike)):
@@ -149,6 +177,11 @@ class POLCACallback(Callback):
         self.parameters, self.engine, self.memory_cap = parameters, engine, memory_cap
         self.basis_on_device, self.lanczos_tol, self.seed = bool(basis_on_device), lanczos_tol, int(seed)
         self.analyze, self.progress = bool(analyze), bool(progress)
+        if analysis_kwargs is not None and not isinstance(analysis_kwargs, Mapping):
+            raise TypeError(f"analysis_kwargs: expected a dict of analyze() settings, got {type(analysis_kwargs).__name__}")
+        if decode is not None and not callable(decode):
+            raise TypeError(f"decode: expected a callable (sequence_index, position) -> str, got {decode!r}")
+        self.analysis_kwargs, self.decode = dict(analysis_kwargs or {}), decode
         self.tracker: POLCATracker | None = None
         self.writer: StoreWriter | None = None
         self._last_step = -1
@@ -199,17 +232,17 @@ class POLCACallback(Callback):
                 f"POLCACallback: the {strategy.__name__} strategy shards parameters, which POLCA does not "
                 "support yet; use a single device or DDP"
             )
-        if trainer.global_rank == 0:
-            from polca_lightning.store import _check_location
+        _on_rank_zero(trainer, self._check_store)  # DDP: rank 0 checks, every rank raises
 
-            _check_location(self.store)
-            if self.mode == "w-" and self.store.exists() and any(self.store.iterdir()):
-                from polca_lightning.store import StoreExistsError
+    def _check_store(self) -> None:
+        from polca_lightning.store import StoreExistsError, _check_location
 
-                raise StoreExistsError(
-                    f"store: {str(self.store)!r} already exists; pass mode='a' to resume it (with ckpt_path) "
-                    "or mode='w' to overwrite it"
-                )
+        _check_location(self.store)
+        if self.mode == "w-" and self.store.exists() and any(self.store.iterdir()):
+            raise StoreExistsError(
+                f"store: {str(self.store)!r} already exists; pass mode='a' to resume it (with ckpt_path) "
+                "or mode='w' to overwrite it"
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         token_loss = resolve_token_loss(pl_module, self.token_loss)
@@ -219,12 +252,14 @@ class POLCACallback(Callback):
         hessian = [move_data_to_device(b, device) for b in self.hessian_batches]
         tokens = self._token_index(pl_module, token_loss, space, probe)
         collective = TorchDistributed() if trainer.world_size > 1 else Collective()
-        if trainer.global_rank == 0:
-            self.writer = StoreWriter(
+        self.writer = _on_rank_zero(  # DDP: only rank 0 writes; a refusal (e.g. changed settings) raises everywhere
+            trainer,
+            lambda: StoreWriter(
                 self.store, mode=self.mode, tokens=tokens, parameters=list(zip(space.names, space.shapes)),
                 order=self.order, config=self.config, max_basis=self.max_basis,
                 with_curvature=needs_curvature(self.order),
-            )
+            ),
+        )
         self.tracker = POLCATracker(
             pl_module, token_loss, space, probe, hessian, order=self.order, k=self.k, max_basis=self.max_basis,
             basis=self.basis, writer=self.writer, collective=collective, engine=self.engine,
@@ -270,15 +305,21 @@ class POLCACallback(Callback):
         v[0, 0] = 1.0
         t.dd(theta, t.probe[:1], v, curvature=t.curvature)
         if self.engine == "auto" and not t.dd._disabled:
-            # measured costs make the engine choice right on this machine and model
+            # measured costs make the engine choice right on this machine and model; rank 0's
+            # measurement is used everywhere so that every rank computes the same way
             with evaluation_mode(t.module):
                 cost = t.dd.calibrate(theta, t.probe[0], max_directions=min(16, self.max_basis))
+            keys = sorted(cost)
+            shared = t.coll.broadcast(torch.tensor([cost[k] for k in keys], dtype=torch.float64, device=theta.device))
+            cost = t.dd.calibration = dict(zip(keys, shared.tolist()))
             log.info("POLCA: engine costs per probe batch (s): %s", {k: f"{v:.3g}" for k, v in cost.items()})
 
     def _resume(self, trainer: Trainer) -> None:
         state = self._resume_state
         committed = self.writer.committed if self.writer is not None else (0, 0)
-        committed = tuple(int(x) for x in self.tracker.coll.broadcast(torch.tensor(committed)).tolist())
+        # on the model's device: NCCL broadcasts CUDA tensors only (gloo: CPU)
+        committed = torch.tensor(committed, device=trainer.lightning_module.device)
+        committed = tuple(int(x) for x in self.tracker.coll.broadcast(committed).tolist())
         if state is None:
             if committed[0]:
                 raise RuntimeError(
@@ -323,6 +364,8 @@ class POLCACallback(Callback):
                 "POLCA: %d snapshots, %d basis vectors in %s; time %s", t.n_snapshots, t.n_basis, self.store,
                 {k: round(v, 2) for k, v in t.timings.items()},
             )
+        # DDP: no rank returns from fit before rank 0 has closed the store (code after fit may read it)
+        trainer.strategy.barrier("polca_store_closed")
         if self.analyze and trainer.global_rank == 0:
             self._analyze(trainer)
 
@@ -334,11 +377,9 @@ class POLCACallback(Callback):
                 log.exception("POLCA: could not close the store after %s", type(exception).__name__)
 
     def _analyze(self, trainer: Trainer) -> None:
-        try:
-            from polca_lightning.report import report_after_fit
-        except ImportError:  # the analysis and report modules are optional layers
-            return
-        report_after_fit(self.store, trainer)
+        from polca_lightning.report import report_after_fit
+
+        report_after_fit(self.store, trainer, decode=self.decode, analysis_kwargs=self.analysis_kwargs)
 
     @staticmethod
     def _log(trainer: Trainer, metrics: dict, step: int) -> None:

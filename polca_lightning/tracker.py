@@ -68,7 +68,14 @@ class TorchDistributed(Collective):
 
     def gather(self, items: list) -> list[list]:
         out = [None] * self.world_size
-        self._dist.all_gather_object(out, [t.cpu() if isinstance(t, Tensor) else t for t in items])
+        # items are tuples (loss, g, c): move tensors nested in them to the CPU too, or CUDA
+        # tensors get pickled and land on the sender's GPU on every receiving rank
+        def cpu(x):
+            if isinstance(x, Tensor):
+                return x.cpu()
+            return type(x)(cpu(y) for y in x) if isinstance(x, (list, tuple)) else x
+
+        self._dist.all_gather_object(out, cpu(list(items)))
         return out
 
     def all_reduce(self, tensor: Tensor) -> Tensor:

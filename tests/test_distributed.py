@@ -42,10 +42,10 @@ def _run(path, devices, strategy):
     callback = POLCACallback(
         store=path,
         probe_data=batches(24, 8, seed=1, labels=True),  # 3 batches: rank 0 takes two, rank 1 one
-        hessian_data=batches(48, 16, seed=2),
+        hessian_data=batches(16, 8, seed=2),  # 2 batches: one per rank
         token_labels=carry_and_place,
         snapshot_every=2, basis_every=4, k=2, max_basis=4,
-        lanczos_tol=1e-6, analyze=False, progress=False,
+        analyze=False, progress=False,
     )
     trainer = L.Trainer(
         default_root_dir=path.parent, max_steps=8, callbacks=[callback], accelerator="cpu", devices=devices,
@@ -85,7 +85,28 @@ def _assert_same(single, ddp):
 
 def test_ddp_on_two_cpu_processes_writes_the_single_process_store(tmp_path):
     start = time.perf_counter()
-    single = _run(tmp_path / "single" / "polca.zarr", 1, "auto")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each DDP process has (Lightning: cores // processes); also faster on busy cores
+    try:
+        single = _run(tmp_path / "single" / "polca.zarr", 1, "auto")
+    finally:
+        torch.set_num_threads(threads)
     ddp = _run(tmp_path / "ddp" / "polca.zarr", 2, "ddp_spawn")
     print(f"both runs: {time.perf_counter() - start:.1f}s")
     _assert_same(single, ddp)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP strategy needs a GPU (it refuses accelerator='cpu')")
+def test_a_real_fsdp_trainer_is_refused_at_setup(tmp_path):
+    module = ShardedSGDAddition()
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_steps=2, strategy="fsdp", accelerator="cuda", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    callback = POLCACallback(tmp_path / "polca.zarr", batches(8, 8, 1), batches(8, 8, 2), progress=False)
+    trainer.callbacks.append(callback)
+    with pytest.raises(RuntimeError, match="FSDPStrategy strategy shards parameters"):
+        trainer.fit(module)
+    assert not (tmp_path / "polca.zarr").exists()
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(before, module.parameters()))

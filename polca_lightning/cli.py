@@ -1,0 +1,275 @@
+"""The ``polca`` command: inspect, analyse and report a POLCA store.
+
+Usage::
+
+    polca info STORE
+    polca analyze STORE [--min-cluster-size F] [--min-samples F] [--tau STEP] [--group-by COORD]
+                        [--methods M ...] [--labels L ...] [--wandb-project NAME [--online]]
+                        [--report DIR] [--no-write] [--force] [--quiet]
+    polca report STORE [--out DIR] [--force] [--quiet]
+
+``analyze`` re-runs the analysis with other settings, writes the results into the store
+(unless ``--no-write``), then reports: to a new W&B run with ``--wandb-project``
+(offline unless ``--online``), to a PNG folder with ``--report DIR``, and to the folder
+``<store>.report`` when neither is given. ``report`` draws the folder from the results
+already in the store (it runs the analysis with default settings first if there are none).
+
+Exit codes: 0 success; 2 a usage error, a missing path, a directory that is not a POLCA
+store, a store still being written (``analyze``/``report`` without ``--force``), or an
+analysis that cannot run; all with a one-line message on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "build_parser"]
+
+PROG = "polca"
+
+
+class CLIError(Exception):
+    """An error to report on one line with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Inspect, analyse and report POLCA stores written by POLCACallback.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="what a store holds: steps, basis, tokens, labels, analysis",
+                       description="Print what a POLCA store holds. Works on stores still being written.")
+    p.add_argument("store", help="path of the store (a Zarr directory)")
+
+    p = sub.add_parser("analyze", help="re-run the analysis with other settings and report it",
+                       description="Run the analysis (filter, HDBSCAN, onsets, scores) on a store, write the "
+                                   "results into it and report them (W&B run and/or PNG folder).")
+    p.add_argument("store", help="path of the store")
+    g = p.add_argument_group("analysis settings (see polca_lightning.analysis.analyze)")
+    g.add_argument("--methods", nargs="+", metavar="M",
+                   help="trajectory types: polca polca_first lca fisher loss loss_change (default: all available)")
+    g.add_argument("--labels", nargs="+", metavar="L", help="token labels to score against (default: all)")
+    g.add_argument("--min-cluster-size", type=float, metavar="F",
+                   help="HDBSCAN minimum cluster size: a fraction of the tokens if < 1, else a count (default 0.03)")
+    g.add_argument("--min-samples", type=float, metavar="F",
+                   help="HDBSCAN min_samples: fraction if < 1, else a count (default 10)")
+    g.add_argument("--tau", type=float, metavar="STEP", help="plateau step τ (default: detected)")
+    g.add_argument("--delta", type=float, metavar="STEPS",
+                   help="Δ of the onset rule, in steps (default: 2%% of the run)")
+    g.add_argument("--group-by", metavar="COORD", help="token coordinate to cluster within, e.g. target")
+    o = p.add_argument_group("output")
+    o.add_argument("--wandb-project", metavar="NAME", help="log the report to a new W&B run of this project")
+    o.add_argument("--online", action="store_true", help="sync the W&B run (default: offline, no account needed)")
+    o.add_argument("--wandb-dir", metavar="DIR", help="where W&B writes its run folder (default: beside the store)")
+    o.add_argument("--report", metavar="DIR", help="write the PNG/CSV report folder here "
+                                                   "(default without --wandb-project: STORE.report)")
+    o.add_argument("--no-write", action="store_true", help="do not write the results into the store")
+    _common(p)
+
+    p = sub.add_parser("report", help="draw the report folder (PNG figures, CSV tables) of a store",
+                       description="Write the PNG/CSV report of the analysis held in a store (analysing it "
+                                   "with default settings first if it holds none).")
+    p.add_argument("store", help="path of the store")
+    p.add_argument("--out", metavar="DIR", help="report folder (default: STORE.report beside the store)")
+    _common(p)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="work on a store that is still being written (or left by a crash): its complete part")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ---------------------------------------------------------------------------- helpers
+def _open(path: str):
+    from polca_lightning.report.pipeline import open_analysed_store
+    from polca_lightning.store import StoreError
+
+    try:
+        return open_analysed_store(path)
+    except FileNotFoundError as error:
+        raise CLIError(str(error)) from None
+    except StoreError as error:
+        raise CLIError(str(error)) from None
+
+
+def _require_complete(ds, path: str, force: bool) -> None:
+    if not ds.attrs.get("complete", False) and not force:
+        raise CLIError(f"the store {path!r} is not complete (still being written, or its run stopped early) "
+                       f"with {ds.sizes.get('snapshot', 0)} committed snapshots; pass --force to use that part")
+
+
+def _analysis_kwargs(args) -> dict:
+    kwargs = {}
+    for name in ("methods", "labels", "min_cluster_size", "min_samples", "tau", "delta", "group_by"):
+        value = getattr(args, name)
+        if value is not None:
+            kwargs[name] = value
+    for name in ("min_cluster_size", "min_samples"):  # counts as ints, fractions as floats
+        if name in kwargs and kwargs[name] >= 1 and float(kwargs[name]).is_integer():
+            kwargs[name] = int(kwargs[name])
+    return kwargs
+
+
+def _analysis_variables(ds) -> list[str]:
+    from polca_lightning.report.pipeline import RESULT_MARK
+
+    return sorted(n for n in ds.variables if RESULT_MARK in ds[n].attrs)
+
+
+def _fmt_steps(steps: np.ndarray) -> str:
+    if steps.size == 0:
+        return "none"
+    diffs = np.unique(np.diff(steps))
+    every = f", every {int(diffs[0])}" if diffs.size == 1 else ""
+    return f"{steps.size} ({int(steps[0])}..{int(steps[-1])}{every})"
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_info(args) -> int:
+    ds = _open(args.store)
+    a = ds.attrs
+    steps = np.asarray(ds["step"].values)
+    lines = [f"POLCA store {args.store}"]
+    if a.get("complete", False):
+        lines.append("complete:    yes (the run closed the store)")
+    else:
+        lines.append("complete:    NO: still being written, or the run stopped early; "
+                     "what follows is its committed part")
+    lines.append(f"order:       {a.get('order', '?')}")
+    lines.append(f"snapshots:   {_fmt_steps(steps)}")
+    n_basis = int(ds.sizes.get("basis", 0))
+    lines.append(f"basis:       {n_basis} of max {a.get('max_basis', '?')} vectors")
+    if n_basis:
+        bsteps = np.asarray(ds["basis_step"].values)
+        joined = ", ".join(f"{int(s)}: {int((bsteps == s).sum())}" for s in np.unique(bsteps))
+        lines.append(f"  joined at step (count): {joined}")
+        eig = np.asarray(ds["eigenvalue"].values, dtype=np.float64)
+        lines.append("  eigenvalues: " + " ".join(f"{e:.4g}" for e in eig))
+    n_tok = int(ds.sizes.get("token", 0))
+    n_seq = np.unique(np.asarray(ds["sequence"].values)).size if n_tok else 0
+    lines.append(f"tokens:      {n_tok} in {n_seq} sequences")
+    labels = list(a.get("token_labels", []))
+    if labels:
+        lines.append("labels:")
+        for name in labels:
+            vals, counts = np.unique(np.asarray(ds[name].values), return_counts=True)
+            lines.append(f"  {name}: " + ", ".join(f"{int(v)} ({int(c)})" for v, c in zip(vals, counts)))
+    else:
+        lines.append("labels:      none")
+    params = a.get("parameters", [])
+    n_par = sum(int(np.prod(shape)) for _, shape in params)
+    lines.append(f"parameters:  {n_par} in {len(params)} tensors")
+    results = _analysis_variables(ds)
+    if results:
+        settings = ds["cluster"].attrs if "cluster" in ds.variables else ds[results[0]].attrs
+        methods = ", ".join(settings.get("analysis_methods", []))
+        lines.append(f"analysis:    {len(results)} variables (methods {methods}; "
+                     f"tau {settings.get('analysis_tau', float('nan')):g})")
+        lines.append("  " + " ".join(results))
+    else:
+        lines.append("analysis:    none (run `polca analyze STORE`)")
+    print("\n".join(lines))
+    return 0
+
+
+def _run_analysis(args, kwargs, write: bool):
+    from polca_lightning.report.pipeline import analyze_store
+
+    try:
+        return analyze_store(args.store, write=write, progress=not args.quiet, **kwargs)
+    except (ValueError, TypeError) as error:  # bad settings or too little data, said by analyze
+        raise CLIError(f"analysis failed: {error}") from None
+
+
+def cmd_analyze(args) -> int:
+    from polca_lightning.report.folder import write_report_folder
+    from polca_lightning.report.pipeline import default_report_dir, kept_units, summary_table
+
+    ds = _open(args.store)
+    _require_complete(ds, args.store, args.force)
+    ds = _run_analysis(args, _analysis_kwargs(args), write=not args.no_write)
+    if not args.no_write:
+        print(f"analysis written into {args.store}")
+    summary = summary_table(ds)
+    print(f"kept vectors: {kept_units(ds)}; tau = {float(ds['tau'].values):g}")
+    print("  ".join(summary.columns[:9]))
+    for row in summary.rows:
+        print("  ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row[:9]))
+    if args.wandb_project:
+        _log_wandb(args, ds)
+    if args.report or not args.wandb_project:
+        out = write_report_folder(ds, args.report or default_report_dir(args.store), progress=not args.quiet)
+        print(f"report folder: {out}")
+    return 0
+
+
+def _log_wandb(args, ds) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    from polca_lightning.report.wandb_report import log_report
+
+    save_dir = args.wandb_dir or str(Path(args.store).resolve().parent)
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(project=args.wandb_project, offline=not args.online, save_dir=save_dir,
+                         name=f"polca analyze {Path(args.store).name}", job_type="polca-analysis",
+                         config={"store": str(Path(args.store).resolve()), **_analysis_kwargs(args)})
+    try:
+        keys = log_report(logger, ds, progress=not args.quiet)
+        run_dir = logger.experiment.dir
+    finally:
+        import wandb
+
+        wandb.finish()
+    print(f"W&B run ({'online' if args.online else 'offline'}): {len(keys)} keys; files in {Path(run_dir).parent}")
+
+
+def cmd_report(args) -> int:
+    from polca_lightning.report.folder import write_report_folder
+    from polca_lightning.report.pipeline import default_report_dir, has_results
+
+    ds = _open(args.store)
+    _require_complete(ds, args.store, args.force)
+    if not has_results(ds):
+        print(f"{args.store} holds no analysis: running it with default settings (written into the store)")
+        ds = _run_analysis(args, {}, write=True)
+    out = write_report_folder(ds, args.out or default_report_dir(args.store), progress=not args.quiet)
+    print(f"report folder: {out}")
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``polca`` console script; returns the exit code.
+
+    Example:
+        >>> main(["info", "runs/polca.zarr"])
+        0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
+        return int(exit_.code or 0)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except CLIError as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Reports of an analysed POLCA store: figures, W&B logging, a PNG folder.
+
+- :func:`report_after_fit` (``pipeline``): what ``POLCACallback`` runs after ``fit`` when
+  ``analyze=True``: the analysis, written into the store, then the report to every
+  ``WandbLogger`` of the trainer, or, with none, to the folder ``<store>.report``.
+- :func:`analyze_store`: analyse a store and write the results into it; returns the
+  store Dataset with them, which every figure and table below reads.
+- ``figures``: matplotlib figures (returned, never logged).
+- ``wandb_report``: :func:`log_report` to a Lightning ``WandbLogger`` (keys in its docstring).
+- ``folder``: :func:`write_report_folder` (layout in its docstring).
+- Tables: :func:`summary_table`, :func:`medoid_contexts_table`, :func:`appendix_g_table`,
+  and :func:`store_coverage` (the coverage diagnostic from the store).
+
+Example:
+    >>> from polca_lightning.report import analyze_store, write_report_folder
+    >>> ds = analyze_store("runs/polca.zarr", min_samples=5)
+    >>> write_report_folder(ds, "runs/polca.zarr.report")
+"""
+
+from polca_lightning.report.figures import (
+    appendix_g_figure,
+    coverage_figure,
+    exact_loss_figure,
+    label_composition_figure,
+    projected_loss_figure,
+)
+from polca_lightning.report.folder import write_report_folder
+from polca_lightning.report.pipeline import (
+    ReportError,
+    Table,
+    analyze_store,
+    has_results,
+    open_analysed_store,
+    appendix_g_table,
+    default_report_dir,
+    kept_units,
+    medoid_contexts_table,
+    report_after_fit,
+    result_variables,
+    store_coverage,
+    summary_table,
+)
+from polca_lightning.report.wandb_report import log_report, wandb_loggers
+
+__all__ = [
+    "report_after_fit",
+    "analyze_store",
+    "open_analysed_store",
+    "has_results",
+    "result_variables",
+    "default_report_dir",
+    "ReportError",
+    "Table",
+    "summary_table",
+    "medoid_contexts_table",
+    "appendix_g_table",
+    "store_coverage",
+    "kept_units",
+    "projected_loss_figure",
+    "exact_loss_figure",
+    "label_composition_figure",
+    "coverage_figure",
+    "appendix_g_figure",
+    "log_report",
+    "wandb_loggers",
+    "write_report_folder",
+]

@@ -1,0 +1,304 @@
+"""Figures of an analysed POLCA store. Every function returns a ``matplotlib`` Figure
+and never logs or saves it (the reporters do).
+
+Every function takes ``ds``: a store Dataset that also holds the analysis results, i.e.
+``open_store(path)`` after :func:`polca_lightning.report.analyze_store` wrote them, or
+``store.assign(result_variables(res, store))``. ``unit`` is a basis vector index for
+``method`` ``"polca"`` (default), ``"polca_first"`` or ``"fisher"``.
+
+Artists carry a ``gid`` so that tests (and users) can find them:
+``"cluster_mean"``, ``"onset"``, ``"tau"``, ``"mean_loss"``, ``"allocated"``, ``"real"``.
+Bars of the label-composition and App. G figures are ``BarContainer``\\ s, one per label
+value (composition) or per rank (App. G).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from polca_lightning.analysis.methods import METHODS
+
+__all__ = [
+    "projected_loss_figure",
+    "exact_loss_figure",
+    "label_composition_figure",
+    "coverage_figure",
+    "appendix_g_figure",
+    "cluster_members",
+    "unit_trajectories",
+]
+
+_TAU_STYLE = {"color": "black", "linestyle": ":", "linewidth": 1.2}
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 6.4, height: float = 4.0):
+    """A Figure not registered with pyplot (so nothing leaks when reporters drop it)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _prefix(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    return METHODS[method].prefix
+
+
+def _n_snapshots(ds, method: str) -> int:
+    """Snapshots the analysis used (the complete prefix; results are NaN-padded past it)."""
+    var = ds[_prefix(method) + "cluster_trajectory"]
+    return int(var.attrs.get("analysis_n_snapshots_used", var.sizes["snapshot"]))
+
+
+def _steps(ds, n: int) -> np.ndarray:
+    return np.asarray(ds["step"].values[:n], dtype=np.float64)
+
+
+def _tau(ds) -> float:
+    return float(ds["tau"].values) if "tau" in ds.variables else float("nan")
+
+
+def _check_results(ds, method: str) -> str:
+    p = _prefix(method)
+    if p + "cluster" not in ds.variables:
+        raise ValueError(f"ds has no analysis results for method {method!r} (variable {p + 'cluster'!r}); "
+                         "run polca_lightning.report.analyze_store or `polca analyze` first")
+    return p
+
+
+def unit_trajectories(ds, unit: int, method: str = "polca") -> np.ndarray:
+    """``[snapshot, token]`` trajectories of one unit, as the analysis clustered them."""
+    return METHODS[method].trajectory(ds, unit, _n_snapshots(ds, method))
+
+
+def cluster_members(ds, unit: int, method: str = "polca") -> tuple[np.ndarray, int]:
+    """``(labels [token], n_clusters)`` of one unit (``-1`` outliers, ``-2`` filtered out)."""
+    p = _check_results(ds, method)
+    sel = {} if METHODS[method].unit_dim is None else {METHODS[method].unit_dim: unit}
+    labels = np.asarray(ds[p + "cluster"].isel(sel).values)
+    sizes = np.asarray(ds[p + "cluster_size"].isel(sel).values)
+    return labels, int((sizes > 0).sum())
+
+
+def _unit_sel(ds, unit, method):
+    return {} if METHODS[method].unit_dim is None else {METHODS[method].unit_dim: unit}
+
+
+def _title(ds, unit, method, what):
+    if METHODS[method].unit_dim != "basis":
+        return f"{method}: {what}"
+    bits = [f"vector {unit}"]
+    if "eigenvalue" in ds.variables and np.isfinite(float(ds["eigenvalue"].values[unit])):
+        bits.append(f"λ={float(ds['eigenvalue'].values[unit]):.3g}")
+    if "basis_step" in ds.variables:
+        bits.append(f"joined at step {int(ds['basis_step'].values[unit])}")
+    return f"{method} {', '.join(bits)}: {what}"
+
+
+def _onset_lines(ax, ds, unit, method, n_c, colors):
+    p = _prefix(method)
+    onset = np.asarray(ds[p + "cluster_onset"].isel(_unit_sel(ds, unit, method)).values, dtype=np.float64)
+    hidden = np.asarray(ds[p + "hidden"].isel(_unit_sel(ds, unit, method)).values, dtype=bool)
+    for c in range(n_c):
+        if np.isfinite(onset[c]):
+            ax.axvline(onset[c], color=colors[c], linestyle="--", linewidth=1.0, gid="onset",
+                       label=f"onset c{c}{' (hidden)' if hidden[c] else ''}")
+    tau = _tau(ds)
+    if np.isfinite(tau):
+        ax.axvline(tau, gid="tau", label=f"τ = {tau:g}", **_TAU_STYLE)
+
+
+def _legend(ax, fontsize=7, loc="best"):
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize, loc=loc)
+
+
+def _colors(n):
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def projected_loss_figure(ds, unit: int, *, method: str = "polca", quantiles=(0.25, 0.75)):
+    """Mean projected loss of each cluster, with a quantile band over its member tokens.
+
+    One line per cluster (``gid="cluster_mean"``; the analysis' ``cluster_trajectory``),
+    a band between the ``quantiles`` of the member trajectories, a dashed vertical line
+    at each cluster's onset (``gid="onset"``, Eq. 9) and a dotted one at τ (``gid="tau"``).
+
+    Args:
+        ds: store + results Dataset (module docstring).
+        unit: basis vector (or the method's unit).
+        method: analysis method whose clusters to draw.
+        quantiles: lower and upper quantile of the band (25-75 % by default).
+
+    Returns:
+        ``matplotlib.figure.Figure``.
+    """
+    p = _check_results(ds, method)
+    labels, n_c = cluster_members(ds, unit, method)
+    traj = unit_trajectories(ds, unit, method)  # [snapshot, token]
+    step = _steps(ds, traj.shape[0])
+    curves = np.asarray(ds[p + "cluster_trajectory"].isel(_unit_sel(ds, unit, method)).values)
+    curves = curves[:, : traj.shape[0]]  # [cluster, snapshot]
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    colors = _colors(n_c)
+    for c in range(n_c):
+        members = traj[:, labels == c]  # [snapshot, members]
+        lo, hi = np.quantile(members, quantiles, axis=1)
+        ax.fill_between(step, lo, hi, color=colors[c], alpha=0.2, linewidth=0)
+        ax.plot(step, curves[c], color=colors[c], linewidth=2, gid="cluster_mean",
+                label=f"cluster {c} (n={members.shape[1]})")
+    n_out = int((labels == -1).sum())
+    if n_c == 0:
+        ax.text(0.5, 0.5, "no clusters", transform=ax.transAxes, ha="center", va="center", color="gray")
+    _onset_lines(ax, ds, unit, method, n_c, colors)
+    ax.set_xlabel("step")
+    ax.set_ylabel("projected loss" if METHODS[method].kind == "projected" else method)
+    ax.set_title(_title(ds, unit, method, f"cluster means, {int(quantiles[0] * 100)}-{int(quantiles[1] * 100)}% "
+                                          f"bands ({n_out} outliers)"), fontsize=9)
+    _legend(ax)
+    return fig
+
+
+def exact_loss_figure(ds, unit: int, *, method: str = "polca"):
+    """Mean exact loss of each cluster's tokens (clusters of ``unit``), onsets and τ.
+
+    A hidden breakthrough shows as a cluster whose projected loss drops after τ while
+    its exact loss barely moves. Lines: one per cluster (``gid="cluster_mean"``), the
+    mean over all tokens (``gid="mean_loss"``), onsets (``gid="onset"``), τ (``gid="tau"``).
+    """
+    _check_results(ds, method)
+    labels, n_c = cluster_members(ds, unit, method)
+    n_snap = _n_snapshots(ds, method)
+    loss = np.asarray(ds["loss"].isel(snapshot=slice(0, n_snap)).transpose("snapshot", "token").values,
+                      dtype=np.float64)
+    step = _steps(ds, n_snap)
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    colors = _colors(n_c)
+    ax.plot(step, np.nanmean(loss, axis=1), color="gray", linestyle="--", gid="mean_loss", label="all tokens")
+    for c in range(n_c):
+        ax.plot(step, np.nanmean(loss[:, labels == c], axis=1), color=colors[c], linewidth=2, gid="cluster_mean",
+                label=f"cluster {c}")
+    _onset_lines(ax, ds, unit, method, n_c, colors)
+    ax.set_xlabel("step")
+    ax.set_ylabel("exact loss")
+    ax.set_title(_title(ds, unit, method, "mean exact loss by cluster"), fontsize=9)
+    _legend(ax)
+    return fig
+
+
+def _label_names(ds, labels):
+    if labels is not None:
+        return list(labels)
+    for name in ("cluster",):
+        if name in ds.variables and "analysis_labels" in ds[name].attrs:
+            return list(ds[name].attrs["analysis_labels"])
+    return list(ds.attrs.get("token_labels", []))
+
+
+def label_composition_figure(ds, unit: int, *, method: str = "polca", labels=None):
+    """Label make-up of each cluster of ``unit``: one panel per label, one stacked bar per
+    cluster (plus ``out`` for outliers when there are any), stacks = label values, heights
+    = fractions of the cluster's tokens (the cluster's homogeneity for each value).
+
+    Each panel holds one ``BarContainer`` per label value, of ``n_clusters (+1)`` bars.
+    With no label, a single panel says so.
+    """
+    _check_results(ds, method)
+    names = _label_names(ds, labels)
+    cl, n_c = cluster_members(ds, unit, method)
+    fig, axes = new_figure(1, max(len(names), 1), width=4.0, height=3.6)
+    if not names:
+        axes[0, 0].text(0.5, 0.5, "no token labels in this store", ha="center", va="center")
+        axes[0, 0].set_axis_off()
+        return fig
+    columns = list(range(n_c)) + ([-1] if (cl == -1).any() else [])
+    ticks = [f"c{c}" if c >= 0 else "out" for c in columns]
+    for ax, name in zip(axes[0], names):
+        values = np.asarray(ds[name].values)
+        uniq = np.unique(values)
+        colors = _colors(uniq.size)
+        bottom = np.zeros(len(columns))
+        for vi, v in enumerate(uniq):
+            frac = np.array([np.mean(values[cl == c] == v) if (cl == c).any() else 0.0 for c in columns])
+            ax.bar(np.arange(len(columns)), frac, bottom=bottom, color=colors[vi], label=f"{name}={v}")
+            bottom += frac
+        sizes = [int((cl == c).sum()) for c in columns]
+        ax.set_xticks(np.arange(len(columns)), [f"{t}\nn={n}" for t, n in zip(ticks, sizes)], fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("fraction of tokens")
+        ax.set_title(name, fontsize=9)
+        _legend(ax, fontsize=6, loc="upper right")
+    fig.suptitle(_title(ds, unit, method, "label composition"), fontsize=9)
+    return fig
+
+
+def coverage_figure(coverage: dict):
+    """How much of the real loss change the basis explains, per interval.
+
+    Args:
+        coverage: the dict of :func:`polca_lightning.report.coverage_table` (per-interval
+            arrays ``step``, ``allocated``, ``real``, ``explained``, optional
+            ``first_allocated``).
+
+    Returns:
+        Figure: left, the mean allocated change ``Σ_b POLCA`` (``gid="allocated"``) and the
+        real change (``gid="real"``) per interval; right, the fraction explained.
+    """
+    fig, axes = new_figure(1, 2, width=5.0)
+    ax, ax2 = axes[0]
+    step = np.asarray(coverage["step"], dtype=np.float64)
+    ax.plot(step, coverage["real"], color="black", gid="real", label="real Δ loss")
+    ax.plot(step, coverage["allocated"], color="tab:blue", gid="allocated", label="Σ_b POLCA")
+    if "first_allocated" in coverage:
+        ax.plot(step, coverage["first_allocated"], color="tab:orange", linestyle="--", gid="allocated",
+                label="Σ_b POLCA (first order)")
+    ax.axhline(0, color="gray", linewidth=0.5)
+    ax.set_xlabel("interval end step")
+    ax.set_ylabel("mean change over tokens")
+    ax.set_title(f"coverage: total ratio {coverage['summary']['ratio']:.3g}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax2.plot(step, coverage["explained"], color="tab:blue", gid="explained")
+    ax2.set_xlabel("interval end step")
+    ax2.set_ylabel("1 - SSE / SS (per interval)")
+    ax2.set_title("fraction of per-token change explained", fontsize=9)
+    return fig
+
+
+def appendix_g_figure(ds, label: str, value=None):
+    """App. G comparison: best homogeneity for ``label == value`` per trajectory type.
+
+    One ``BarContainer`` per rank (the top clusters, one per unit), one bar per
+    trajectory type. ``value`` defaults to the label's largest value (``carry=1``).
+    """
+    best_name = f"{label}_best"
+    if best_name not in ds.variables:
+        raise ValueError(f"ds has no {best_name!r}: no analysis scores for label {label!r}")
+    vdim = f"{label}_value"
+    values = np.asarray(ds[vdim].values)
+    value = values.max() if value is None else value
+    vi = int(np.flatnonzero(values == value)[0]) if (values == value).any() else None
+    if vi is None:
+        raise ValueError(f"{label!r} has values {values.tolist()}, not {value!r}")
+    types = [str(t) for t in np.asarray(ds["trajectory_type"].values)]
+    best = np.asarray(ds[best_name].values)[:, vi, :]  # [type, rank]
+    hom = np.asarray(ds[f"{label}_homogeneity"].values)[:, vi]  # [entry]
+    fig, axes = new_figure(width=7.0)
+    ax = axes[0, 0]
+    n_rank = best.shape[1]
+    width = 0.8 / max(n_rank, 1)
+    for r in range(n_rank):
+        h = np.array([hom[e] if e >= 0 else 0.0 for e in best[:, r]])
+        ax.bar(np.arange(len(types)) + (r - (n_rank - 1) / 2) * width, h, width, label=f"rank {r}")
+    ax.set_xticks(np.arange(len(types)), types, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"homogeneity for {label}={value}")
+    ax.set_title(f"App. G: best {label}={value} clusters per trajectory type", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig

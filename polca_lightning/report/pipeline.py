@@ -1,0 +1,424 @@
+"""What a report holds: analysis written back to the store, its tables, and the after-fit entry.
+
+- :func:`analyze_store` runs :func:`polca_lightning.analysis.analyze` on a store, writes
+  the results beside the training data (:func:`polca_lightning.store.write_analysis`) and
+  returns the store reopened with them: the Dataset every figure and table reads.
+- Tables (:class:`Table`: columns and rows of plain Python values): :func:`summary_table`,
+  :func:`medoid_contexts_table`, :func:`appendix_g_table`; :func:`store_coverage` is the
+  coverage diagnostic computed from the store.
+- :func:`report_after_fit` is what :class:`~polca_lightning.POLCACallback` calls at the
+  end of ``fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from polca_lightning.analysis.methods import METHODS
+
+__all__ = [
+    "ReportError",
+    "Table",
+    "analyze_store",
+    "open_analysed_store",
+    "has_results",
+    "result_variables",
+    "default_report_dir",
+    "kept_units",
+    "store_coverage",
+    "summary_table",
+    "medoid_contexts_table",
+    "appendix_g_table",
+    "report_after_fit",
+]
+
+log = logging.getLogger("polca_lightning")
+
+#: attribute that marks a store variable as written by :func:`analyze_store`
+RESULT_MARK = "analysis_timings"
+
+
+class ReportError(RuntimeError):
+    """The analysis or the report after ``fit`` failed; the store itself is complete."""
+
+
+@dataclass
+class Table:
+    """A table as ``columns`` and ``rows`` of plain Python values (``None`` for missing)."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        import csv
+
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(self.columns)
+            writer.writerows([["" if v is None else v for v in row] for row in self.rows])
+
+
+def _py(value: Any) -> Any:
+    """A numpy scalar as a plain Python value; NaN as None (W&B tables and CSV)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ------------------------------------------------------------------ analysis -> store
+def result_variables(res, store) -> dict[str, tuple[tuple[str, ...], np.ndarray, dict]]:
+    """The variables of an ``analyze`` result as ``write_analysis`` takes them.
+
+    Data variables and the result's own coordinates (``cluster_id``, ``entry_method``,
+    ``trajectory_type``, ``carry_value``, ...) are kept; the store's coordinates
+    (``snapshot``, ``token``, ``basis``, labels) are dropped. Variables along ``snapshot``
+    computed on fewer snapshots than the store holds (an incomplete store) are padded
+    with NaN. Every variable carries the analysis settings (``res.attrs``). Scalars
+    (``tau``, ``onset_delta``) are left out: the store keeps only arrays with named
+    dimensions; they are in the settings (``analysis_tau``, ``analysis_onset_delta``) and
+    :func:`open_analysed_store` puts them back.
+    """
+    from polca_lightning.store import RESERVED_NAMES
+
+    skip = set(RESERVED_NAMES) | set(store.attrs.get("token_labels", [])) | {"coordinates"}
+    n_snap = int(store.sizes.get("snapshot", 0))
+    out = {}
+    for name in list(res.data_vars) + list(res.coords):
+        if name in skip:
+            continue
+        var = res[name].variable
+        if var.ndim == 0:
+            continue
+        values = np.asarray(var.values)
+        if "snapshot" in var.dims and var.sizes["snapshot"] < n_snap:
+            axis = var.dims.index("snapshot")
+            pad = [(0, 0)] * values.ndim
+            pad[axis] = (0, n_snap - var.sizes["snapshot"])
+            values = np.pad(values.astype(np.float64), pad, constant_values=np.nan)
+        out[name] = (tuple(var.dims), values, {**res.attrs, **var.attrs})
+    return out
+
+
+def _drop_stale_results(path, keep) -> None:
+    """Delete results of an earlier ``analyze_store`` that the new one does not replace
+    (e.g. a baseline left out this time), so that their sizes cannot clash."""
+    import zarr
+
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    for name, arr in list(group.arrays()):
+        if name not in keep and RESULT_MARK in arr.attrs:
+            del group[name]
+
+
+def analyze_store(path, *, write: bool = True, progress: bool = False, **analysis_kwargs):
+    """Analyse a store and (by default) write the results into it.
+
+    Args:
+        path: the store.
+        write: write the results into the store (replacing an earlier analysis);
+            with ``False`` the store is left untouched.
+        progress: progress bar over clusterings.
+        **analysis_kwargs: passed to :func:`polca_lightning.analysis.analyze`
+            (``min_cluster_size``, ``min_samples``, ``tau``, ``group_by``, ...).
+
+    Returns:
+        The store Dataset with the result variables (reopened from disk when written).
+
+    Raises:
+        FileNotFoundError, StoreError: no store at ``path``.
+        ValueError: from ``analyze`` (bad settings, fewer than 3 complete snapshots).
+
+    Example:
+        >>> ds = analyze_store("runs/polca.zarr", min_samples=5)
+        >>> ds["cluster"].sel(basis=0)
+    """
+    import xarray as xr
+
+    from polca_lightning.analysis import analyze
+    from polca_lightning.store import open_store, write_analysis
+
+    store = open_store(path)
+    res = analyze(store, progress=progress, **analysis_kwargs)
+    variables = result_variables(res, store)
+    if not write:
+        return _with_scalars(store.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in variables.items()}))
+    _drop_stale_results(path, set(variables))
+    write_analysis(path, variables)
+    log.info("POLCA: analysis written to %s (%d variables)", path, len(variables))
+    return open_analysed_store(path)
+
+
+def _with_scalars(ds):
+    """Restore the scalar results (``tau``, ``onset_delta``) from the settings attributes."""
+    if "cluster" not in ds.variables:
+        return ds
+    attrs = ds["cluster"].attrs
+    scalars = {name: float(attrs[f"analysis_{name}"]) for name in ("tau", "onset_delta")
+               if f"analysis_{name}" in attrs and name not in ds.variables}
+    return ds.assign(scalars) if scalars else ds
+
+
+def has_results(ds) -> bool:
+    """Whether a store Dataset holds results of :func:`analyze_store`."""
+    return "cluster" in ds.variables and RESULT_MARK in ds["cluster"].attrs
+
+
+def open_analysed_store(path):
+    """``open_store(path)`` plus the scalar results (``tau``, ``onset_delta``) of an
+    analysis written by :func:`analyze_store` (without one: ``open_store(path)``)."""
+    from polca_lightning.store import open_store
+
+    return _with_scalars(open_store(path))
+
+
+def default_report_dir(store_path) -> Path:
+    """``<store>.report`` beside the store: ``runs/polca.zarr`` -> ``runs/polca.zarr.report``."""
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.name + ".report")
+
+
+# -------------------------------------------------------------------------- tables
+def kept_units(ds, method: str = "polca") -> list[int]:
+    """Units (basis vectors) the §4.1 filter kept, in order."""
+    kept = METHODS[method].prefix + "kept"
+    if kept not in ds.variables:
+        return list(range(METHODS[method].n_units(ds)))
+    return np.flatnonzero(np.asarray(ds[kept].values, dtype=bool)).tolist()
+
+
+def _labels(ds) -> list[str]:
+    if "cluster" in ds.variables and "analysis_labels" in ds["cluster"].attrs:
+        return [str(v) for v in ds["cluster"].attrs["analysis_labels"]]
+    return [str(v) for v in ds.attrs.get("token_labels", [])]
+
+
+def store_coverage(ds) -> dict:
+    """Coverage: ``Σ_b POLCA`` summed over the basis against the real loss change.
+
+    Per interval ``i`` (complete intervals only): ``allocated`` and ``real`` are the token
+    means of ``Σ_b POLCA_i(x,b)`` and of ``ℓ_x(θ_{i+1}) - ℓ_x(θ_i)``; ``ratio`` their
+    quotient; ``correlation`` the Pearson correlation over tokens; ``explained``
+    ``1 - Σ_x (real - allocated)² / Σ_x real²``. ``first_*``: the same for first-order
+    POLCA. ``summary``: over the whole run (sums over intervals), with the same names.
+
+    Returns:
+        dict of ``[interval]`` arrays (``interval``, ``step`` = end step of the interval)
+        and ``summary`` (dict of floats).
+    """
+    loss = np.asarray(ds["loss"].transpose("snapshot", "token").values, dtype=np.float64)  # [S, T]
+    real = np.diff(loss, axis=0)  # [I, T]
+    out: dict[str, Any] = {}
+    parts = [("", "polca")] + ([("first_", "polca_first")] if "polca_first" in ds.variables else [])
+    ok = np.isfinite(real).all(axis=1)
+    alloc_by = {}
+    for prefix, name in parts:
+        var = ds[name].transpose("interval", "basis", "token")
+        alloc = np.empty_like(real)  # [I, T]; one interval at a time keeps memory at one [K, T] slab
+        for i in range(real.shape[0]):
+            alloc[i] = np.asarray(var[i].values, dtype=np.float64).sum(0)
+        alloc_by[prefix] = alloc
+        ok &= np.isfinite(alloc).all(axis=1)
+    idx = np.flatnonzero(ok)
+    out["interval"] = idx
+    out["step"] = np.asarray(ds["step"].values, dtype=np.int64)[idx + 1]
+    r = real[idx]
+    out["real"] = r.mean(axis=1)
+    summary = {"real": float(r.sum(0).mean()) if idx.size else float("nan"), "n_intervals": int(idx.size)}
+    for prefix, alloc in alloc_by.items():
+        a = alloc[idx]
+        ac, rc = a - a.mean(1, keepdims=True), r - r.mean(1, keepdims=True)
+        denom = np.linalg.norm(ac, axis=1) * np.linalg.norm(rc, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[prefix + "allocated"] = a.mean(axis=1)
+            out[prefix + "ratio"] = a.sum(1) / r.sum(1)
+            out[prefix + "correlation"] = np.where(denom > 0, (ac * rc).sum(1) / denom, np.nan)
+            out[prefix + "explained"] = 1 - ((r - a) ** 2).sum(1) / np.maximum((r**2).sum(1), 1e-300)
+            total_a, total_r = a.sum(0), r.sum(0)  # [T]: change over the whole run
+            summary[prefix + "allocated"] = float(total_a.mean()) if idx.size else float("nan")
+            summary[prefix + "ratio"] = float(total_a.sum() / total_r.sum()) if idx.size else float("nan")
+            sse, ss = ((total_r - total_a) ** 2).sum(), max((total_r**2).sum(), 1e-300)
+            summary[prefix + "explained"] = float(1 - sse / ss)
+            corr = out[prefix + "correlation"]
+            summary[prefix + "mean_correlation"] = float(np.nanmean(corr)) if np.isfinite(corr).any() else float("nan")
+    out["summary"] = summary
+    return out
+
+
+def summary_table(ds, method: str = "polca") -> Table:
+    """One row per unit (basis vector): eigenvalue, basis step, kept, clusters, outliers,
+    hidden breakthroughs, and the best homogeneity per label value (``best carry=1``:
+    the highest homogeneity among this vector's clusters eligible for the value)."""
+    spec, p = METHODS[method], METHODS[method].prefix
+    labels = _labels(ds)
+    em = np.asarray(ds["entry_method"].values).astype(str)
+    eu = np.asarray(ds["entry_unit"].values)
+    label_cols = [(lab, v) for lab in labels for v in np.asarray(ds[f"{lab}_value"].values).tolist()]
+    columns = ["vector", "eigenvalue", "basis_step", "kept", "tokens_kept", "clusters", "outliers",
+               "hidden_breakthroughs", "onsets"] + [f"best {lab}={v}" for lab, v in label_cols]
+    rows = []
+    kept = set(kept_units(ds, method))
+    for u in range(spec.n_units(ds)):
+        cl = np.asarray(ds[p + "cluster"].isel({spec.unit_dim: u}).values)
+        n_c = int((np.asarray(ds[p + "cluster_size"].isel({spec.unit_dim: u}).values) > 0).sum())
+        hidden = np.asarray(ds[p + "hidden"].isel({spec.unit_dim: u}).values, dtype=bool)[:n_c]
+        onset = np.asarray(ds[p + "cluster_onset"].isel({spec.unit_dim: u}).values)[:n_c]
+        row = [u, _py(ds["eigenvalue"].values[u]) if "eigenvalue" in ds.variables else None,
+               _py(ds["basis_step"].values[u]) if "basis_step" in ds.variables else None,
+               u in kept, int((cl != -2).sum()), n_c, int((cl == -1).sum()), int(hidden.sum()),
+               " ".join(f"{o:g}" for o in onset)]
+        sel = (em == method) & (eu == u)
+        for lab, v in label_cols:
+            vi = int(np.flatnonzero(np.asarray(ds[f"{lab}_value"].values) == v)[0])
+            h = np.asarray(ds[f"{lab}_homogeneity"].values)[sel, vi]
+            e = np.asarray(ds[f"{lab}_eligible"].values, dtype=bool)[sel, vi]
+            h = h[e & np.isfinite(h)]
+            row.append(round(float(h.max()), 4) if h.size else None)
+        rows.append([_py(v) for v in row])
+    return Table(columns, rows)
+
+
+def medoid_contexts_table(ds, method: str = "polca", *, k: int = 5, units=None,
+                          decode: Callable[[int, int], str] | None = None) -> Table:
+    """The ``k`` member tokens nearest each cluster's medoid, per kept unit.
+
+    Nearness is the Euclidean distance between full trajectories (``[snapshot]``) of the
+    cluster's members and of its medoid (rank 0 is the medoid itself).
+
+    Args:
+        ds: store + results Dataset.
+        method: analysis method.
+        k: tokens per cluster.
+        units: units to list (default: the kept ones).
+        decode: optional ``decode(sequence, position) -> str``, the text around the
+            token (the store keeps token coordinates, not the inputs, so the caller who
+            has the probe data decodes). Adds a ``text`` column.
+
+    Returns:
+        Table with columns vector, cluster, rank, token, sequence, position, target,
+        distance, one column per label, and ``text`` when ``decode`` is given.
+    """
+    from polca_lightning.report.figures import cluster_members, unit_trajectories
+
+    labels = _labels(ds)
+    columns = ["vector", "cluster", "rank", "token", "sequence", "position", "target", "distance"] + labels
+    if decode is not None:
+        columns.append("text")
+    p = METHODS[method].prefix
+    coords = {name: np.asarray(ds[name].values) for name in ["sequence", "position", "target"] + labels}
+    rows = []
+    for u in kept_units(ds, method) if units is None else units:
+        cl, n_c = cluster_members(ds, u, method)
+        if not n_c:
+            continue
+        traj = unit_trajectories(ds, u, method)  # [snapshot, token]
+        medoids = np.asarray(ds[p + "medoid"].isel({METHODS[method].unit_dim: u}).values)
+        for c in range(n_c):
+            members = np.flatnonzero(cl == c)
+            m = int(medoids[c]) if medoids[c] >= 0 else int(members[0])
+            dist = np.linalg.norm(traj[:, members] - traj[:, [m]], axis=0)  # [members]
+            order = np.argsort(dist, kind="stable")[:k]
+            for rank, j in enumerate(order):
+                t = int(members[j])
+                row = [u, c, rank, t] + [int(coords[n][t]) for n in ("sequence", "position", "target")]
+                row.append(float(dist[j]))
+                row += [int(coords[n][t]) for n in labels]
+                if decode is not None:
+                    row.append(str(decode(int(coords["sequence"][t]), int(coords["position"][t]))))
+                rows.append(row)
+    return Table(columns, rows)
+
+
+def appendix_g_table(ds) -> Table | None:
+    """App. G: for each label value and trajectory type, the top clusters by homogeneity
+    (one per unit) with recall, F1, size, onset and hidden flag. ``None`` without labels."""
+    labels = [lab for lab in _labels(ds) if f"{lab}_best" in ds.variables]
+    if not labels:
+        return None
+    columns = ["label", "value", "trajectory_type", "rank", "unit", "cluster", "size", "homogeneity",
+               "recall", "f1", "onset", "hidden"]
+    types = [str(t) for t in np.asarray(ds["trajectory_type"].values)]
+    eu, ec = np.asarray(ds["entry_unit"].values), np.asarray(ds["entry_cluster"].values)
+    size, onset = np.asarray(ds["entry_size"].values), np.asarray(ds["entry_onset"].values)
+    hidden = np.asarray(ds["entry_hidden"].values, dtype=bool)
+    rows = []
+    for lab in labels:
+        best = np.asarray(ds[f"{lab}_best"].values)  # [type, value, rank]
+        values = np.asarray(ds[f"{lab}_value"].values)
+        scores = {k: np.asarray(ds[f"{lab}_{k}"].values) for k in ("homogeneity", "recall", "f1")}
+        for vi, v in enumerate(values):
+            for ti, t in enumerate(types):
+                for r, e in enumerate(best[ti, vi]):
+                    if e < 0:
+                        continue
+                    rows.append([_py(x) for x in (
+                        lab, v, t, r, eu[e], ec[e], size[e], scores["homogeneity"][e, vi],
+                        scores["recall"][e, vi], scores["f1"][e, vi], onset[e], bool(hidden[e]))])
+    return Table(columns, rows)
+
+
+# ---------------------------------------------------------------------- after fit
+def _find_callback(trainer, store_path):
+    target = Path(store_path).resolve()
+    for cb in getattr(trainer, "callbacks", []):
+        store = getattr(cb, "store", None)
+        if store is not None and isinstance(store, (str, os.PathLike)) and Path(store).resolve() == target:
+            return cb
+    return None
+
+
+def report_after_fit(store_path, trainer, *, decode: Callable[[int, int], str] | None = None,
+                     analysis_kwargs: dict | None = None, report_dir=None) -> None:
+    """Analyse the store of a finished run and report it (called by ``POLCACallback``).
+
+    Runs :func:`analyze_store` (results written into the store), then logs the report to
+    every ``WandbLogger`` of ``trainer`` (Lightning's or ``pytorch_lightning``'s) with
+    :func:`~polca_lightning.report.wandb_report.log_report`; with no W&B logger, or when
+    ``report_dir`` is given, writes the PNG/CSV folder
+    :func:`~polca_lightning.report.folder.write_report_folder` at ``report_dir`` (default
+    ``<store>.report`` beside the store).
+
+    ``decode`` and ``analysis_kwargs`` default to the callback's attributes of the same
+    names when it has them.
+
+    Raises:
+        ReportError: the analysis or the report failed. The store is already complete
+            and closed; ``polca analyze STORE`` re-runs the analysis.
+    """
+    from polca_lightning.report.folder import write_report_folder
+    from polca_lightning.report.wandb_report import log_report, wandb_loggers
+
+    cb = _find_callback(trainer, store_path)
+    decode = decode if decode is not None else getattr(cb, "decode", None)
+    if analysis_kwargs is None:
+        analysis_kwargs = getattr(cb, "analysis_kwargs", None)
+    analysis_kwargs = dict(analysis_kwargs or {})
+    progress = bool(getattr(cb, "progress", True))
+    try:
+        ds = analyze_store(store_path, progress=progress, **analysis_kwargs)
+    except Exception as error:
+        raise ReportError(
+            f"POLCA: the analysis after fit failed ({type(error).__name__}: {error}). The store "
+            f"{str(store_path)!r} is complete; re-run it with `polca analyze {store_path}`"
+        ) from error
+    try:
+        loggers = wandb_loggers(trainer)
+        for logger in loggers:
+            log_report(logger, ds, decode=decode, step=int(trainer.global_step), progress=progress)
+        if not loggers or report_dir is not None:
+            out = write_report_folder(ds, report_dir or default_report_dir(store_path), decode=decode,
+                                      progress=progress)
+            log.info("POLCA: report written to %s", out)
+    except Exception as error:
+        raise ReportError(
+            f"POLCA: the report after fit failed ({type(error).__name__}: {error}). The store "
+            f"{str(store_path)!r} is complete and holds the analysis; `polca report {store_path}` draws it again"
+        ) from error

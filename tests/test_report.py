@@ -1,0 +1,331 @@
+"""Reports: figures on a synthetic analysis, the PNG folder and W&B logging after a real tiny fit.
+
+The W&B test reads back what the offline run wrote (media files, table JSON, and the
+history records of the ``.wandb`` log), not a mock.
+"""
+
+import glob
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from matplotlib.container import BarContainer
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader
+
+from _tiny import tiny_lm
+from polca_lightning import POLCACallback, open_store
+from polca_lightning.analysis import analyze, make_synthetic_store
+from polca_lightning.losses import causal_lm_token_loss
+from polca_lightning.report import (
+    analyze_store,
+    appendix_g_figure,
+    appendix_g_table,
+    coverage_figure,
+    exact_loss_figure,
+    kept_units,
+    label_composition_figure,
+    medoid_contexts_table,
+    open_analysed_store,
+    projected_loss_figure,
+    report_after_fit,
+    result_variables,
+    store_coverage,
+    summary_table,
+)
+
+
+# ------------------------------------------------------------------ a tiny real run
+class AdditionModule(L.LightningModule):
+    def __init__(self, seed=0, lr=1e-2):
+        super().__init__()
+        self.net = tiny_lm(seed=seed, d_model=8, dtype=torch.float32)
+        self.lr = lr
+
+    def forward(self, input_ids):
+        return self.net(input_ids)
+
+    def training_step(self, batch, _):
+        loss, mask, _ = causal_lm_token_loss(self, batch)
+        return loss[mask].mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def batches(n, size, seed, labels=False):
+    from polca_lightning.toy import addition_data
+
+    data = addition_data(n, seed=seed)
+    keys = ["input_ids", "labels"] + (["carry", "place"] if labels else [])
+    return [{k: data[k][i: i + size] for k in keys} for i in range(0, n, size)]
+
+
+def tiny_fit(root: Path, logger=False, max_steps=12, analyze=True) -> POLCACallback:
+    """3-digit addition, TinyTransformer(d=8, 1 layer, 2 heads), snapshots every 2 steps,
+    2 Hessian vectors every 4 steps up to 4, labels place/carry."""
+    cb = POLCACallback(
+        store=root / "polca.zarr", probe_data=batches(24, 12, seed=1, labels=True),
+        hessian_data=batches(16, 16, seed=2), token_labels=lambda b: {"carry": b["carry"], "place": b["place"]},
+        snapshot_every=2, basis_every=4, k=2, max_basis=4, analyze=analyze, progress=False,
+    )
+    trainer = L.Trainer(default_root_dir=root, max_steps=max_steps, callbacks=[cb], logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1)
+    trainer.fit(AdditionModule(), DataLoader(batches(80, 16, seed=0), batch_size=None))
+    return cb
+
+
+def finished_store(tmp_path_factory) -> Path:
+    """One finished, analysed run per test session (built by the callback with no logger,
+    so it also wrote its report folder); callers copy it before changing it."""
+    root = tmp_path_factory.getbasetemp() / "polca_finished_run"
+    store = root / "polca.zarr"
+    if not (store / "zarr.json").exists() or not open_store(store).attrs.get("complete"):
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        tiny_fit(root)
+    return store
+
+
+def copy_store(store: Path, dest: Path) -> Path:
+    shutil.copytree(store, dest / store.name)
+    return dest / store.name
+
+
+# ------------------------------------------------------------------ W&B offline read-back
+def wandb_records(path):
+    """Records of a ``.wandb`` transaction log (LevelDB log format: 32 KiB blocks of
+    ``crc32 (4) | length (2, LE) | type (1) | data`` chunks after a 7-byte header)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = Path(path).read_bytes()
+    assert raw[:4] == b":W&B", raw[:7]
+    pos, block, buf, chunks = 7, 32768, b"", []
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:  # a block tail too short for a header is padding
+            pos += left
+            continue
+        length, kind = int.from_bytes(raw[pos + 4: pos + 6], "little"), raw[pos + 6]
+        data = raw[pos + 7: pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:
+            break
+        if kind == 1:  # full
+            chunks.append(data)
+        elif kind == 2:  # first
+            buf = data
+        elif kind == 3:  # middle
+            buf += data
+        elif kind == 4:  # last
+            chunks.append(buf + data)
+    records = []
+    for data in chunks:
+        record = pb.Record()
+        record.ParseFromString(data)
+        records.append(record)
+    return records
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    (log,) = glob.glob(str(run_dir / "run-*.wandb"))
+    rows = []
+    for r in wandb_records(log):
+        if r.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
+    return rows
+
+
+def test_fit_with_offline_wandb_logger_logs_the_report(tmp_path):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=tmp_path, offline=True, project="polca-test")
+    cb = tiny_fit(tmp_path, logger=logger)
+    run_dir = Path(logger.experiment.dir).parent
+    wandb.finish()
+
+    # the analysis is in the store, and no folder was written (W&B got the report)
+    ds = open_analysed_store(cb.store)
+    assert ds.attrs["complete"] and "cluster" in ds and "tau" in ds
+    assert not (tmp_path / "polca.zarr.report").exists()
+    kept = kept_units(ds)
+    assert kept, "the tiny run should keep at least one vector"
+
+    media = run_dir / "files" / "media"
+    images = {str(p.relative_to(media / "images")) for p in (media / "images").rglob("*.png")}
+    for u in kept:
+        for name in ("projected_loss", "exact_loss", "labels"):
+            assert any(i.startswith(f"polca_report/vector_{u:02d}/{name}_") for i in images), (u, name, images)
+    assert not any(i.startswith(f"polca_report/vector_{u:02d}/") for u in set(range(4)) - set(kept) for i in images)
+    assert any(i.startswith("polca_report/coverage_plot_") for i in images)
+    assert any(i.startswith("polca_report/appendix_g_carry_") for i in images)
+
+    by_key = {}  # media/table/<key>_<wandb step>_<hash>.table.json
+    for p in (media / "table").rglob("*.table.json"):
+        by_key[str(p.relative_to(media / "table")).rsplit("_", 2)[0]] = json.loads(p.read_text())
+    assert set(by_key) >= {"polca_report/summary", "polca_report/medoid_contexts", "polca_report/appendix_g"}
+    summary = by_key["polca_report/summary"]
+    assert summary["columns"][:4] == ["vector", "eigenvalue", "basis_step", "kept"]
+    assert "best carry=1" in summary["columns"] and len(summary["data"]) == 4
+    eig = np.asarray(ds["eigenvalue"].values)
+    assert np.allclose([row[1] for row in summary["data"]], eig, rtol=1e-5)
+    contexts = by_key["polca_report/medoid_contexts"]
+    assert contexts["columns"][:7] == ["vector", "cluster", "rank", "token", "sequence", "position", "target"]
+    assert {"carry", "place"} <= set(contexts["columns"])
+    for row in contexts["data"]:  # rows agree with the store's token coordinates
+        token = row[3]
+        assert row[4] == int(ds["sequence"][token]) and row[5] == int(ds["position"][token])
+        assert int(ds["cluster"].sel(basis=row[0])[token]) == row[1]
+    app_g = by_key["polca_report/appendix_g"]
+    assert {"carry", "place"} == {row[0] for row in app_g["data"]}
+    assert set(row[2] for row in app_g["data"]) <= {"polca", "polca_first", "fisher", "loss", "loss_change"}
+
+    # scalars: per-interval coverage at each interval's end step, totals at the last step
+    history = wandb_history(run_dir)
+    cov_rows = [h for h in history if "polca_report/coverage/ratio" in h]
+    assert sorted(h["trainer/global_step"] for h in cov_rows) == [2, 4, 6, 8, 10, 12]
+    cov = store_coverage(ds)
+    got = {h["trainer/global_step"]: h["polca_report/coverage/real"] for h in cov_rows}
+    assert np.allclose([got[s] for s in cov["step"]], cov["real"])
+    totals = [h for h in history if "polca_report/coverage_total/ratio" in h]
+    assert len(totals) == 1 and totals[0]["trainer/global_step"] == 12
+    assert totals[0]["polca_report/kept_vectors"] == len(kept)
+    assert totals[0]["polca_report/coverage_total/ratio"] == pytest.approx(cov["summary"]["ratio"])
+
+
+def test_fit_without_wandb_writes_the_png_folder(tmp_path_factory):
+    store = finished_store(tmp_path_factory)
+    out = store.with_name("polca.zarr.report")
+    ds = open_analysed_store(store)
+    kept = kept_units(ds)
+    files = {p.name for p in out.iterdir()}
+    assert {"index.md", "summary.csv", "medoid_contexts.csv", "appendix_g.csv", "coverage.csv",
+            "coverage.png", "appendix_g_carry.png", "appendix_g_place.png"} <= files
+    for u in kept:
+        assert {f"vector_{u:02d}_{n}.png" for n in ("projected_loss", "exact_loss", "labels")} <= files
+    assert not any(f.startswith(f"vector_{u:02d}") for u in set(range(4)) - set(kept) for f in files)
+    for f in files:
+        if f.endswith(".png"):
+            assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "vector" in (out / "index.md").read_text()
+
+
+def test_report_after_fit_on_a_trainer_without_logger_uses_decode(tmp_path, tmp_path_factory):
+    store = copy_store(finished_store(tmp_path_factory), tmp_path)
+    trainer = L.Trainer(logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    report_after_fit(store, trainer, decode=lambda s, p: f"<{s}:{p}>", analysis_kwargs={"min_samples": 3},
+                     report_dir=tmp_path / "out")
+    text = (tmp_path / "out" / "medoid_contexts.csv").read_text().splitlines()
+    assert text[0].endswith(",text")
+    for line in text[1:]:
+        cells = line.split(",")
+        assert cells[-1] == f"<{cells[4]}:{cells[5]}>"
+    assert open_store(store)["cluster"].attrs["analysis_min_samples"] == 3
+
+
+def test_report_after_fit_says_the_store_is_complete_when_analysis_fails(tmp_path, tmp_path_factory):
+    from polca_lightning.report import ReportError
+
+    store = copy_store(finished_store(tmp_path_factory), tmp_path)
+    trainer = L.Trainer(logger=False, default_root_dir=tmp_path, accelerator="cpu", devices=1,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ReportError, match="is complete; re-run it with `polca analyze"):
+        report_after_fit(store, trainer, analysis_kwargs={"group_by": "no_such_label"})
+    assert open_store(store).attrs["complete"]
+
+
+# ------------------------------------------------------------------ synthetic results
+@pytest.fixture(scope="module")
+def synthetic():
+    store = make_synthetic_store(n_sequences=60, n_intervals=40, n_basis=4, lca=False, seed=0)
+    store.attrs["token_labels"] = ["place", "carry"]
+    res = analyze(store, methods=["polca", "loss"], min_samples=5, restrict={"carry": ("place", (1, 2))})
+    vars_ = result_variables(res, store)
+    import xarray as xr
+
+    ds = store.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in vars_.items()}).assign(tau=res["tau"])
+    return ds, res
+
+
+def _gids(fig, gid):
+    return [a for ax in fig.axes for a in ax.get_children() if a.get_gid() == gid]
+
+
+def test_projected_and_exact_loss_figures_draw_one_line_per_cluster(synthetic):
+    ds, res = synthetic
+    for u in kept_units(ds):
+        n_c = int((res["cluster_size"].sel(basis=u).values > 0).sum())
+        n_on = int(np.isfinite(res["cluster_onset"].sel(basis=u).values[:n_c]).sum())
+        fig = projected_loss_figure(ds, u)
+        assert isinstance(fig, Figure)
+        lines = _gids(fig, "cluster_mean")
+        assert len(lines) == n_c and len(_gids(fig, "onset")) == n_on and len(_gids(fig, "tau")) == 1
+        assert len(fig.axes[0].collections) == n_c  # one quantile band per cluster
+        for c, line in enumerate(lines):  # the line is the analysis' cluster mean
+            assert np.allclose(line.get_ydata(), res["cluster_trajectory"].sel(basis=u).values[c])
+        x_on = sorted(line.get_xdata()[0] for line in _gids(fig, "onset"))
+        assert np.allclose(x_on, sorted(res["cluster_onset"].sel(basis=u).values[:n_c][np.isfinite(
+            res["cluster_onset"].sel(basis=u).values[:n_c])]))
+        fig = exact_loss_figure(ds, u)
+        assert len(_gids(fig, "cluster_mean")) == n_c and len(_gids(fig, "mean_loss")) == 1
+    # vector 0 plants a carry group: its figure has at least one cluster
+    assert 0 in kept_units(ds) and len(_gids(projected_loss_figure(ds, 0), "cluster_mean")) >= 1
+
+
+def test_label_composition_figure_has_a_stack_per_label_value(synthetic):
+    ds, res = synthetic
+    fig = label_composition_figure(ds, 0)
+    cl = res["cluster"].sel(basis=0).values
+    n_cols = int((res["cluster_size"].sel(basis=0).values > 0).sum()) + int((cl == -1).any())
+    assert len(fig.axes) == 2
+    for ax, label, n_vals in zip(fig.axes, ["place", "carry"], [4, 2]):
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        assert len(bars) == n_vals and all(len(b) == n_cols for b in bars)
+        tops = np.sum([[r.get_height() for r in b] for b in bars], axis=0)
+        assert np.allclose(tops, 1.0)  # fractions stack to 1
+    # the carry=1 share of cluster 0 is its homogeneity
+    carry = ds["carry"].values
+    share = [r.get_height() for r in fig.axes[1].containers[1]][0]
+    assert share == pytest.approx(np.mean(carry[cl == 0] == 1))
+
+
+def test_coverage_and_appendix_g(synthetic):
+    ds, res = synthetic
+    cov = store_coverage(ds)
+    polca = ds["polca"].values.astype(np.float64).sum(1)  # [interval, token]
+    real = np.diff(ds["loss"].values.astype(np.float64), axis=0)
+    assert np.allclose(cov["allocated"], polca.mean(1)) and np.allclose(cov["real"], real.mean(1))
+    assert cov["summary"]["ratio"] == pytest.approx(polca.sum() / real.sum())
+    fig = coverage_figure(cov)
+    assert len(_gids(fig, "allocated")) == 2 and len(_gids(fig, "real")) == 1  # polca and first order
+    fig = appendix_g_figure(ds, "carry")
+    bars = [c for c in fig.axes[0].containers if isinstance(c, BarContainer)]
+    assert len(bars) == int(res.attrs["analysis_top_k"]) and all(len(b) == 2 for b in bars)  # polca, loss
+    table = appendix_g_table(ds)
+    best = int(res["carry_best"].sel(trajectory_type="polca", carry_value=1, rank=0))
+    row = [r for r in table.rows if r[:4] == ["carry", 1, "polca", 0]][0]
+    assert row[4] == int(res["entry_unit"][best]) and row[7] == pytest.approx(
+        float(res["carry_homogeneity"][best].sel(carry_value=1)))
+    summary = summary_table(ds)
+    assert [r[0] for r in summary.rows] == [0, 1, 2, 3] and summary.rows[2][3] is False  # vector 2 oscillates
+    contexts = medoid_contexts_table(ds, k=3)
+    medoid_rows = [r for r in contexts.rows if r[2] == 0]
+    for r in medoid_rows:
+        assert r[3] == int(res["medoid"].sel(basis=r[0]).values[r[1]]) and r[7] == 0.0
+
+
+def test_analyze_store_writes_and_replaces_results(tmp_path, tmp_path_factory):
+    store = copy_store(finished_store(tmp_path_factory), tmp_path)
+    ds = analyze_store(store, methods=["polca", "loss"], min_samples=3)
+    assert "loss_cluster" in ds and "polca_first_cluster" not in ds  # stale baselines are gone
+    assert float(ds["tau"]) == ds["cluster"].attrs["analysis_tau"]
+    again = open_analysed_store(store)
+    assert (again["cluster"].values == ds["cluster"].values).all()
+    assert again["entry_method"].dims == ("entry",)
