@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SUPPORTED = (nn.Linear, nn.Embedding, nn.LayerNorm)
+# Forming per-sample gradients is a batch of skinny matrix products (L rows each), which
+# ran ~4.4x slower per multiply-add than the large product a V_Wᵀ on 2 CPU cores
+# (benchmarks/engine.py shapes); the choice below weighs it so.
+SKINNY_PRODUCT_PENALTY = 4.4
 
 
 class Unsupported(Exception):
@@ -79,44 +83,75 @@ def ghost_reverse(fn, module: nn.Module, space, plan, theta: Tensor, batch: Any,
         if out.dim() < 2 or out.shape[0] != B or inp.shape[0] != B:
             raise Unsupported("an output without the batch dimension")
     g = theta.new_zeros(K, B, mask.shape[1])
-    for p in mask.any(0).nonzero().squeeze(1).tolist():
+    positions = mask.any(0).nonzero().squeeze(1).tolist()
+    projectors = [_Projector(mod, dirs, inp, len(positions)) for mod, dirs, inp, _ in calls]
+    for p in positions:
         target = torch.where(mask[:, p], loss[:, p], torch.zeros_like(loss[:, p])).sum()
         grads = torch.autograd.grad(target, outputs, retain_graph=True, allow_unused=True)
-        total = theta.new_zeros(K, B)
-        for (mod, dirs, inp, _), e in zip(calls, grads):
+        total = theta.new_zeros(B, K)
+        for proj, e in zip(projectors, grads):
             if e is not None:
-                total += _project(mod, dirs, inp, e)
-        g[:, :, p] = total
+                total += proj(e)
+        g[:, :, p] = total.T
     return loss.detach(), mask, g
 
 
-def _project(mod: nn.Module, dirs: dict[str, Tensor], inp: Tensor, e: Tensor) -> Tensor:
-    """``[K, B]``: each sample's gradient of this module's parameters, projected on ``dirs``."""
-    B = e.shape[0]
-    out = e.new_zeros(next(iter(dirs.values())).shape[0], B)
-    if isinstance(mod, nn.Linear):
-        a = inp.reshape(B, -1, inp.shape[-1])  # [B, L, in]
-        e = e.reshape(B, -1, e.shape[-1])  # [B, L, out]
-        if "weight" in dirs:
-            G = torch.einsum("blo,bli->boi", e, a)  # per-sample weight gradient [B, out, in]
-            out += torch.einsum("boi,koi->kb", G, dirs["weight"])
-        if "bias" in dirs:
-            out += torch.einsum("blo,ko->kb", e, dirs["bias"])
-    elif isinstance(mod, nn.Embedding):
-        ids = inp.reshape(B, -1)  # [B, L]
-        e = e.reshape(B, ids.shape[1], -1)  # [B, L, D]
-        if mod.padding_idx is not None:
-            e = e.masked_fill((ids == mod.padding_idx)[..., None], 0.0)
-        rows = dirs["weight"][:, ids]  # [K, B, L, D]
-        out += torch.einsum("bld,kbld->kb", e, rows)
-    else:  # LayerNorm
-        n = len(mod.normalized_shape)
-        xhat = F.layer_norm(inp, mod.normalized_shape, eps=mod.eps)  # normalised input, no affine
-        xhat = xhat.reshape(B, -1, *mod.normalized_shape).flatten(2)  # [B, L, D]
-        e = e.reshape(B, -1, *mod.normalized_shape).flatten(2)
-        if "weight" in dirs:
-            out += torch.einsum("bld,kd->kb", e * xhat, dirs["weight"].flatten(1))
-        if "bias" in dirs:
-            out += torch.einsum("bld,kd->kb", e, dirs["bias"].flatten(1))
-        del n
-    return out
+class _Projector:
+    """One module call's per-sample gradients, projected on the directions: ``e -> [B, K]``.
+
+    What does not depend on the position (the gathered embedding rows, the normalised
+    LayerNorm input, for a linear layer possibly ``a V_Wᵀ``) is computed once.
+    """
+
+    def __init__(self, mod: nn.Module, dirs: dict[str, Tensor], inp: Tensor, n_positions: int):
+        self.mod, self.dirs = mod, dirs
+        B = inp.shape[0]
+        K = next(iter(dirs.values())).shape[0]
+        self.B, self.K = B, K
+        if isinstance(mod, nn.Linear):
+            self.a = inp.reshape(B, -1, inp.shape[-1])  # [B, L, in]
+            L, n_in, n_out = self.a.shape[1], mod.in_features, mod.out_features
+            # two ways to <V_W, Σ_t e_t a_tᵀ>; pick the fewer multiply-adds:
+            #  per-sample gradient G_b = e_bᵀ a_b, then G·V  -> per position L·in·out + K·in·out
+            #  U = a V_Wᵀ once, then <e, U>             -> K·L·in·out once + per position K·L·out
+            per_sample = n_positions * (SKINNY_PRODUCT_PENALTY * L * n_in * n_out + K * n_in * n_out)
+            activations = K * L * n_in * n_out + n_positions * K * L * n_out
+            self.U = None
+            if "weight" in dirs and activations < per_sample:
+                W = dirs["weight"].reshape(K * n_out, n_in)  # [K*out, in]
+                # [B*L, in] @ [in, K*out] -> [B, L, K, out] -> [B, K, L*out]
+                self.U = (self.a.reshape(-1, n_in) @ W.T).view(B, L, K, n_out).permute(0, 2, 1, 3).reshape(B, K, L * n_out)
+            self.W = dirs["weight"].reshape(K, -1) if "weight" in dirs else None  # [K, out*in]
+        elif isinstance(mod, nn.Embedding):
+            ids = inp.reshape(B, -1)  # [B, L]
+            keep = None if mod.padding_idx is None else (ids != mod.padding_idx)
+            rows = dirs["weight"][:, ids]  # [K, B, L, D]
+            if keep is not None:
+                rows = rows * keep[None, :, :, None]
+            self.rows = rows.permute(1, 0, 2, 3).reshape(B, K, -1)  # [B, K, L*D]
+        else:  # LayerNorm
+            xhat = F.layer_norm(inp, mod.normalized_shape, eps=mod.eps)  # normalised input, no affine
+            self.xhat = xhat.reshape(B, -1, int(torch.Size(mod.normalized_shape).numel()))  # [B, L, D]
+
+    def __call__(self, e: Tensor) -> Tensor:
+        B, K, mod, dirs = self.B, self.K, self.mod, self.dirs
+        out = e.new_zeros(B, K)
+        if isinstance(mod, nn.Linear):
+            e = e.reshape(B, -1, mod.out_features)  # [B, L, out]
+            if self.W is not None:
+                if self.U is not None:
+                    out += torch.bmm(self.U, e.reshape(B, -1, 1)).squeeze(2)  # [B, K]
+                else:
+                    G = torch.bmm(e.transpose(1, 2), self.a)  # per-sample gradient [B, out, in]
+                    out += G.reshape(B, -1) @ self.W.T  # [B, K]
+            if "bias" in dirs:
+                out += e.sum(1) @ dirs["bias"].T
+        elif isinstance(mod, nn.Embedding):
+            out += torch.bmm(self.rows, e.reshape(B, -1, 1)).squeeze(2)
+        else:
+            e = e.reshape(self.xhat.shape)
+            if "weight" in dirs:
+                out += (e * self.xhat).sum(1) @ dirs["weight"].reshape(K, -1).T
+            if "bias" in dirs:
+                out += e.sum(1) @ dirs["bias"].reshape(K, -1).T
+        return out

@@ -42,9 +42,11 @@ log = logging.getLogger(__name__)
 ENGINES = ("auto", "forward", "reverse")
 
 # Cost of each engine in plain forward passes over the probe set, measured by
-# benchmarks/engine.py on 2 CPU cores (see the README's table).
-FORWARD_PASSES_PER_DIRECTION = 3.0  # jvp ~ forward + tangent; nested jvp for c doubles it
-REVERSE_PASSES_PER_POSITION = 6.0  # one vmapped vjp per loss-bearing position, plus projection
+# benchmarks/engine.py on 2 CPU cores (see the README's table). ``auto`` replaces them
+# with measured costs once calibrate() has run, as the callback does before training.
+FORWARD_PASSES_PER_DIRECTION = 3.0  # jvp: a forward pass carrying a tangent
+REVERSE_PASSES_PER_POSITION = 2.0  # one backward pass over the batch per loss-bearing position
+SKINNY_PRODUCT_PENALTY = 4.4  # see polca_lightning._ghost
 
 
 class EngineError(RuntimeError):
@@ -72,17 +74,19 @@ def estimate_cost(n_directions: int, positions_per_sequence: float, sequence_len
     """Estimated cost of each engine, in plain forward passes over the probe set.
 
     ``forward``: ``FORWARD_PASSES_PER_DIRECTION`` per direction (twice that with curvature).
-    ``reverse``: per loss-bearing position, ``REVERSE_PASSES_PER_POSITION`` plus the
-    projection, ``K / sequence_length`` forward passes (a per-sample gradient has as many
-    entries as parameters; projecting it on K directions costs K multiply-adds per
-    parameter, a forward pass about ``sequence_length``). With curvature the reverse
-    engine needs a JVP per direction per position.
+    ``reverse``: a backward pass per loss-bearing position, plus the projection: either
+    ``a V_Wᵀ`` once (about one forward pass per direction) or per-sample gradients at
+    every position (``SKINNY_PRODUCT_PENALTY`` forward passes, plus ``K / sequence_length``
+    for the product with K directions), whichever is cheaper. With curvature the reverse
+    engine needs per-sample Jacobians and a JVP per direction.
     """
     k = max(n_directions, 1)
+    p = positions_per_sequence
     forward = FORWARD_PASSES_PER_DIRECTION * k * (2.0 if curvature else 1.0)
-    reverse = positions_per_sequence * (REVERSE_PASSES_PER_POSITION + k / max(sequence_length, 1))
+    projection = min(k, p * (SKINNY_PRODUCT_PENALTY + k / max(sequence_length, 1)))
+    reverse = p * REVERSE_PASSES_PER_POSITION + projection
     if curvature:
-        reverse *= 1.0 + k
+        reverse = p * (6.0 + k / max(sequence_length, 1)) * (1.0 + k)
     return {"forward": forward, "reverse": reverse}
 
 
