@@ -71,7 +71,12 @@ def bench_shape(name, model, batches, ks, naive_sample, memory_cap):
     rows = []
     for k in ks:
         V = orthonormal(k, space.dim)
-        t = {e: timed(lambda e=e: engines[e](theta, batches, V)) for e in ("forward", "reverse", "auto")}
+        # best of two after a warm-up (the first reverse call also checks the activation-based
+        # path against per-sample Jacobians, once per model)
+        t = {}
+        for e in ("forward", "reverse", "auto"):
+            engines[e](theta, batches[:1], V)
+            t[e] = timed(lambda e=e: engines[e](theta, batches, V), repeat=2)
         chosen = engines["auto"].choose(theta, batches, k, False)
         per_token, n_tokens = naive_seconds_per_token(model, space, batches, V, naive_sample)
         naive = per_token * n_tokens
