@@ -67,6 +67,13 @@ def batches(data: dict, size: int, keys=("input_ids", "labels", "place", "carry"
     return [{k: data[k][i : i + size] for k in keys} for i in range(0, n, size)]
 
 
+def decode(data: dict, sequence: int, position: int) -> str:
+    """The problem of a probe token, its digit in brackets: ``123+456=0[5]79``."""
+    chars = "0123456789+="
+    ids = data["input_ids"][sequence].tolist()
+    return "".join(f"[{chars[t]}]" if i == position else chars[t] for i, t in enumerate(ids))
+
+
 def token_labels(batch: dict) -> dict:
     """The ``place`` and ``carry`` of every position (-1 where it is not a sum digit)."""
     return {"place": batch["place"], "carry": batch["carry"]}
@@ -129,6 +136,10 @@ def main(argv=None) -> Path:
         order=args.order,
         engine=args.engine,
         seed=args.seed,
+        # appendix G: a carry cluster counts if most of its carries land on the 10s or 100s
+        # digit (a carry into the 1000s digit is just predicting a leading 1)
+        analysis_kwargs={"restrict": {"carry": ("place", (1, 2))}},
+        decode=lambda sequence, position: decode(probe, sequence, position),
     )
     if args.no_wandb:
         logger = False
