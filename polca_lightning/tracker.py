@@ -339,6 +339,10 @@ class POLCATracker:
             except FloatingPointError as err:
                 warnings.warn(f"POLCA: basis step at {step} skipped: {err}", RuntimeWarning, stacklevel=2)
                 return {}
+            if self.basis_kind == "hessian":
+                # Lanczos vectors are orthogonal to the basis only to the working precision,
+                # and float32 errors accumulate over basis steps: re-orthonormalise in float64
+                vecs = _orthonormalize(vecs, self._device_basis(), "eigen")
         solve_time = time.perf_counter() - start_time
         K0 = self.n_basis
         rows = slice(K0, K0 + vecs.shape[0])
