@@ -177,15 +177,20 @@ def summarize(store: Path, callback: POLCACallback, total: float) -> None:
         alloc = ds[name].sum(("interval", "basis")).values
         print(f"coverage of {name:<11}: allocated {alloc.mean():+.4f} of a real mean loss change "
               f"{real.mean():+.4f} per token (ratio {alloc.sum() / real.sum():.2f})")
-    if "carry_homogeneity" in ds:
-        print("best carry homogeneity per trajectory type (appendix G restriction):")
-        best = ds["carry_best"]
-        for tt in best["trajectory_type"].values:
-            entries = best.sel(trajectory_type=tt).values.reshape(-1)
-            entries = entries[entries >= 0]
-            if len(entries):
-                hom = ds["carry_homogeneity"].values[entries].max()
-                print(f"  {tt:<14} {hom:.3f}")
+    if "carry_homogeneity" not in ds:
+        return
+    from polca_lightning.report import appendix_g_table, open_analysed_store
+
+    table = appendix_g_table(open_analysed_store(store))
+    col = {name: i for i, name in enumerate(table.columns)}
+    print("best cluster of carry tokens per trajectory type (appendix G: 10s/100s-place carry clusters,")
+    print("outliers excluded; paper, Table 1: POLCA 0.97, exact loss 0.514):")
+    print(f"  {'trajectory':<14} {'homogeneity':>11} {'recall':>7} {'F1':>6} {'vector':>6} {'size':>5}")
+    for row in table.rows:
+        if row[col["label"]] == "carry" and row[col["value"]] == 1 and row[col["rank"]] == 0:
+            unit = row[col["unit"]]
+            print(f"  {row[col['trajectory_type']]:<14} {row[col['homogeneity']]:>11.3f} {row[col['recall']]:>7.3f} "
+                  f"{row[col['f1']]:>6.3f} {unit if unit >= 0 else '-':>6} {row[col['size']]:>5}")
 
 
 if __name__ == "__main__":
