@@ -151,7 +151,8 @@ def main(argv=None) -> Path:
     model = AdditionModel(args.d_model, args.n_layers, args.n_heads, args.lr, max_steps=args.steps)
     trainer = L.Trainer(
         max_steps=args.steps, callbacks=[callback], logger=logger, default_root_dir=out, accelerator="auto",
-        devices=1, log_every_n_steps=25, enable_checkpointing=False, enable_model_summary=False,
+        devices=1, log_every_n_steps=max(1, min(25, args.steps // 4)), enable_checkpointing=False,
+        enable_model_summary=False,
     )
     start = time.perf_counter()
     trainer.fit(model, DataLoader(batches(train, args.batch), batch_size=None, shuffle=False))

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
 from _tiny import tiny_lm
+from _wandb import wandb_history
 from polca_lightning import POLCACallback, open_store
 from polca_lightning.analysis import analyze, make_synthetic_store
 from polca_lightning.losses import causal_lm_token_loss
@@ -98,49 +99,6 @@ def copy_store(store: Path, dest: Path) -> Path:
 
 
 # ------------------------------------------------------------------ W&B offline read-back
-def wandb_records(path):
-    """Records of a ``.wandb`` transaction log (LevelDB log format: 32 KiB blocks of
-    ``crc32 (4) | length (2, LE) | type (1) | data`` chunks after a 7-byte header)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    raw = Path(path).read_bytes()
-    assert raw[:4] == b":W&B", raw[:7]
-    pos, block, buf, chunks = 7, 32768, b"", []
-    while pos + 7 <= len(raw):
-        left = block - pos % block
-        if left < 7:  # a block tail too short for a header is padding
-            pos += left
-            continue
-        length, kind = int.from_bytes(raw[pos + 4: pos + 6], "little"), raw[pos + 6]
-        data = raw[pos + 7: pos + 7 + length]
-        pos += 7 + length
-        if kind == 0:
-            break
-        if kind == 1:  # full
-            chunks.append(data)
-        elif kind == 2:  # first
-            buf = data
-        elif kind == 3:  # middle
-            buf += data
-        elif kind == 4:  # last
-            chunks.append(buf + data)
-    records = []
-    for data in chunks:
-        record = pb.Record()
-        record.ParseFromString(data)
-        records.append(record)
-    return records
-
-
-def wandb_history(run_dir: Path) -> list[dict]:
-    (log,) = glob.glob(str(run_dir / "run-*.wandb"))
-    rows = []
-    for r in wandb_records(log):
-        if r.WhichOneof("record_type") == "history":
-            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
-    return rows
-
-
 def test_fit_with_offline_wandb_logger_logs_the_report(tmp_path):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
