@@ -125,13 +125,14 @@ def main():
     print(f"store: {r['store_bytes'] / 2**20:.1f} MiB = {per:.1f} bytes per token x interval x vector "
           f"(all variables, weights included)")
     print()
-    print("| basis kept | peak extra host memory / parameter memory | peak extra device memory / parameter memory |")
-    print("|---|---|---|")
+    print(f"parameter memory {r['param_bytes'] / 2**20:.2f} MiB")
+    print("| basis kept | peak extra host memory | / parameter memory | peak extra device memory / parameter memory |")
+    print("|---|---|---|---|")
     for kind, run in runs.items():
         host = (run["peak_rss"] - plain["peak_rss"]) / run["param_bytes"]
         dev = "n/a (CPU)" if run["device_peak"] is None else f"{(run['device_peak'] - plain['device_peak']) / run['param_bytes']:.1f}"
         where = "on the device" if kind == "polca" else "off the device"
-        print(f"| {where} | {host:.1f} | {dev} |")
+        print(f"| {where} | {(run['peak_rss'] - plain['peak_rss']) / 2**20:.0f} MiB | {host:.1f} | {dev} |")
 
 
 if __name__ == "__main__":
