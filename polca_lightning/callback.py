@@ -217,6 +217,9 @@ class POLCACallback(Callback):
             "last_step": self._last_step,
             "n_snapshots": t.n_snapshots if t else 0,
             "n_basis": t.n_basis if t else 0,
+            # the engine costs measured at the start: a resumed run makes the same choices
+            # and so computes the same numbers
+            "engine_calibration": t.dd.calibration if t else None,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -304,7 +307,10 @@ class POLCACallback(Callback):
         v = torch.zeros(1, space.dim, dtype=theta.dtype, device=theta.device)
         v[0, 0] = 1.0
         t.dd(theta, t.probe[:1], v, curvature=t.curvature)
-        if self.engine == "auto" and not t.dd._disabled:
+        saved = (self._resume_state or {}).get("engine_calibration")
+        if self.engine == "auto" and saved:
+            t.dd.calibration = dict(saved)
+        elif self.engine == "auto" and not t.dd._disabled:
             # measured costs make the engine choice right on this machine and model; rank 0's
             # measurement is used everywhere so that every rank computes the same way
             with evaluation_mode(t.module):

@@ -153,8 +153,14 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path):
     )
     a, b = open_store(ref_cb.store).load(), open_store(resumed.store).load()
     assert b.attrs["complete"] and a.sizes == b.sizes
+    # the engine choice is made from timings, so two independent runs may use different
+    # engines for some K: equal to float32 rounding of each variable's scale
     for name in a.variables:
-        np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-5, atol=1e-7, err_msg=name)
+        scale = float(np.abs(a[name].values).max()) if a[name].size else 0.0
+        np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-5, atol=1e-6 * scale + 1e-9, err_msg=name)
+    # the resumed run makes the crashed run's engine choices: its measured costs come from the checkpoint
+    saved = torch.load(path, weights_only=False)["callbacks"][resumed.state_key]["engine_calibration"]
+    assert saved and resumed.tracker.dd.calibration == saved
 
 
 def test_resume_refuses_changed_settings_and_new_stores_refuse_existing(tmp_path):
