@@ -102,6 +102,8 @@ class POLCACallback(Callback):
         analysis_kwargs: settings for :func:`polca_lightning.analysis.analyze` (e.g. ``min_samples``).
         decode: ``decode(sequence_index, position) -> str``, the text of a probe token's context,
             shown in the table of contexts nearest each cluster medoid.
+        lca_directions: with ``analyze``, compute the LCA baseline after fit along this many
+            parameters, the largest in magnitude at the end (default ``max_basis``; 0: none).
         progress: progress bars for eigensolves and backfills.
 
     Raises:
@@ -137,6 +139,7 @@ class POLCACallback(Callback):
         analyze: bool = True,
         analysis_kwargs: dict | None = None,
         decode: Callable[[int, int], str] | None = None,
+        lca_directions: int | None = None,
         progress: bool = True,
     ):
         if not isinstance(store, (str, os.PathLike)):
@@ -182,6 +185,10 @@ class POLCACallback(Callback):
         if decode is not None and not callable(decode):
             raise TypeError(f"decode: expected a callable (sequence_index, position) -> str, got {decode!r}")
         self.analysis_kwargs, self.decode = dict(analysis_kwargs or {}), decode
+        if lca_directions is not None and (isinstance(lca_directions, bool) or not isinstance(lca_directions, int)
+                                           or lca_directions < 0):
+            raise ValueError(f"lca_directions: expected a non-negative int or None, got {lca_directions!r}")
+        self.lca_directions = self.max_basis if lca_directions is None else lca_directions
         self.tracker: POLCATracker | None = None
         self.writer: StoreWriter | None = None
         self._last_step = -1
@@ -384,6 +391,13 @@ class POLCACallback(Callback):
 
     def _analyze(self, trainer: Trainer) -> None:
         from polca_lightning.report import report_after_fit
+
+        if self.lca_directions:
+            from polca_lightning.lca import lca_baseline
+
+            t = self.tracker
+            lca_baseline(self.store, t.module, t.token_loss, t.probe, self.lca_directions,
+                         engine=self.engine, progress=self.progress)
 
         report_after_fit(self.store, trainer, decode=self.decode, analysis_kwargs=self.analysis_kwargs)
 

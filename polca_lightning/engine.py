@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, jvp, vmap
 from torch.utils._pytree import tree_map
 
-from polca_lightning._ghost import Unsupported, ghost_plan, ghost_reverse
+from polca_lightning._ghost import SKINNY_PRODUCT_PENALTY, Unsupported, ghost_plan, ghost_reverse
 from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
 from polca_lightning.losses import TokenLoss
 
@@ -46,7 +46,6 @@ ENGINES = ("auto", "forward", "reverse")
 # with measured costs once calibrate() has run, as the callback does before training.
 FORWARD_PASSES_PER_DIRECTION = 3.0  # jvp: a forward pass carrying a tangent
 REVERSE_PASSES_PER_POSITION = 2.0  # one backward pass over the batch per loss-bearing position
-SKINNY_PRODUCT_PENALTY = 4.4  # see polca_lightning._ghost
 
 
 class EngineError(RuntimeError):

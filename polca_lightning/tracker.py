@@ -187,11 +187,9 @@ class POLCATracker:
     def _theta(self) -> Tensor:
         return self.space.flatten(self.module)
 
-    def _device_basis(self, rows: slice | None = None) -> Tensor | None:
-        if self.basis is None:
-            return None
-        b = self.basis if rows is None else self.basis[rows]
-        return b.to(self._theta_device)
+    def _device_basis(self) -> Tensor | None:
+        """The basis on the model's device (a copy when it is kept on the host)."""
+        return None if self.basis is None else self.basis.to(self._theta_device)
 
     def derivatives(self, theta: Tensor, directions: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Loss ``[T]``, ``g`` and ``c`` ``[K, T]`` over all probe tokens (gathered in probe order)."""

@@ -10,36 +10,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from _tiny import tiny_lm
+from _tiny import AdditionModule, batches, tiny_lm
 from polca_lightning import POLCACallback, open_store
 from polca_lightning.engine import EngineError
 from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
 from polca_lightning.losses import causal_lm_token_loss
 from polca_lightning.store import StoreExistsError
-from polca_lightning.toy import addition_data
-
-
-class AdditionModule(L.LightningModule):
-    def __init__(self, seed=0, lr=1e-2, net=None):
-        super().__init__()
-        self.net = net if net is not None else tiny_lm(seed=seed, d_model=8, dtype=torch.float32)
-        self.lr = lr
-
-    def forward(self, input_ids):
-        return self.net(input_ids)
-
-    def training_step(self, batch, _):
-        loss, mask, _ = causal_lm_token_loss(self, batch)
-        return loss[mask].mean()
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
-
-
-def batches(n, size, seed, labels=False):
-    data = addition_data(n, seed=seed)
-    keys = ["input_ids", "labels"] + (["carry", "place"] if labels else [])
-    return [{k: data[k][i : i + size] for k in keys} for i in range(0, n, size)]
 
 
 def trainer(tmp_path, max_steps, callbacks, **kw):
@@ -304,3 +280,31 @@ def test_sharded_strategies_are_refused():
     fake = type("T", (), {"strategy": FSDPStrategy(), "global_rank": 0})()
     with pytest.raises(RuntimeError, match="FSDPStrategy strategy shards parameters"):
         cb.setup(fake, None, "fit")
+
+
+def test_lca_baseline_matches_per_token_gradients_of_the_largest_parameters(tmp_path):
+    from polca_lightning.lca import lca_baseline
+
+    cb = polca(tmp_path, max_basis=2, lca_directions=0)
+    module = AdditionModule()
+    trainer(tmp_path, 6, [cb]).fit(module, TRAIN)
+    chosen = lca_baseline(cb.store, module, causal_lm_token_loss, cb.probe_batches, 3)
+    ds = open_store(cb.store).load()
+    W = torch.from_numpy(ds["weights"].values).double()  # [S, d]
+    assert sorted(chosen.tolist()) == sorted(W[-1].abs().topk(3).indices.tolist())
+    assert ds["lca_parameter"].values.tolist() == chosen.tolist() and ds["lca_polca"].attrs["order"] == "trapezoid"
+    ref = tiny_lm(d_model=8)
+    space = ParameterSpace.from_module(ref)
+    fn = FunctionalTokenLoss(ref, causal_lm_token_loss, space)
+    with evaluation_mode(ref):
+        g = []
+        for theta in W:
+            t = theta.clone().requires_grad_(True)
+            per_token = torch.cat([fn(t, b)[0][fn(t, b)[1]] for b in cb.probe_batches])
+            grads = torch.stack([torch.autograd.grad(l, t, retain_graph=True)[0] for l in per_token])  # [T, d]
+            g.append(grads[:, chosen].T)  # [n, T]
+    g = torch.stack(g)  # [S, n, T]
+    delta = W[1:, chosen] - W[:-1, chosen]  # [I, n]
+    expected = 0.5 * (g[:-1] + g[1:]) * delta[:, :, None]
+    got = torch.from_numpy(ds["lca_polca"].values).double()
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from polca_lightning import POLCACallback, open_store
-from test_callback import AdditionModule, batches
+from _tiny import AdditionModule, batches
 
 TRAIN_BATCHES = batches(64, 16, seed=0)  # 4 global batches of 16 per epoch
 

@@ -17,11 +17,10 @@ from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-from _tiny import tiny_lm
+from _tiny import AdditionModule, batches
 from _wandb import wandb_history
 from polca_lightning import POLCACallback, open_store
 from polca_lightning.analysis import analyze, make_synthetic_store
-from polca_lightning.losses import causal_lm_token_loss
 from polca_lightning.report import (
     analyze_store,
     appendix_g_figure,
@@ -41,31 +40,6 @@ from polca_lightning.report import (
 
 
 # ------------------------------------------------------------------ a tiny real run
-class AdditionModule(L.LightningModule):
-    def __init__(self, seed=0, lr=1e-2):
-        super().__init__()
-        self.net = tiny_lm(seed=seed, d_model=8, dtype=torch.float32)
-        self.lr = lr
-
-    def forward(self, input_ids):
-        return self.net(input_ids)
-
-    def training_step(self, batch, _):
-        loss, mask, _ = causal_lm_token_loss(self, batch)
-        return loss[mask].mean()
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
-
-
-def batches(n, size, seed, labels=False):
-    from polca_lightning.toy import addition_data
-
-    data = addition_data(n, seed=seed)
-    keys = ["input_ids", "labels"] + (["carry", "place"] if labels else [])
-    return [{k: data[k][i: i + size] for k in keys} for i in range(0, n, size)]
-
-
 def tiny_fit(root: Path, logger=False, max_steps=12, analyze=True) -> POLCACallback:
     """3-digit addition, TinyTransformer(d=8, 1 layer, 2 heads), snapshots every 2 steps,
     2 Hessian vectors every 4 steps up to 4, labels place/carry."""
