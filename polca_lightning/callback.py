@@ -262,7 +262,14 @@ class POLCACallback(Callback):
         hessian = [move_data_to_device(b, device) for b in self.hessian_batches]
         tokens = self._token_index(pl_module, token_loss, space, probe)
         collective = TorchDistributed() if trainer.world_size > 1 else Collective()
-        self.writer = _on_rank_zero(  # DDP: only rank 0 writes; a refusal (e.g. changed settings) raises everywhere
+        self.tracker = POLCATracker(
+            pl_module, token_loss, space, probe, hessian, order=self.order, k=self.k, max_basis=self.max_basis,
+            basis=self.basis, writer=None, collective=collective, engine=self.engine,
+            memory_cap=self.memory_cap, basis_on_device=self.basis_on_device, lanczos_tol=self.lanczos_tol,
+            seed=self.seed, log_metrics=lambda m, step: self._log(trainer, m, step), progress=self.progress,
+        )
+        self._check_engine(space)  # before the store exists: a model we cannot differentiate leaves nothing behind
+        self.writer = self.tracker.writer = _on_rank_zero(  # DDP: only rank 0 writes; a refusal raises everywhere
             trainer,
             lambda: StoreWriter(
                 self.store, mode=self.mode, tokens=tokens, parameters=list(zip(space.names, space.shapes)),
@@ -270,13 +277,6 @@ class POLCACallback(Callback):
                 with_curvature=needs_curvature(self.order),
             ),
         )
-        self.tracker = POLCATracker(
-            pl_module, token_loss, space, probe, hessian, order=self.order, k=self.k, max_basis=self.max_basis,
-            basis=self.basis, writer=self.writer, collective=collective, engine=self.engine,
-            memory_cap=self.memory_cap, basis_on_device=self.basis_on_device, lanczos_tol=self.lanczos_tol,
-            seed=self.seed, log_metrics=lambda m, step: self._log(trainer, m, step), progress=self.progress,
-        )
-        self._check_engine(space)
         self._resume(trainer)
 
     def _token_index(self, module, token_loss, space, probe) -> TokenIndex:

@@ -247,9 +247,11 @@ def test_an_op_no_engine_can_differentiate_fails_before_training(tmp_path):
 
     module = OpaqueModule()
     before = [p.detach().clone() for p in module.parameters()]
+    cb = polca(tmp_path)
     with pytest.warns(RuntimeWarning), pytest.raises(EngineError, match="math backend"):
-        trainer(tmp_path, 4, [polca(tmp_path)]).fit(module, TRAIN)
+        trainer(tmp_path, 4, [cb]).fit(module, TRAIN)
     assert _untouched(module, before)
+    assert not cb.store.exists()  # nothing left behind to refuse the next attempt
 
 
 def test_non_finite_probe_losses_are_recorded_as_nan_and_training_goes_on(tmp_path):
