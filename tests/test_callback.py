@@ -1,7 +1,5 @@
 """POLCACallback end to end on tiny runs: recomputed independently, crash and resume, bad input."""
 
-import math
-import warnings
 
 import lightning as L
 import numpy as np

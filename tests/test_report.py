@@ -4,7 +4,6 @@ The W&B test reads back what the offline run wrote (media files, table JSON, and
 history records of the ``.wandb`` log), not a mock.
 """
 
-import glob
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +11,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-import torch
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader

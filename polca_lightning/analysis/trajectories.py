@@ -34,7 +34,7 @@ def projected_loss(polca: np.ndarray) -> np.ndarray:
     """
     polca = np.asarray(polca)
     if polca.ndim < 1:
-        raise ValueError(f"polca must have an interval axis first, got a scalar")
+        raise ValueError("polca must have an interval axis first, got a scalar")
     out = np.zeros((polca.shape[0] + 1,) + polca.shape[1:], dtype=np.float64)
     np.cumsum(polca, axis=0, dtype=np.float64, out=out[1:])  # [interval, ...] -> rows 1..S
     return out
