@@ -23,8 +23,8 @@ import numpy as np
 import zarr
 
 from polca_lightning.store import (
-    BUILTIN_TOKEN_COORDS, FORMAT_KEY, FORMAT_VERSION, TRAINING_SPECS, StoreError, StoreExistsError,
-    StoreWriteError, TokenIndex, _as_float32, _as_index, _as_int64, _check_location, _chunk_plan,
+    BUILTIN_TOKEN_COORDS, FORMAT_KEY, FORMAT_VERSION, TRAINING_SPECS, StoreError,
+    StoreWriteError, TokenIndex, _as_float32, _as_index, _as_int64, _chunk_plan, check_store_path,
     _consolidate, _fill_value_for, _jsonable, _n_params, _open_polca_group, _remove_store, _same_json,
     _shrink_array, _to_numpy,
 )
@@ -196,11 +196,7 @@ class StoreWriter:
             "max_basis": self.max_basis, "parameters": _jsonable(self.parameters, "parameters"),
             "config": _jsonable(dict(config), "config"), "token_labels": list(tokens.labels),
         }
-        _check_location(self.path)
-        exists = self.path.exists() and any(self.path.iterdir())
-        if mode == "w-" and exists:
-            raise StoreExistsError(f"{str(self.path)!r} already exists; use mode='a' to resume that "
-                                   "store or mode='w' to overwrite it")
+        exists = check_store_path(self.path, mode)
         if mode == "w":
             _remove_store(self.path)
         if mode == "a" and exists:

@@ -245,14 +245,9 @@ class POLCACallback(Callback):
         _on_rank_zero(trainer, self._check_store)  # DDP: rank 0 checks, every rank raises
 
     def _check_store(self) -> None:
-        from polca_lightning.store import StoreExistsError, _check_location
+        from polca_lightning.store import check_store_path
 
-        _check_location(self.store)
-        if self.mode == "w-" and self.store.exists() and any(self.store.iterdir()):
-            raise StoreExistsError(
-                f"store: {str(self.store)!r} already exists; pass mode='a' to resume it (with ckpt_path) "
-                "or mode='w' to overwrite it"
-            )
+        check_store_path(self.store, self.mode)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         token_loss = resolve_token_loss(pl_module, self.token_loss)

@@ -73,6 +73,7 @@ def lca_baseline(
     directions = torch.zeros(n, space.dim, dtype=last.dtype)
     directions[torch.arange(n), chosen] = 1.0  # axis-aligned, [n, d]
     directions = directions.to(device)
+    index = chosen.to(device)
     dd = DirectionalDerivatives(module, token_loss, space, engine=engine)
     S = ds.sizes["snapshot"]
     values = np.full((S - 1, n, ds.sizes["token"]), np.nan, dtype=np.float32)
@@ -88,7 +89,7 @@ def lca_baseline(
             theta = torch.from_numpy(np.asarray(ds["weights"][i].values)).to(device)
             g = dd(theta, probe_batches, directions).g  # [n, T]
             if previous is not None:
-                delta = theta[chosen.to(device)] - previous[0][chosen.to(device)]  # [n]
+                delta = theta[index] - previous[0][index]  # [n]
                 out = polca_interval(order, previous[1], delta, g_end=g)
                 values[i - 1] = out.values.cpu().numpy()
                 deltas[i - 1] = delta.cpu().numpy()

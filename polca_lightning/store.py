@@ -285,6 +285,25 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK, effective_ids=effective)
 
 
+def check_store_path(path: Any, mode: str) -> bool:
+    """Fail now, not after hours of training, if a store cannot be written at ``path`` in ``mode``.
+
+    Returns:
+        Whether something (not an empty directory) is at ``path``.
+
+    Raises:
+        NotADirectoryError, PermissionError: ``path`` cannot hold a store.
+        StoreExistsError: mode ``'w-'`` and something is at ``path``.
+    """
+    path = Path(path)
+    _check_location(path)
+    exists = path.exists() and any(path.iterdir())
+    if mode == "w-" and exists:
+        raise StoreExistsError(f"{str(path)!r} already exists; use mode='a' to resume that "
+                               "store (with ckpt_path) or mode='w' to overwrite it")
+    return exists
+
+
 def _check_location(path: Path) -> None:
     """Fail now, not after hours of training, if `path` cannot hold a store."""
     if path.exists():

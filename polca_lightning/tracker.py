@@ -162,6 +162,7 @@ class POLCATracker:
         self.my_probe = self.probe[r::w]
         self.my_hessian = list(hessian_batches)[r::w]
         self.timings: dict[str, float] = defaultdict(float)
+        self._nested: list[float] = []  # time of timers nested in the open ones
         self.guarded = 0  # second-order denominators clamped so far
         self._warned_nonfinite = False
         # state: the basis and the last snapshot
@@ -174,11 +175,16 @@ class POLCATracker:
     # ----------------------------------------------------------------- helpers
     @contextmanager
     def _timed(self, name: str):
+        """Add the time spent to ``timings[name]``, less what nested timers took (counted once)."""
         start = time.perf_counter()
+        self._nested.append(0.0)
         try:
             yield
         finally:
-            self.timings[name] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.timings[name] += elapsed - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += elapsed
 
     @property
     def n_basis(self) -> int:
@@ -243,7 +249,7 @@ class POLCATracker:
             self._theta_device = theta.device
         with self._timed("interval"), evaluation_mode(self.module):
             loss, g, c = self.derivatives(theta, self._device_basis())
-        now = {"theta": theta, "loss": loss, "g": g, "c": c, "step": step}
+        now = {"theta": theta, "loss": loss, "g": g, "c": c}
         metrics = {}
         j = self.n_snapshots
         if self.writer is not None:
@@ -264,6 +270,8 @@ class POLCATracker:
                     metrics[f"polca/explained{name}"] = cov["explained"]
         if j > 0:
             metrics["polca/probe_loss"] = loss.nanmean().item()
+        if self.order == "second":
+            metrics["polca/second_order_guarded"] = self.guarded  # Eq. 5 denominators clamped so far
         self._commit(j + 1, self.n_basis)
         self.n_snapshots = j + 1
         self.prev = now

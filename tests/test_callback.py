@@ -308,3 +308,20 @@ def test_lca_baseline_matches_per_token_gradients_of_the_largest_parameters(tmp_
     expected = 0.5 * (g[:-1] + g[1:]) * delta[:, :, None]
     got = torch.from_numpy(ds["lca_polca"].values).double()
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_tracker_timings_count_nested_work_once():
+    import time
+
+    from polca_lightning.tracker import POLCATracker
+
+    tracker = POLCATracker.__new__(POLCATracker)  # only the timer is exercised
+    tracker.timings, tracker._nested = {"outer": 0.0, "io": 0.0}, []
+    start = time.perf_counter()
+    with tracker._timed("outer"):
+        time.sleep(0.05)
+        with tracker._timed("io"):
+            time.sleep(0.05)
+    wall = time.perf_counter() - start
+    assert tracker.timings["io"] >= 0.05 and tracker.timings["outer"] >= 0.05
+    assert tracker.timings["outer"] + tracker.timings["io"] <= wall + 1e-6  # not 0.15 s: the I/O counted once
