@@ -112,10 +112,10 @@ def main():
     print()
     print("| part | seconds | share of the callback | multiple of training time |")
     print("|---|---|---|---|")
-    for name in ("snapshot", "eigensolve", "interval", "backfill", "io"):
+    for name in ("setup", "snapshot", "eigensolve", "interval", "backfill", "io"):
         print(f"| {name} | {t.get(name, 0):.1f} | {t.get(name, 0) / callback_total:.1%} | "
               f"{t.get(name, 0) / plain['seconds']:.2f} |")
-    other = r["seconds"] - plain["seconds"] - callback_total  # set-up, calibration, hooks: bookkeeping
+    other = r["seconds"] - plain["seconds"] - callback_total  # hooks, token index, run-to-run noise: bookkeeping
     print(f"| bookkeeping (rest of the difference) | {other:.1f} | {other / callback_total:.1%} | "
           f"{other / plain['seconds']:.2f} |")
     print(f"| **callback total** | {callback_total:.1f} | 100% | {callback_total / plain['seconds']:.2f} |")

@@ -263,7 +263,8 @@ class POLCACallback(Callback):
             memory_cap=self.memory_cap, basis_on_device=self.basis_on_device, lanczos_tol=self.lanczos_tol,
             seed=self.seed, log_metrics=lambda m, step: self._log(trainer, m, step), progress=self.progress,
         )
-        self._check_engine(space)  # before the store exists: a model we cannot differentiate leaves nothing behind
+        with self.tracker._timed("setup"):  # the engine check and its cost calibration
+            self._check_engine(space)  # before the store exists: a model we cannot differentiate leaves nothing behind
         self.writer = self.tracker.writer = _on_rank_zero(  # DDP: only rank 0 writes; a refusal raises everywhere
             trainer,
             lambda: StoreWriter(
