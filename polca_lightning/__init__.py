@@ -3,6 +3,7 @@
 Add :class:`POLCACallback` to a ``Trainer``; reload the store with :func:`open_store`.
 """
 
+from polca_lightning.ablation import ablate_directions
 from polca_lightning.callback import POLCACallback
 from polca_lightning.engine import DirectionalDerivatives, EngineError
 from polca_lightning.functional import ParameterSpace
@@ -28,4 +29,5 @@ __all__ = [
     "polca_interval",
     "coverage",
     "ORDERS",
+    "ablate_directions",
 ]

@@ -7,12 +7,15 @@ Usage::
                         [--methods M ...] [--labels L ...] [--wandb-project NAME [--online]]
                         [--report DIR] [--no-write] [--force] [--quiet]
     polca report STORE [--out DIR] [--force] [--quiet]
+    polca ablate STORE [--vectors N ...] [--method polca|polca_first] [--label L] [--csv PATH]
 
 ``analyze`` re-runs the analysis with other settings, writes the results into the store
 (unless ``--no-write``), then reports: to a new W&B run with ``--wandb-project``
 (offline unless ``--online``), to a PNG folder with ``--report DIR``, and to the folder
 ``<store>.report`` when neither is given. ``report`` draws the folder from the results
 already in the store (it runs the analysis with default settings first if there are none).
+``ablate`` prints the causal check written after fit (``POLCACallback(ablate=True)``): each
+cluster's loss change when the final model's movement along its vector is undone.
 
 Exit codes: 0 success; 2 a usage error, a missing path, a directory that is not a POLCA
 store, a store still being written (``analyze``/``report`` without ``--force``), or an
@@ -77,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="path of the store")
     p.add_argument("--out", metavar="DIR", help="report folder (default: STORE.report beside the store)")
     _common(p)
+
+    p = sub.add_parser("ablate", help="each cluster's loss change when its vector's movement is undone",
+                       description="Print the causal check of the kept vectors: the loss change of each cluster "
+                                   "when the final model's movement along the vector is undone "
+                                   "(theta_end - <theta_end - theta_0, b> b), beside the loss change POLCA "
+                                   "allocated to the vector. The store needs the ablation "
+                                   "(POLCACallback(ablate=True), the default) and an analysis.")
+    p.add_argument("store", help="path of the store")
+    p.add_argument("--vectors", nargs="+", type=int, metavar="N", help="basis vectors (default: the kept ones)")
+    p.add_argument("--method", default="polca", choices=["polca", "polca_first"],
+                   help="whose clusters and allocation (default polca)")
+    p.add_argument("--label", metavar="L", help="describe each cluster by this token label (e.g. carry)")
+    p.add_argument("--csv", metavar="PATH", help="also write the per-cluster table as CSV")
     return parser
 
 
@@ -244,7 +260,46 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "report": cmd_report}
+def _fmt(value, signed: bool = True) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return f"{value:+.4f}" if signed else f"{value:.3f}"
+    return str(value)
+
+
+def cmd_ablate(args) -> int:
+    from polca_lightning.ablation import ablation_summary, ablation_table
+
+    ds = _open(args.store)
+    try:
+        table = ablation_table(ds, args.vectors, args.method, label=args.label)
+        summary = ablation_summary(ds, args.vectors, args.method)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    print("loss change when the final model's movement along a vector is undone "
+          "(positive: the loss rises); polca_total: the loss change POLCA allocated to the vector")
+    print("  ".join(f"{c:>22}" if i else c for i, c in enumerate(summary.columns)))
+    for row in summary.rows:
+        print("  ".join(f"{_fmt(v):>22}" if i else f"{v:>6}" for i, v in enumerate(row)))
+    col = {c: i for i, c in enumerate(table.columns)}
+    shown = ["tokens", "size", "loss_change", "rest", "polca_total"] + table.columns[col["most_affected"] + 1:]
+    for u in dict.fromkeys(row[col["vector"]] for row in table.rows):
+        rows = [row for row in table.rows if row[col["vector"]] == u]
+        print(f"\nvector {u} (moved {rows[0][col['coefficient']]:+.4g} along it):")
+        print("  " + "  ".join(f"{c:>12}" for c in shown + ["most affected"]))
+        for row in rows:
+            print("  " + "  ".join(f"{_fmt(row[col[c]], not c.endswith('_share')):>12}" for c in shown)
+                  + f"  {'<-' if row[col['most_affected']] else '':>12}")
+    if args.csv:
+        table.to_csv(args.csv)
+        print(f"\ntable written to {args.csv}")
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "report": cmd_report, "ablate": cmd_ablate}
 
 
 def main(argv: list[str] | None = None) -> int:

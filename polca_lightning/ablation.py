@@ -1,0 +1,269 @@
+"""Causal check of a basis vector: undo the final model's movement along it.
+
+POLCA is observational: it says how much of a token's loss change happened along a
+direction ``b``. The check asks the model. For a basis vector ``b`` (unit norm) the run
+moved the parameters by ``θ_end - θ_0``; its component along ``b`` is
+``α_b = <θ_end - θ_0, b>``. The ablated model
+
+    θ_ablated(b) = θ_end - α_b b
+
+is the final model with that movement taken back and every other one kept. Every probe
+token's loss change ``ℓ_x(θ_ablated(b)) - ℓ_x(θ_end)`` is written into the store:
+
+- ``ablation_loss_change`` ``[basis, token]``: the loss change (NaN for vectors not ablated);
+- ``ablation_coefficient`` ``[basis]``: ``α_b``;
+- ``ablation_end_loss`` ``[token]``: ``ℓ_x(θ_end)``, computed the same way as the ablated losses.
+
+If ``b`` matters most for the tokens clustered on it, those clusters' losses rise the
+most. :func:`ablation_table` sets each cluster's mean loss change beside the loss change
+POLCA allocated to ``b`` over training (its projected loss at the end, Eq. 8): a cluster
+whose loss fell along ``b`` should get it back when ``b`` is undone.
+
+``POLCACallback(ablate=True)`` (the default) runs :func:`ablate_directions` after fit;
+``polca ablate STORE`` prints the tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.losses import TokenLoss
+from polca_lightning.store import open_store, write_analysis
+
+__all__ = ["ablate_directions", "ablated_parameters", "ablation_table", "ablation_summary"]
+
+#: the store variables written by :func:`ablate_directions`
+ABLATION_VARIABLES = ("ablation_loss_change", "ablation_coefficient", "ablation_end_loss")
+
+
+def ablated_parameters(theta_0: torch.Tensor, theta_end: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``θ_end - <θ_end - θ_0, b> b``: the final parameters with the movement along ``b`` undone.
+
+    ``b`` must have unit norm (the store's basis vectors do). The inner product is taken
+    in float64.
+    """
+    alpha = torch.dot((theta_end - theta_0).double(), b.double())
+    return (theta_end.double() - alpha * b.double()).to(theta_end.dtype)
+
+
+def _probe_losses(fn: FunctionalTokenLoss, theta: torch.Tensor, batches: Sequence[Any]) -> torch.Tensor:
+    """Loss of every probe token at ``theta``, in store order (row-major, loss-bearing only)."""
+    parts = []
+    for batch in batches:
+        loss, mask, _ = fn(theta, batch)
+        parts.append(loss[mask].detach().double().cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def ablate_directions(
+    store,
+    module: nn.Module,
+    token_loss: TokenLoss,
+    probe_batches: Sequence[Any],
+    vectors: Sequence[int] | None = None,
+    *,
+    write: bool = True,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Undo the movement along each of ``vectors`` and measure every probe token's loss change.
+
+    Uses the store's first and last weight snapshots and its basis vectors; the model
+    only supplies the architecture (its own parameter values are not used).
+
+    Args:
+        store: path of a store with ``weights`` and ``basis_vectors``.
+        module: the model the store was written from (same selected parameters).
+        token_loss: the token loss the store was written with.
+        probe_batches: the probe batches the store was written with, on the model's device.
+        vectors: basis indices to ablate (default: all).
+        write: write the results into the store (``ablation_*`` variables).
+        progress: a progress bar over vectors.
+
+    Returns:
+        ``{"loss_change": [K, T] (NaN rows for vectors not ablated), "coefficient": [K],
+        "end_loss": [T]}``, float64.
+
+    Raises:
+        ValueError: a store without weights or basis, parameters that are not the
+            module's, bad vector indices, or probe batches with another token count.
+
+    Example:
+        >>> out = ablate_directions("runs/polca.zarr", model, causal_lm_token_loss, probe)
+        >>> out["loss_change"][3].mean()  # mean loss change when vector 3 is undone
+    """
+    ds = open_store(store)
+    for name in ("weights", "basis_vectors"):
+        if name not in ds:
+            raise ValueError(f"store: {store} holds no {name!r}; the ablation needs the weight snapshots and the basis")
+    if ds.sizes["snapshot"] < 2:
+        raise ValueError(f"store: {store} has {ds.sizes['snapshot']} snapshot(s); the ablation needs a first and a last")
+    names = [name for name, _ in ds.attrs["parameters"]]
+    space = ParameterSpace.from_module(module, names)
+    if list(space.names) != names or space.dim != ds.sizes["param"]:
+        raise ValueError(f"module: its parameters do not match the store's ({names[:3]}...)")
+    K, T = ds.sizes["basis"], ds.sizes["token"]
+    chosen = list(range(K)) if vectors is None else [int(v) for v in vectors]
+    bad = [v for v in chosen if not 0 <= v < K]
+    if bad:
+        raise ValueError(f"vectors: {bad} are not basis indices of a store with {K} vectors")
+
+    device = next(module.parameters()).device
+    dtype = next(module.parameters()).dtype
+    weights = ds["weights"]
+    theta_0 = torch.from_numpy(np.asarray(weights[0].values)).to(device, dtype)
+    theta_end = torch.from_numpy(np.asarray(weights[-1].values)).to(device, dtype)
+    basis = np.asarray(ds["basis_vectors"].values)
+    fn = FunctionalTokenLoss(module, token_loss, space)
+    change = np.full((K, T), np.nan)
+    coefficient = np.full(K, np.nan)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(chosen) + 1, desc="POLCA ablation", leave=False, dynamic_ncols=True)
+    with evaluation_mode(module), torch.no_grad():
+        end_loss = _probe_losses(fn, theta_end, probe_batches)
+        if end_loss.numel() != T:
+            raise ValueError(f"probe_batches: {end_loss.numel()} loss-bearing tokens, the store has {T}; "
+                             "pass the probe data the store was written with")
+        if bar is not None:
+            bar.update(1)
+        for v in chosen:
+            b = torch.from_numpy(basis[v]).to(device, dtype)
+            coefficient[v] = float(torch.dot((theta_end - theta_0).double(), b.double()))
+            ablated = _probe_losses(fn, ablated_parameters(theta_0, theta_end, b), probe_batches)
+            change[v] = (ablated - end_loss).numpy()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    out = {"loss_change": change, "coefficient": coefficient, "end_loss": end_loss.numpy()}
+    if write:
+        attrs = {"description": "loss change of every probe token when the final model's movement along the "
+                                "vector is undone: l(theta_end - <theta_end - theta_0, b> b) - l(theta_end)",
+                 "first_step": int(ds["step"].values[0]), "last_step": int(ds["step"].values[-1])}
+        write_analysis(store, {
+            "ablation_loss_change": (("basis", "token"), change.astype(np.float32), attrs),
+            "ablation_coefficient": (("basis",), coefficient, {"description": "<theta_end - theta_0, b>"}),
+            "ablation_end_loss": (("token",), out["end_loss"].astype(np.float32),
+                                  {"description": "loss at the last snapshot, as the ablation computes it"}),
+        })
+    return out
+
+
+def _check_ablated(ds) -> None:
+    if "ablation_loss_change" not in ds.variables:
+        raise ValueError(
+            "the store holds no ablation: run POLCACallback(ablate=True) (the default) or "
+            "polca_lightning.ablate_directions(store, model, token_loss, probe_batches)")
+    if "cluster" not in ds.variables:
+        raise ValueError("the store holds no analysis: run `polca analyze STORE` first")
+
+
+def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca", label: str | None = None):
+    """Each cluster's mean loss change when its vector is undone, beside what POLCA allocated.
+
+    One row per (vector, group of tokens), where the groups of a vector are its clusters,
+    its HDBSCAN outliers, the tokens the §4.1 filter dropped, and all tokens (column
+    ``tokens``: ``"cluster 0"``, ..., ``"outliers"``, ``"filtered"``, ``"all"``). Columns:
+
+    - ``loss_change``: mean ``ℓ(θ_ablated) - ℓ(θ_end)`` over the group's tokens;
+    - ``polca_total``: mean projected loss at the end of training (Σ over intervals of
+      the vector's POLCA): the loss change POLCA allocated to the vector;
+    - ``rest``: mean loss change of the tokens outside the group;
+    - ``most_affected``: the cluster with the largest mean loss change of this vector;
+    - with ``label``: ``<label>`` and ``<label>_share``, the group's most common value of
+      that token coordinate and the fraction of the group's tokens that have it.
+
+    Args:
+        ds: an analysed store with ablation results (:func:`~polca_lightning.report.open_analysed_store`).
+        units: vectors (default: the vectors the analysis kept that were ablated).
+        method: ``polca`` or ``polca_first`` (whose clusters and allocation to use).
+        label: a token coordinate (e.g. ``carry``) to describe each group by.
+
+    Returns:
+        A :class:`polca_lightning.report.Table`.
+    """
+    from polca_lightning.analysis.methods import METHODS
+    from polca_lightning.report.pipeline import Table, _py, kept_units
+
+    _check_ablated(ds)
+    if method not in ("polca", "polca_first"):
+        raise ValueError(f"method: expected 'polca' or 'polca_first' (the basis-vector methods), got {method!r}")
+    p = METHODS[method].prefix
+    change_all = np.asarray(ds["ablation_loss_change"].values, dtype=np.float64)  # [K, T]
+    ablated = np.isfinite(change_all).any(axis=1)
+    if units is None:
+        units = [u for u in kept_units(ds, method) if ablated[u]]
+    total = np.asarray(ds[METHODS[method].variable].sum("interval", skipna=False)
+                       .transpose("basis", "token").values, dtype=np.float64)
+    coefficient = np.asarray(ds["ablation_coefficient"].values)
+    columns = ["vector", "coefficient", "tokens", "cluster", "size", "loss_change", "rest", "polca_total",
+               "most_affected"]
+    values = None
+    if label is not None:
+        if label not in ds.coords or ds[label].dims != ("token",):
+            options = [c for c in ds.coords if ds[c].dims == ("token",)]
+            raise ValueError(f"label: expected a token coordinate (one of {options}), got {label!r}")
+        values = np.asarray(ds[label].values)
+        columns += [label, f"{label}_share"]
+    rows = []
+    for u in units:
+        u = int(u)
+        if not 0 <= u < change_all.shape[0] or not ablated[u]:
+            raise ValueError(f"units: vector {u} was not ablated")
+        change, cl = change_all[u], np.asarray(ds[p + "cluster"].isel(basis=u).values)
+        n_c = int(cl.max(initial=-1)) + 1
+        means = [float(np.mean(change[cl == c])) if (cl == c).any() else np.nan for c in range(n_c)]
+        top = int(np.nanargmax(means)) if n_c and np.isfinite(means).any() else -1
+        groups = [(f"cluster {c}", c, cl == c) for c in range(n_c)]
+        groups += [("outliers", -1, cl == -1), ("filtered", -2, cl == -2), ("all", None, np.ones_like(cl, bool))]
+        for name, c, sel in groups:
+            if not sel.any():
+                continue
+            rest = change[~sel]
+            row = [u, coefficient[u], name, c, int(sel.sum()), float(change[sel].mean()),
+                   float(rest.mean()) if rest.size else None, float(np.mean(total[u, sel])), c is not None and c >= 0 and c == top]
+            if values is not None:
+                kinds, counts = np.unique(values[sel], return_counts=True)
+                row += [kinds[np.argmax(counts)], counts.max() / sel.sum()]
+            rows.append([_py(v) for v in row])
+    return Table(columns, rows)
+
+
+def ablation_summary(ds, units: Sequence[int] | None = None, method: str = "polca"):
+    """Per vector: does undoing it hurt its own clusters most?
+
+    Columns: ``vector``, ``coefficient``, ``mean_loss_change`` (all tokens),
+    ``clustered_loss_change`` (tokens in a cluster), ``unclustered_loss_change`` (the
+    others), ``correlation`` (Pearson, over tokens, between the loss change and minus the
+    POLCA allocated to the vector: positive when tokens whose loss fell along the vector
+    get it back), and ``most_affected_cluster``.
+    """
+    from polca_lightning.analysis.methods import METHODS
+    from polca_lightning.report.pipeline import Table, _py
+
+    table = ablation_table(ds, units, method)
+    col = {name: i for i, name in enumerate(table.columns)}
+    p = METHODS[method].prefix
+    change_all = np.asarray(ds["ablation_loss_change"].values, dtype=np.float64)
+    total = np.asarray(ds[METHODS[method].variable].sum("interval", skipna=False)
+                       .transpose("basis", "token").values, dtype=np.float64)
+    rows = []
+    for u in dict.fromkeys(row[col["vector"]] for row in table.rows):
+        change, cl = change_all[u], np.asarray(ds[p + "cluster"].isel(basis=u).values)
+        top = [row[col["cluster"]] for row in table.rows if row[col["vector"]] == u and row[col["most_affected"]]]
+        ok = np.isfinite(change) & np.isfinite(total[u])
+        corr = np.corrcoef(change[ok], -total[u, ok])[0, 1] if ok.sum() > 2 and change[ok].std() > 0 else np.nan
+        inside = cl >= 0
+        rows.append([_py(v) for v in (
+            u, float(ds["ablation_coefficient"].values[u]), float(change.mean()),
+            float(change[inside].mean()) if inside.any() else np.nan,
+            float(change[~inside].mean()) if (~inside).any() else np.nan, corr, top[0] if top else None)])
+    return Table(["vector", "coefficient", "mean_loss_change", "clustered_loss_change", "unclustered_loss_change",
+                  "correlation", "most_affected_cluster"], rows)
