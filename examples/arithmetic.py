@@ -11,7 +11,14 @@ After training the callback clusters the trajectories and logs the figures to W&
 Usage:
     python examples/arithmetic.py                  # the default run (about 10 min on 2 CPU cores)
     python examples/arithmetic.py --tiny           # seconds: the CI smoke run
+    python examples/arithmetic.py --seeds 0 1 2    # 3 runs and the table of their mean and spread
+    python examples/arithmetic.py --paper          # the paper's settings (appendix E): a GPU job
     python examples/arithmetic.py --help
+
+Each run ends with the appendix G comparison (the best carry cluster per trajectory
+type, the fraction of clusters with hidden breakthroughs) and the causal check of the
+best POLCA carry vector: the loss change of its clusters when the final model's
+movement along it is undone. ``results.json`` beside the store keeps these figures.
 
 Then:
     polca info runs/arithmetic/polca.zarr
@@ -21,16 +28,19 @@ Then:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from polca_lightning import POLCACallback, open_store
+from polca_lightning import POLCACallback
 from polca_lightning.losses import causal_lm_token_loss
 from polca_lightning.toy import TinyTransformer, addition_data
 
@@ -39,10 +49,10 @@ class AdditionModel(L.LightningModule):
     """A causal transformer trained on the sum digits only (labels -100 elsewhere)."""
 
     def __init__(self, d_model: int = 128, n_layers: int = 2, n_heads: int = 4, lr: float = 1e-3,
-                 weight_decay: float = 0.1, max_steps: int = 3000, warmup: int = 100):
+                 weight_decay: float = 0.1, max_steps: int = 3000, warmup: int = 100, d_mlp: int | None = None):
         super().__init__()
         self.save_hyperparameters()
-        self.net = TinyTransformer(d_model=d_model, n_layers=n_layers, n_heads=n_heads, max_len=12)
+        self.net = TinyTransformer(d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_mlp=d_mlp, max_len=12)
 
     def forward(self, input_ids):
         return self.net(input_ids)
@@ -81,18 +91,46 @@ def token_labels(batch: dict) -> dict:
 PRESETS = {
     # CPU default: the prototype's scale (DESIGN.md), about 10 minutes on 2 cores
     "default": dict(steps=3000, batch=64, d_model=128, n_layers=2, n_heads=4, lr=1e-3, probe=600,
-                    hessian=256, snapshot_every=25, basis_every=200, k=1, max_basis=15),
+                    hessian=256, snapshot_every=25, basis_every=200, k=1, max_basis=15,
+                    min_cluster_size=0.03, min_samples=10.0),
     # CI smoke run: seconds
     "tiny": dict(steps=24, batch=32, d_model=16, n_layers=1, n_heads=2, lr=3e-3, probe=48,
-                 hessian=32, snapshot_every=4, basis_every=8, k=2, max_basis=4),
+                 hessian=32, snapshot_every=4, basis_every=8, k=2, max_basis=4,
+                 min_cluster_size=0.03, min_samples=10.0),
+    # the paper's appendix E settings (9.5M parameters; a GPU job): 3 layers, d 512, 4 heads,
+    # MLP 2048, 10000 AdamW steps at lr 1e-5, 1250 probe problems (5000 tokens) and a 1250-problem
+    # Hessian sample, one eigenvector every 200 steps (50 in all), HDBSCAN min cluster size 150
+    # and min_samples = tokens / 15. The POLCA interval is 20 steps as the text says twice (its
+    # table says 5, which would store 2000 weight snapshots of 38 MB each).
+    "paper": dict(steps=10000, batch=64, d_model=512, n_layers=3, n_heads=4, lr=1e-5, probe=1250,
+                  hessian=1250, snapshot_every=20, basis_every=200, k=1, max_basis=50,
+                  min_cluster_size=150.0, min_samples=1 / 15),
 }
+
+#: appendix G, Table 9 (best carry cluster: homogeneity, recall, F1) and the fraction of
+#: clusters with hidden breakthroughs, for the trajectory types this example compares
+PAPER = {
+    "loss": (0.514, 0.771, 0.617, 0.0),
+    "loss_change": (0.524, 0.958, 0.678, 0.0),
+    "fisher": (0.664, 0.947, 0.781, 0.284),
+    "lca": (0.792, 0.772, 0.782, 0.019),
+    "polca_first": (0.948, 0.767, 0.848, 0.307),
+    "polca": (0.973, 0.736, 0.838, 0.355),
+}
+TYPE_NAMES = {"loss": "exact loss", "loss_change": "change in exact loss", "fisher": "Fisher",
+              "lca": "LCA", "polca_first": "first-order POLCA", "polca": "POLCA"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
-    p.add_argument("--out", default="runs/arithmetic", help="output folder (store, W&B run, checkpoints)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
+    size.add_argument("--paper", action="store_true", help="the paper's settings (appendix E): a GPU job")
+    p.add_argument("--out", default="runs/arithmetic", help="output folder (store, W&B run, results.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="run these seeds (into OUT/seed_S; complete runs are reused unless --overwrite) "
+                        "and print the table of their mean and spread")
     p.add_argument("--order", default="trapezoid", choices=["first", "second", "trapezoid", "exact"])
     p.add_argument("--engine", default="auto", choices=["auto", "forward", "reverse"])
     p.add_argument("--wandb-project", default="polca-arithmetic")
@@ -101,18 +139,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store in --out")
     for name, value in PRESETS["default"].items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
-                       help=f"(default {value}; --tiny: {PRESETS['tiny'][name]})")
+                       help=f"(default {value:g}; --tiny: {PRESETS['tiny'][name]:g}; --paper: {PRESETS['paper'][name]:g})")
     args = p.parse_args(argv)
-    preset = PRESETS["tiny" if args.tiny else "default"]
+    preset = PRESETS["tiny" if args.tiny else "paper" if args.paper else "default"]
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    for name in ("min_cluster_size", "min_samples"):  # counts as ints, fractions as floats
+        value = getattr(args, name)
+        if value >= 1 and float(value).is_integer():
+            setattr(args, name, int(value))
     return args
 
 
+def analysis_settings(args) -> dict:
+    """The analysis settings of a run: HDBSCAN's, and appendix G's restriction of carry clusters."""
+    return {
+        "min_cluster_size": args.min_cluster_size,
+        "min_samples": args.min_samples,
+        # appendix G: a carry cluster counts if most of its carries land on the 10s or 100s
+        # digit (a carry into the 1000s digit is just predicting a leading 1)
+        "restrict": {"carry": ("place", (1, 2))},
+    }
+
+
 def main(argv=None) -> Path:
+    """Run the example; returns the store (with ``--seeds``: the folder of the runs)."""
     args = parse_args(argv)
-    out = Path(args.out)
+    if args.seeds:
+        return run_seeds(args)
+    results = run(args, Path(args.out))
+    print_results(results)
+    return Path(results["store"])
+
+
+def run(args, out: Path) -> dict:
+    """Train one seed with the callback into ``out``; returns (and writes) its results."""
     store = out / "polca.zarr"
     if store.exists() and args.overwrite:
         shutil.rmtree(store)
@@ -135,9 +197,7 @@ def main(argv=None) -> Path:
         order=args.order,
         engine=args.engine,
         seed=args.seed,
-        # appendix G: a carry cluster counts if most of its carries land on the 10s or 100s
-        # digit (a carry into the 1000s digit is just predicting a leading 1)
-        analysis_kwargs={"restrict": {"carry": ("place", (1, 2))}},
+        analysis_kwargs=analysis_settings(args),
         decode=lambda sequence, position: decode(probe, sequence, position),
     )
     if args.no_wandb:
@@ -146,8 +206,9 @@ def main(argv=None) -> Path:
         from lightning.pytorch.loggers import WandbLogger
 
         logger = WandbLogger(project=args.wandb_project, save_dir=str(out), offline=not args.online,
-                             config=vars(args))
-    model = AdditionModel(args.d_model, args.n_layers, args.n_heads, args.lr, max_steps=args.steps)
+                             config={**vars(args), "seed": args.seed})
+    model = AdditionModel(args.d_model, args.n_layers, args.n_heads, args.lr, max_steps=args.steps,
+                          d_mlp=2048 if args.paper else None)
     trainer = L.Trainer(
         max_steps=args.steps, callbacks=[callback], logger=logger, default_root_dir=out, accelerator="auto",
         devices=1, log_every_n_steps=max(1, min(25, args.steps // 4)), enable_checkpointing=False,
@@ -160,37 +221,150 @@ def main(argv=None) -> Path:
         import wandb
 
         wandb.finish()
-    summarize(store, callback, total)
-    return store
+    timings = {"fit": total, **callback.tracker.timings}
+    return write_results(store, timings)
 
 
-def summarize(store: Path, callback: POLCACallback, total: float) -> None:
-    """What the run found, printed: time, coverage, and the clusters' carry homogeneity."""
-    ds = open_store(store)
-    t = callback.tracker.timings
-    print(f"\nPOLCA store: {store}  ({ds.sizes['snapshot']} snapshots, {ds.sizes['basis']} basis vectors, "
-          f"{ds.sizes['token']} probe tokens, order {ds.attrs['order']!r})")
-    print(f"fit took {total:.0f} s, of which the callback: "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(t.items())))
+def run_seeds(args) -> Path:
+    """``--seeds``: one run per seed (complete ones reused), then the table of mean and spread."""
+    root = Path(args.out)
+    results = []
+    for seed in args.seeds:
+        out = root / f"seed_{seed}"
+        path = out / "results.json"
+        if path.exists() and not args.overwrite:
+            print(f"seed {seed}: reusing the complete run in {out} (--overwrite runs it again)")
+            results.append(json.loads(path.read_text()))
+            continue
+        print(f"seed {seed}: training into {out}")
+        args.seed = seed
+        results.append(run(args, out))
+        print_results(results[-1])
+    table = seeds_table(results)
+    (root / "table.md").write_text(table)
+    print(f"\n{len(results)} seeds ({', '.join(str(r['seed']) for r in results)}): mean ± standard deviation\n")
+    print(table)
+    print(f"written to {root / 'table.md'}")
+    return root
+
+
+# ----------------------------------------------------------------------------- results
+def write_results(store: Path, timings: dict | None = None) -> dict:
+    """What a finished run found, as JSON-able figures (also written to ``results.json``).
+
+    Coverage, and per trajectory type the best 10s/100s carry cluster (homogeneity,
+    recall, F1, its vector and size) and the fraction of clusters with hidden
+    breakthroughs; the causal check of the best POLCA carry vector.
+    """
+    from polca_lightning.report import appendix_g_table, open_analysed_store
+
+    ds = open_analysed_store(store)
+    config = json.loads(ds.attrs["config"]) if isinstance(ds.attrs.get("config"), str) else ds.attrs.get("config", {})
+    out = {"store": str(store), "seed": config.get("seed"), "snapshots": ds.sizes["snapshot"],
+           "basis": ds.sizes["basis"], "tokens": ds.sizes["token"], "order": ds.attrs["order"],
+           "timings": timings or {}, "coverage": {}, "carry": {}}
     real = (ds["loss"][-1] - ds["loss"][0]).values  # [token]
     for name in ("polca", "polca_first"):
         alloc = ds[name].sum(("interval", "basis")).values
-        print(f"coverage of {name:<11}: allocated {alloc.mean():+.4f} of a real mean loss change "
-              f"{real.mean():+.4f} per token (ratio {alloc.sum() / real.sum():.2f})")
-    if "carry_homogeneity" not in ds:
-        return
-    from polca_lightning.report import appendix_g_table, open_analysed_store
+        out["coverage"][name] = {"allocated": float(alloc.mean()), "real": float(real.mean()),
+                                 "ratio": float(alloc.sum() / real.sum())}
+    if "carry_homogeneity" in ds:
+        table = appendix_g_table(ds)
+        col = {name: i for i, name in enumerate(table.columns)}
+        hidden = dict(zip(ds["trajectory_type"].values.tolist(), ds["hidden_fraction"].values.tolist()))
+        for row in table.rows:
+            if row[col["label"]] == "carry" and row[col["value"]] == 1 and row[col["rank"]] == 0:
+                t = row[col["trajectory_type"]]
+                out["carry"][t] = {k: row[col[k]] for k in ("homogeneity", "recall", "f1", "unit", "size")}
+        for t, fraction in hidden.items():
+            out["carry"].setdefault(t, {})["hidden_fraction"] = None if np.isnan(fraction) else fraction
+        out["ablation"] = ablation_of_best_carry_vector(ds, out["carry"].get("polca", {}).get("unit"))
+    path = Path(store).parent / "results.json"
+    path.write_text(json.dumps(out, indent=1))
+    return out
 
-    table = appendix_g_table(open_analysed_store(store))
+
+def ablation_of_best_carry_vector(ds, unit) -> dict | None:
+    """The causal check of ``unit``: per cluster, the loss change when the final model's
+    movement along the vector is undone, with the cluster's share of 10s/100s carries."""
+    if unit is None or unit < 0 or "ablation_loss_change" not in ds:
+        return None
+    from polca_lightning.ablation import ablation_table
+
+    table = ablation_table(ds, [unit], label="carry")
     col = {name: i for i, name in enumerate(table.columns)}
-    print("best cluster of carry tokens per trajectory type (appendix G: 10s/100s-place carry clusters,")
-    print("outliers excluded; paper, Table 1: POLCA 0.97, exact loss 0.514):")
-    print(f"  {'trajectory':<14} {'homogeneity':>11} {'recall':>7} {'F1':>6} {'vector':>6} {'size':>5}")
-    for row in table.rows:
-        if row[col["label"]] == "carry" and row[col["value"]] == 1 and row[col["rank"]] == 0:
-            unit = row[col["unit"]]
-            print(f"  {row[col['trajectory_type']]:<14} {row[col['homogeneity']]:>11.3f} {row[col['recall']]:>7.3f} "
-                  f"{row[col['f1']]:>6.3f} {unit if unit >= 0 else '-':>6} {row[col['size']]:>5}")
+    change = ds["ablation_loss_change"].values[unit]
+    carry = (ds["carry"].values == 1) & np.isin(ds["place"].values, (1, 2))
+    clusters = [{k: row[col[k]] for k in ("tokens", "size", "loss_change", "polca_total", "most_affected")}
+                | {"carry_share": float(np.mean(carry[ds["cluster"].values[unit] == row[col["cluster"]]]))
+                   if row[col["cluster"]] is not None else float(carry.mean())}
+                for row in table.rows]
+    return {"vector": int(unit), "coefficient": float(ds["ablation_coefficient"].values[unit]),
+            "carry_tokens": float(change[carry].mean()), "other_tokens": float(change[~carry].mean()),
+            "clusters": clusters}
+
+
+def print_results(r: dict) -> None:
+    print(f"\nPOLCA store: {r['store']}  ({r['snapshots']} snapshots, {r['basis']} basis vectors, "
+          f"{r['tokens']} probe tokens, order {r['order']!r})")
+    if r["timings"]:
+        t = dict(r["timings"])
+        print(f"fit took {t.pop('fit'):.0f} s, of which the callback: "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(t.items())))
+    for name, c in r["coverage"].items():
+        print(f"coverage of {name:<11}: allocated {c['allocated']:+.4f} of a real mean loss change "
+              f"{c['real']:+.4f} per token (ratio {c['ratio']:.2f})")
+    if not r["carry"]:
+        return
+    print("\nbest cluster of carry tokens per trajectory type (appendix G: 10s/100s-place carry clusters,")
+    print("outliers excluded), and the fraction of clusters with hidden breakthroughs; the paper's in brackets:")
+    print(f"  {'trajectory':<21} {'homogeneity':>14} {'recall':>14} {'F1':>14} {'hidden':>14} {'vector':>6} {'size':>5}")
+    for t, name in TYPE_NAMES.items():
+        if t not in r["carry"]:
+            continue
+        c, paper = r["carry"][t], PAPER[t]
+        cells = [f"{_num(c.get(k))} ({v:.3f})" for k, v in zip(("homogeneity", "recall", "f1", "hidden_fraction"), paper)]
+        unit = c.get("unit", -1)
+        print(f"  {name:<21} " + " ".join(f"{x:>14}" for x in cells)
+              + f" {unit if unit is not None and unit >= 0 else '-':>6} {c.get('size', '-'):>5}")
+    a = r.get("ablation")
+    if a:
+        print(f"\ncausal check: undo the final model's movement along POLCA vector {a['vector']} (its best carry "
+              f"cluster; moved {a['coefficient']:+.3g} along it).")
+        print(f"mean loss change: 10s/100s carry tokens {a['carry_tokens']:+.4f}, the other tokens {a['other_tokens']:+.4f}")
+        print(f"  {'tokens':<11} {'size':>5} {'carry share':>11} {'loss change':>11} {'POLCA total':>11}")
+        for c in a["clusters"]:
+            print(f"  {c['tokens']:<11} {c['size']:>5} {c['carry_share']:>11.3f} {c['loss_change']:>+11.4f} "
+                  f"{c['polca_total']:>+11.4f}{'   <- most affected' if c['most_affected'] else ''}")
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def seeds_table(results: list[dict]) -> str:
+    """Markdown: per trajectory type, mean ± standard deviation over seeds, beside the paper."""
+    def cell(t, key):
+        v = np.array([r["carry"].get(t, {}).get(key) for r in results], dtype=float)
+        v = v[np.isfinite(v)]
+        if not v.size:
+            return "-"
+        return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v[0]:.3f}"
+
+    lines = ["| trajectories clustered | carry homogeneity | recall | F1 | hidden-breakthrough fraction "
+             "| paper: homogeneity / recall / F1 / hidden |", "|---|---|---|---|---|---|"]
+    for t, name in TYPE_NAMES.items():
+        paper = " / ".join(f"{v:.3f}" for v in PAPER[t])
+        lines.append(f"| {name} | " + " | ".join(cell(t, k) for k in ("homogeneity", "recall", "f1", "hidden_fraction"))
+                     + f" | {paper} |")
+    ablation = [r["ablation"] for r in results if r.get("ablation")]
+    if ablation:
+        carry = np.array([a["carry_tokens"] for a in ablation])
+        other = np.array([a["other_tokens"] for a in ablation])
+        lines += ["", f"Undoing the best POLCA carry vector's movement: mean loss change of 10s/100s carry tokens "
+                      f"{carry.mean():+.4f} (seeds: {', '.join(f'{v:+.4f}' for v in carry)}), other tokens "
+                      f"{other.mean():+.4f} (seeds: {', '.join(f'{v:+.4f}' for v in other)})."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
