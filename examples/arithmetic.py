@@ -291,7 +291,7 @@ def ablation_of_best_carry_vector(ds, unit) -> dict | None:
         return None
     from polca_lightning.ablation import ablation_table
 
-    table = ablation_table(ds, [unit], label="carry")
+    table = ablation_table(ds, [unit], labels="carry")
     col = {name: i for i, name in enumerate(table.columns)}
     change = ds["ablation_loss_change"].values[unit]
     carry = (ds["carry"].values == 1) & np.isin(ds["place"].values, (1, 2))

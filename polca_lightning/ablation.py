@@ -35,7 +35,7 @@ from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, eval
 from polca_lightning.losses import TokenLoss
 from polca_lightning.store import open_store, write_analysis
 
-__all__ = ["ablate_directions", "ablated_parameters", "ablation_table", "ablation_summary"]
+__all__ = ["ablate_directions", "ablated_parameters", "ablation_table", "ablation_summary", "ablation_figure"]
 
 #: the store variables written by :func:`ablate_directions`
 ABLATION_VARIABLES = ("ablation_loss_change", "ablation_coefficient", "ablation_end_loss")
@@ -165,7 +165,8 @@ def _check_ablated(ds) -> None:
         raise ValueError("the store holds no analysis: run `polca analyze STORE` first")
 
 
-def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca", label: str | None = None):
+def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca",
+                   labels: str | Sequence[str] | None = None):
     """Each cluster's mean loss change when its vector is undone, beside what POLCA allocated.
 
     One row per (vector, group of tokens), where the groups of a vector are its clusters,
@@ -177,14 +178,14 @@ def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca"
       the vector's POLCA): the loss change POLCA allocated to the vector;
     - ``rest``: mean loss change of the tokens outside the group;
     - ``most_affected``: the cluster with the largest mean loss change of this vector;
-    - with ``label``: ``<label>`` and ``<label>_share``, the group's most common value of
-      that token coordinate and the fraction of the group's tokens that have it.
+    - per name in ``labels``: ``<label>`` and ``<label>_share``, the group's most common
+      value of that token coordinate and the fraction of the group's tokens that have it.
 
     Args:
         ds: an analysed store with ablation results (:func:`~polca_lightning.report.open_analysed_store`).
         units: vectors (default: the vectors the analysis kept that were ablated).
         method: ``polca`` or ``polca_first`` (whose clusters and allocation to use).
-        label: a token coordinate (e.g. ``carry``) to describe each group by.
+        labels: token coordinates (e.g. ``carry``) to describe each group by.
 
     Returns:
         A :class:`polca_lightning.report.Table`.
@@ -205,12 +206,13 @@ def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca"
     coefficient = np.asarray(ds["ablation_coefficient"].values)
     columns = ["vector", "coefficient", "tokens", "cluster", "size", "loss_change", "rest", "polca_total",
                "most_affected"]
-    values = None
-    if label is not None:
+    labels = [labels] if isinstance(labels, str) else list(labels or [])
+    values = []
+    for label in labels:
         if label not in ds.coords or ds[label].dims != ("token",):
             options = [c for c in ds.coords if ds[c].dims == ("token",)]
-            raise ValueError(f"label: expected a token coordinate (one of {options}), got {label!r}")
-        values = np.asarray(ds[label].values)
+            raise ValueError(f"labels: expected token coordinates (of {options}), got {label!r}")
+        values.append(np.asarray(ds[label].values))
         columns += [label, f"{label}_share"]
     rows = []
     for u in units:
@@ -229,8 +231,8 @@ def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca"
             rest = change[~sel]
             row = [u, coefficient[u], name, c, int(sel.sum()), float(change[sel].mean()),
                    float(rest.mean()) if rest.size else None, float(np.mean(total[u, sel])), c is not None and c >= 0 and c == top]
-            if values is not None:
-                kinds, counts = np.unique(values[sel], return_counts=True)
+            for v in values:
+                kinds, counts = np.unique(v[sel], return_counts=True)
                 row += [kinds[np.argmax(counts)], counts.max() / sel.sum()]
             rows.append([_py(v) for v in row])
     return Table(columns, rows)
@@ -267,3 +269,33 @@ def ablation_summary(ds, units: Sequence[int] | None = None, method: str = "polc
             float(change[~inside].mean()) if (~inside).any() else np.nan, corr, top[0] if top else None)])
     return Table(["vector", "coefficient", "mean_loss_change", "clustered_loss_change", "unclustered_loss_change",
                   "correlation", "most_affected_cluster"], rows)
+
+
+def ablation_figure(ds, unit: int, method: str = "polca"):
+    """Bars per cluster of ``unit``: the loss change when the vector's movement is undone,
+    beside the loss decrease POLCA allocated to it (minus its projected loss at the end).
+
+    If the direction carries what POLCA says it does, the two bars of a cluster are of
+    similar height: the loss the cluster lost along the vector comes back when the
+    movement is undone. Outliers, filtered tokens and all tokens are the last bars.
+    Bars carry the ``gid`` ``"ablation"`` and ``"allocated"``.
+    """
+    from polca_lightning.report.figures import new_figure
+
+    table = ablation_table(ds, [unit], method)
+    col = {c: i for i, c in enumerate(table.columns)}
+    names = [row[col["tokens"]] + f"\n({row[col['size']]})" for row in table.rows]
+    change = np.array([row[col["loss_change"]] for row in table.rows], dtype=float)
+    allocated = -np.array([row[col["polca_total"]] for row in table.rows], dtype=float)
+    fig, axes = new_figure(width=max(6.4, 0.9 * len(names) + 2))
+    ax = axes[0, 0]
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, change, 0.4, label="loss change when undone", color="tab:red", gid="ablation")
+    ax.bar(x + 0.2, allocated, 0.4, label="loss decrease POLCA allocated", color="tab:blue", gid="allocated")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel("mean per token")
+    coefficient = float(ds["ablation_coefficient"].values[unit])
+    ax.set_title(f"{method} vector {unit}: undo the movement along it ({coefficient:+.3g})", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig

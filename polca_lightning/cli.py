@@ -7,7 +7,7 @@ Usage::
                         [--methods M ...] [--labels L ...] [--wandb-project NAME [--online]]
                         [--report DIR] [--no-write] [--force] [--quiet]
     polca report STORE [--out DIR] [--force] [--quiet]
-    polca ablate STORE [--vectors N ...] [--method polca|polca_first] [--label L] [--csv PATH]
+    polca ablate STORE [--vectors N ...] [--method polca|polca_first] [--labels L ...] [--csv PATH]
 
 ``analyze`` re-runs the analysis with other settings, writes the results into the store
 (unless ``--no-write``), then reports: to a new W&B run with ``--wandb-project``
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vectors", nargs="+", type=int, metavar="N", help="basis vectors (default: the kept ones)")
     p.add_argument("--method", default="polca", choices=["polca", "polca_first"],
                    help="whose clusters and allocation (default polca)")
-    p.add_argument("--label", metavar="L", help="describe each cluster by this token label (e.g. carry)")
+    p.add_argument("--labels", nargs="+", metavar="L", help="describe each cluster by these token labels (e.g. carry)")
     p.add_argument("--csv", metavar="PATH", help="also write the per-cluster table as CSV")
     return parser
 
@@ -275,7 +275,7 @@ def cmd_ablate(args) -> int:
 
     ds = _open(args.store)
     try:
-        table = ablation_table(ds, args.vectors, args.method, label=args.label)
+        table = ablation_table(ds, args.vectors, args.method, labels=args.labels)
         summary = ablation_summary(ds, args.vectors, args.method)
     except ValueError as error:
         raise CLIError(str(error)) from None

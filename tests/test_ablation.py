@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from polca_lightning import POLCACallback, ablate_directions, open_store
-from polca_lightning.ablation import ablated_parameters, ablation_summary, ablation_table
+from polca_lightning.ablation import ablated_parameters, ablation_figure, ablation_summary, ablation_table
 from polca_lightning.cli import main as cli
 from polca_lightning.report import open_analysed_store
 
@@ -149,6 +149,17 @@ def test_table_means_match_the_tokens(run):
                                                         abs=1e-7)
         if c is not None and c >= 0 and np.all(group[sel] != u % 2):
             assert row[col["loss_change"]] == 0.0  # a cluster of the other head's tokens
+    with_group = ablation_table(ds, units=[0], labels="group")
+    gcol = {c: i for i, c in enumerate(with_group.columns)}
+    for row in with_group.rows:
+        cl = ds["cluster"].values[0]
+        sel = np.ones_like(cl, bool) if row[gcol["cluster"]] is None else cl == row[gcol["cluster"]]
+        share = max(np.mean(group[sel] == 0), np.mean(group[sel] == 1))
+        assert row[gcol["group_share"]] == pytest.approx(share)
+    fig = ablation_figure(ds, 0)
+    bars = [p for p in fig.axes[0].patches if p.get_gid() == "ablation"]
+    rows0 = [row for row in table.rows if row[col["vector"]] == 0]
+    np.testing.assert_allclose([b.get_height() for b in bars], [r[col["loss_change"]] for r in rows0])
     summary = ablation_summary(ds, units=[0, 1, 2, 3])
     assert [r[0] for r in summary.rows] == [0, 1, 2, 3]
     for r in summary.rows:
@@ -157,9 +168,10 @@ def test_table_means_match_the_tokens(run):
 
 def test_cli_prints_the_tables_and_explains_a_store_without_ablation(run, tmp_path, capsys):
     path, module, probe = run
-    assert cli(["ablate", str(path), "--vectors", "0", "1"]) == 0
+    assert cli(["ablate", str(path), "--vectors", "0", "1", "--labels", "group", "--csv", str(tmp_path / "t.csv")]) == 0
     out = capsys.readouterr().out
-    assert "vector 0" in out and "vector 1" in out and "most affected" in out
+    assert "vector 0" in out and "vector 1" in out and "most affected" in out and "group_share" in out
+    assert (tmp_path / "t.csv").read_text().startswith("vector,coefficient,tokens,cluster")
     assert cli(["ablate", str(path), "--vectors", "9"]) == 2
     assert "vector 9 was not ablated" in capsys.readouterr().err
 
