@@ -35,7 +35,8 @@ from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, eval
 from polca_lightning.losses import TokenLoss
 from polca_lightning.store import open_store, write_analysis
 
-__all__ = ["ablate_directions", "ablated_parameters", "ablation_table", "ablation_summary", "ablation_figure"]
+__all__ = ["ablate_directions", "ablated_parameters", "ablated_units", "ablation_table", "ablation_summary",
+           "ablation_figure"]
 
 #: the store variables written by :func:`ablate_directions`
 ABLATION_VARIABLES = ("ablation_loss_change", "ablation_coefficient", "ablation_end_loss")
@@ -156,6 +157,17 @@ def ablate_directions(
     return out
 
 
+def ablated_units(ds, method: str = "polca") -> list[int]:
+    """The vectors the analysis kept that have ablation results (none without them)."""
+    from polca_lightning.report.pipeline import kept_units
+
+    if "ablation_loss_change" not in ds.variables or "cluster" not in ds.variables or \
+            method not in ("polca", "polca_first"):
+        return []
+    done = np.isfinite(np.asarray(ds["ablation_loss_change"].values)).any(axis=1)
+    return [u for u in kept_units(ds, method) if done[u]]
+
+
 def _check_ablated(ds) -> None:
     if "ablation_loss_change" not in ds.variables:
         raise ValueError(
@@ -191,7 +203,7 @@ def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca"
         A :class:`polca_lightning.report.Table`.
     """
     from polca_lightning.analysis.methods import METHODS
-    from polca_lightning.report.pipeline import Table, _py, kept_units
+    from polca_lightning.report.pipeline import Table, _py
 
     _check_ablated(ds)
     if method not in ("polca", "polca_first"):
@@ -200,7 +212,7 @@ def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca"
     change_all = np.asarray(ds["ablation_loss_change"].values, dtype=np.float64)  # [K, T]
     ablated = np.isfinite(change_all).any(axis=1)
     if units is None:
-        units = [u for u in kept_units(ds, method) if ablated[u]]
+        units = ablated_units(ds, method)
     total = np.asarray(ds[METHODS[method].variable].sum("interval", skipna=False)
                        .transpose("basis", "token").values, dtype=np.float64)
     coefficient = np.asarray(ds["ablation_coefficient"].values)

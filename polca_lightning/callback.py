@@ -102,8 +102,14 @@ class POLCACallback(Callback):
         analysis_kwargs: settings for :func:`polca_lightning.analysis.analyze` (e.g. ``min_samples``).
         decode: ``decode(sequence_index, position) -> str``, the text of a probe token's context,
             shown in the table of contexts nearest each cluster medoid.
+        decode_target: ``decode_target(token_id) -> str``, the text of a target token id
+            (e.g. a tokenizer's ``decode``), shown beside the ids in the table and figures of
+            each cluster's most common targets.
         lca_directions: with ``analyze``, compute the LCA baseline after fit along this many
             parameters, the largest in magnitude at the end (default ``max_basis``; 0: none).
+        ablate: with ``analyze``, undo the final model's movement along each basis vector
+            and store every probe token's loss change (:func:`polca_lightning.ablation.ablate_directions`;
+            one pass over the probe data per vector).
         progress: progress bars for eigensolves and backfills.
 
     Raises:
@@ -139,7 +145,9 @@ class POLCACallback(Callback):
         analyze: bool = True,
         analysis_kwargs: dict | None = None,
         decode: Callable[[int, int], str] | None = None,
+        decode_target: Callable[[int], str] | None = None,
         lca_directions: int | None = None,
+        ablate: bool = True,
         progress: bool = True,
     ):
         if not isinstance(store, (str, os.PathLike)):
@@ -185,10 +193,16 @@ class POLCACallback(Callback):
         if decode is not None and not callable(decode):
             raise TypeError(f"decode: expected a callable (sequence_index, position) -> str, got {decode!r}")
         self.analysis_kwargs, self.decode = dict(analysis_kwargs or {}), decode
+        if decode_target is not None and not callable(decode_target):
+            raise TypeError(f"decode_target: expected a callable token_id -> str, got {decode_target!r}")
+        self.decode_target = decode_target
         if lca_directions is not None and (isinstance(lca_directions, bool) or not isinstance(lca_directions, int)
                                            or lca_directions < 0):
             raise ValueError(f"lca_directions: expected a non-negative int or None, got {lca_directions!r}")
         self.lca_directions = self.max_basis if lca_directions is None else lca_directions
+        if not isinstance(ablate, bool):
+            raise TypeError(f"ablate: expected True or False, got {ablate!r}")
+        self.ablate = ablate
         self.tracker: POLCATracker | None = None
         self.writer: StoreWriter | None = None
         self._last_step = -1
@@ -388,14 +402,19 @@ class POLCACallback(Callback):
     def _analyze(self, trainer: Trainer) -> None:
         from polca_lightning.report import report_after_fit
 
+        t = self.tracker
         if self.lca_directions:
             from polca_lightning.lca import lca_baseline
 
-            t = self.tracker
             lca_baseline(self.store, t.module, t.token_loss, t.probe, self.lca_directions,
                          engine=self.engine, progress=self.progress)
+        if self.ablate:
+            from polca_lightning.ablation import ablate_directions
 
-        report_after_fit(self.store, trainer, decode=self.decode, analysis_kwargs=self.analysis_kwargs)
+            ablate_directions(self.store, t.module, t.token_loss, t.probe, progress=self.progress)
+
+        report_after_fit(self.store, trainer, decode=self.decode, decode_target=self.decode_target,
+                         analysis_kwargs=self.analysis_kwargs)
 
     @staticmethod
     def _log(trainer: Trainer, metrics: dict, step: int) -> None:

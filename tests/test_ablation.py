@@ -116,6 +116,11 @@ def test_a_vector_changes_only_the_tokens_that_depend_on_it(run):
         np.testing.assert_allclose(change[v], expected, atol=2e-5)
     np.testing.assert_allclose(ds["ablation_end_loss"].values, reference_loss(weights[-1], probe), atol=2e-5)
     np.testing.assert_allclose(ds["ablation_end_loss"].values, ds["loss"].values[-1], atol=1e-6)
+    # no W&B logger: the report folder beside the store has the tables and a figure per kept vector
+    folder = path.with_name(path.name + ".report")
+    assert (folder / "ablation.csv").exists() and (folder / "ablation_summary.csv").exists()
+    kept = np.flatnonzero(open_analysed_store(path)["kept"].values)
+    assert kept.size and all((folder / f"vector_{u:02d}_ablation.png").exists() for u in kept)
 
 
 def test_undoing_every_basis_vector_of_a_complete_basis_restores_theta_0():

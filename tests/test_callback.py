@@ -190,6 +190,7 @@ def test_random_and_callable_bases_are_orthonormalised(tmp_path):
         ({"basis": "pca"}, ValueError, "basis: expected 'hessian', 'random' or a callable"),
         ({"hessian_data": None}, ValueError, "hessian_data: expected a DataLoader"),
         ({"token_labels": "carry"}, TypeError, "token_labels: expected a callable"),
+        ({"decode_target": "words"}, TypeError, "decode_target: expected a callable token_id -> str"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, error, message):

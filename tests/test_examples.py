@@ -1,10 +1,12 @@
 """The examples end to end in their tiny modes, so none can rot."""
 
 import glob
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from _wandb import media_files, wandb_history
 
@@ -23,7 +25,16 @@ def test_arithmetic_tiny_mode_logs_the_report_to_an_offline_wandb_run(tmp_path, 
     assert ds.attrs["complete"] and ds.sizes["snapshot"] == 7 and ds.sizes["basis"] == 4
     assert set(ds["place"].values) == {0, 1, 2, 3} and set(ds["carry"].values) == {0, 1}
     assert "cluster" in ds and "carry_homogeneity" in ds  # the analysis was written back
-    assert "best cluster of carry tokens" in out and "loss_change" in out
+    assert "best cluster of carry tokens" in out and "change in exact loss" in out
+    assert "causal check: undo the final model's movement along POLCA vector" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["carry"]) == {"loss", "loss_change", "fisher", "lca", "polca_first", "polca"}
+    best = results["carry"]["polca"]
+    hidden = dict(zip(ds["trajectory_type"].values.tolist(), ds["hidden_fraction"].values.tolist()))
+    assert best["hidden_fraction"] == pytest.approx(hidden["polca"], nan_ok=True)
+    assert results["ablation"]["vector"] == best["unit"]
+    change = ds["ablation_loss_change"].values[best["unit"]]
+    assert results["ablation"]["clusters"][-1]["loss_change"] == pytest.approx(change.mean(), rel=1e-5)
 
     (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     images = media_files(run_dir, "images")
@@ -32,18 +43,145 @@ def test_arithmetic_tiny_mode_logs_the_report_to_an_offline_wandb_run(tmp_path, 
     assert any(i.startswith("polca_report/appendix_g_carry_") for i in images)
     kept = [int(b) for b in np.flatnonzero(ds["kept"].values)]
     for u in kept:
-        for name in ("projected_loss", "exact_loss", "labels"):
+        for name in ("projected_loss", "exact_loss", "labels", "ablation"):
             assert any(i.startswith(f"polca_report/vector_{u:02d}/{name}_") for i in images), (u, name)
-    for name in ("summary", "medoid_contexts", "appendix_g"):
+    for name in ("summary", "medoid_contexts", "appendix_g", "ablation", "ablation_summary"):
         assert any(t.startswith(f"polca_report/{name}_") for t in tables), name
     history = wandb_history(Path(run_dir))
     assert any("polca/eigenvalue_0" in h for h in history)  # scalars logged while training ran
     assert any("train/loss" in h for h in history)
     # decoded contexts: the medoid table shows the problem with the digit bracketed
-    import json
-
     (contexts,) = [p for p in Path(run_dir, "files", "media", "table").rglob("medoid_contexts_*.json")]
     data = json.loads(contexts.read_text())
     assert "text" in data["columns"]
     text = data["data"][0][data["columns"].index("text")]
     assert "+" in text and "=" in text and "[" in text
+
+
+def test_arithmetic_seeds_table_is_mean_and_sample_spread():
+    import arithmetic
+
+    def result(h, ablation):
+        carry = {t: {"homogeneity": h, "recall": 0.5, "f1": None, "hidden_fraction": 0.25} for t in arithmetic.TYPE_NAMES}
+        return {"seed": 0, "carry": carry, "ablation": {"carry_tokens": ablation, "other_tokens": 0.0}}
+
+    table = arithmetic.seeds_table([result(0.2, 0.1), result(0.4, 0.3), result(0.6, 0.2)])
+    polca = next(line for line in table.splitlines() if line.startswith("| POLCA |"))
+    assert polca.split(" | ")[1:5] == ["0.400 ± 0.200", "0.500 ± 0.000", "-", "0.250 ± 0.000"]
+    assert "0.973 / 0.736 / 0.838 / 0.355" in polca
+    assert "+0.2000 (seeds: +0.1000, +0.3000, +0.2000)" in table
+
+
+def test_huggingface_tiny_mode_runs_a_transformers_model_through_the_callback(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import huggingface
+
+    from polca_lightning import open_store
+
+    store = huggingface.main(["--tiny", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    ds = open_store(store)
+    assert ds.attrs["complete"] and ds.sizes["snapshot"] == 7 and ds.sizes["basis"] == 4
+    assert ds.sizes["token"] == 4 * 48 and set(ds["position"].values) == {8, 9, 10, 11}
+    assert set(ds["place"].values) == {0, 1, 2, 3} and set(ds["carry"].values) == {0, 1}
+    assert np.isfinite(ds["polca"].values).all() and np.isfinite(ds["directional_grad"].values).all()
+    assert "cluster" in ds and "carry_homogeneity" in ds
+    assert "GPT2LMHeadModel" in out and "engine 'auto'" in out and "best cluster of carry tokens" in out
+
+    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    images = media_files(run_dir, "images")
+    tables = media_files(run_dir, "table")
+    assert any(i.startswith("polca_report/coverage_plot_") for i in images)
+    assert any(i.startswith("polca_report/appendix_g_carry_") for i in images)
+    for name in ("summary", "medoid_contexts", "appendix_g"):
+        assert any(t.startswith(f"polca_report/{name}_") for t in tables), name
+    history = wandb_history(Path(run_dir))
+    assert any("polca/eigenvalue_0" in h for h in history) and any("train/loss" in h for h in history)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_huggingface_token_loss_is_the_models_own_loss_at_each_sum_digit(arch):
+    """Position p of the token loss is Hugging Face's own (internally shifted) loss of the digit at p,
+    and both engines give the same directional derivatives of it."""
+    pytest.importorskip("transformers")
+    import torch
+
+    import huggingface
+    from polca_lightning._ghost import ghost_plan
+    from polca_lightning.engine import DirectionalDerivatives
+    from polca_lightning.functional import ParameterSpace
+    from polca_lightning.losses import causal_lm_token_loss
+    from polca_lightning.toy import addition_data
+
+    torch.manual_seed(0)
+    model = huggingface.HFAdditionModel(arch, d_model=16, n_layers=1, n_heads=2).eval()
+    data = addition_data(6, seed=3)
+    batch = {"input_ids": data["input_ids"], "labels": data["labels"]}
+    with torch.no_grad():
+        loss, mask, target = causal_lm_token_loss(model, batch)
+        assert mask.any(0).nonzero().squeeze(1).tolist() == [8, 9, 10, 11]
+        for p in range(8, 12):
+            assert torch.equal(target[:, p], data["input_ids"][:, p])  # the sum digit at p
+            for i in range(len(data["input_ids"])):
+                only = torch.full_like(data["labels"][i : i + 1], -100)
+                only[0, p] = data["labels"][i, p]
+                hf = model.net(input_ids=data["input_ids"][i : i + 1], labels=only).loss
+                torch.testing.assert_close(loss[i, p], hf, rtol=1e-5, atol=1e-6)
+
+    space = ParameterSpace.from_module(model)
+    assert ghost_plan(model, space.names) is None  # Conv1D, tied embeddings / RMSNorm: per-sample Jacobians
+    theta = space.flatten(model)
+    directions = torch.linalg.qr(torch.randn(space.dim, 3, dtype=torch.float64)).Q.T.to(theta)
+    forward, reverse = (DirectionalDerivatives(model, causal_lm_token_loss, space, engine=e)(theta, [batch], directions)
+                        for e in ("forward", "reverse"))
+    assert (forward.engine, reverse.engine) == ("forward", "reverse")
+    torch.testing.assert_close(forward.loss, loss[mask])
+    torch.testing.assert_close(forward.g, reverse.g, rtol=1e-4, atol=1e-5 * float(reverse.g.abs().max()))
+
+
+def test_language_tiny_mode_reports_clusters_with_words_to_an_offline_wandb_run(tmp_path, capsys):
+    import json
+    import re
+
+    import language
+
+    from polca_lightning import open_store
+
+    store = language.main(["--tiny", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    ds = open_store(store)
+    assert ds.attrs["complete"] and ds.sizes["snapshot"] == 7 and ds.sizes["basis"] == 4
+    assert "cluster" in ds and "kind_homogeneity" in ds  # the analysis was written back
+    # probe tokens: the second half of each held-out sequence, no <unk> target
+    position, target = ds["position"].values, ds["target"].values
+    assert position.min() == 8 and position.max() == 15 and (target > 0).all()
+    assert set(np.unique(ds["kind"].values)) <= {0, 1, 2} and 0 in ds["kind"].values
+    assert "kept vectors:" in out and "nearest the medoid:" in out
+
+    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    kept = [int(b) for b in np.flatnonzero(ds["kept"].values)]
+    assert kept, "the tiny run should keep at least one vector"
+    images = media_files(run_dir, "images")
+    for u in kept:
+        assert any(i.startswith(f"polca_report/vector_{u:02d}/targets_") for i in images), u
+    tables, root = {}, Path(run_dir, "files", "media", "table")
+    for p in root.rglob("*.table.json"):  # <key>_<wandb step>_<hash>.table.json
+        tables[str(p.relative_to(root)).rsplit("_", 2)[0]] = json.loads(p.read_text())
+    assert {"polca_report/medoid_contexts", "polca_report/cluster_targets"} <= set(tables)
+
+    # the contexts are English: eight words before the target, the target in brackets
+    contexts = tables["polca_report/medoid_contexts"]
+    texts = [row[contexts["columns"].index("text")] for row in contexts["data"]]
+    assert texts and all(re.search(r"\[[^\]]+\]$", t) for t in texts)
+    words = {w for t in texts for w in re.findall(r"[a-z]+", t)}
+    assert len(words & {"the", "a", "is", "of", "to", "in", "and", "an", "be", "are"}) >= 3, texts
+
+    # the targets table names real words and agrees with the store
+    targets = tables["polca_report/cluster_targets"]
+    col = {name: i for i, name in enumerate(targets["columns"])}
+    assert targets["data"] and {row[col["vector"]] for row in targets["data"]} <= set(kept)
+    vocabulary = language.WordTokenizer(language.tokenize(language.load_text()), 10**6).words
+    for row in targets["data"]:
+        members = ds["cluster"].values[row[col["vector"]]] == row[col["cluster"]]
+        assert (ds["target"].values[members] == row[col["target"]]).sum() == row[col["count"]]
+        assert row[col["text"]] in vocabulary and row[col["text"]] != "<unk>"

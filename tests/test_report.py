@@ -23,6 +23,8 @@ from polca_lightning.report import (
     analyze_store,
     appendix_g_figure,
     appendix_g_table,
+    cluster_targets_figure,
+    cluster_targets_table,
     coverage_figure,
     exact_loss_figure,
     kept_units,
@@ -34,6 +36,7 @@ from polca_lightning.report import (
     result_variables,
     store_coverage,
     summary_table,
+    write_report_folder,
 )
 
 
@@ -99,7 +102,8 @@ def test_fit_with_offline_wandb_logger_logs_the_report(tmp_path):
     by_key = {}  # media/table/<key>_<wandb step>_<hash>.table.json
     for p in (media / "table").rglob("*.table.json"):
         by_key[str(p.relative_to(media / "table")).rsplit("_", 2)[0]] = json.loads(p.read_text())
-    assert set(by_key) >= {"polca_report/summary", "polca_report/medoid_contexts", "polca_report/appendix_g"}
+    assert set(by_key) >= {"polca_report/summary", "polca_report/medoid_contexts", "polca_report/appendix_g",
+                           "polca_report/cluster_targets"}
     summary = by_key["polca_report/summary"]
     assert summary["columns"][:4] == ["vector", "eigenvalue", "basis_step", "kept"]
     assert "best carry=1" in summary["columns"] and len(summary["data"]) == 4
@@ -112,6 +116,14 @@ def test_fit_with_offline_wandb_logger_logs_the_report(tmp_path):
         token = row[3]
         assert row[4] == int(ds["sequence"][token]) and row[5] == int(ds["position"][token])
         assert int(ds["cluster"].sel(basis=row[0])[token]) == row[1]
+    targets = by_key["polca_report/cluster_targets"]  # the sum digits each cluster predicts, recounted here
+    assert targets["columns"] == ["vector", "cluster", "cluster_size", "rank", "target", "count", "share", "base_share"]
+    clusters = {(u, c) for u in kept for c in range(int((ds["cluster_size"].sel(basis=u).values > 0).sum()))}
+    assert {(row[0], row[1]) for row in targets["data"]} == clusters  # every cluster of a kept vector (maybe none)
+    for vector, cluster, size, _, target, count, share, _ in targets["data"]:
+        members = ds["cluster"].sel(basis=vector).values == cluster
+        assert members.sum() == size and (ds["target"].values[members] == target).sum() == count
+        assert share == pytest.approx(count / size)
     app_g = by_key["polca_report/appendix_g"]
     assert {"carry", "place"} == {row[0] for row in app_g["data"]}
     assert set(row[2] for row in app_g["data"]) <= {"polca", "polca_first", "fisher", "loss", "loss_change"}
@@ -135,10 +147,10 @@ def test_fit_without_wandb_writes_the_png_folder(tmp_path_factory):
     ds = open_analysed_store(store)
     kept = kept_units(ds)
     files = {p.name for p in out.iterdir()}
-    assert {"index.md", "summary.csv", "medoid_contexts.csv", "appendix_g.csv", "coverage.csv",
-            "coverage.png", "appendix_g_carry.png", "appendix_g_place.png"} <= files
+    assert {"index.md", "summary.csv", "medoid_contexts.csv", "cluster_targets.csv", "appendix_g.csv",
+            "coverage.csv", "coverage.png", "appendix_g_carry.png", "appendix_g_place.png"} <= files
     for u in kept:
-        assert {f"vector_{u:02d}_{n}.png" for n in ("projected_loss", "exact_loss", "labels")} <= files
+        assert {f"vector_{u:02d}_{n}.png" for n in ("projected_loss", "exact_loss", "labels", "targets")} <= files
     assert not any(f.startswith(f"vector_{u:02d}") for u in set(range(4)) - set(kept) for f in files)
     for f in files:
         if f.endswith(".png"):
@@ -150,13 +162,18 @@ def test_report_after_fit_on_a_trainer_without_logger_uses_decode(tmp_path, tmp_
     store = copy_store(finished_store(tmp_path_factory), tmp_path)
     trainer = L.Trainer(logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1)
-    report_after_fit(store, trainer, decode=lambda s, p: f"<{s}:{p}>", analysis_kwargs={"min_samples": 3},
-                     report_dir=tmp_path / "out")
+    report_after_fit(store, trainer, decode=lambda s, p: f"<{s}:{p}>", decode_target=lambda t: f"digit {t}",
+                     analysis_kwargs={"min_samples": 3}, report_dir=tmp_path / "out")
     text = (tmp_path / "out" / "medoid_contexts.csv").read_text().splitlines()
     assert text[0].endswith(",text")
     for line in text[1:]:
         cells = line.split(",")
         assert cells[-1] == f"<{cells[4]}:{cells[5]}>"
+    text = (tmp_path / "out" / "cluster_targets.csv").read_text().splitlines()
+    assert text[0].endswith(",text") and len(text) > 1
+    for line in text[1:]:
+        cells = line.split(",")
+        assert cells[-1] == f"digit {cells[4]}"
     assert open_store(store)["cluster"].attrs["analysis_min_samples"] == 3
 
 
@@ -259,3 +276,107 @@ def test_analyze_store_writes_and_replaces_results(tmp_path, tmp_path_factory):
     again = open_analysed_store(store)
     assert (again["cluster"].values == ds["cluster"].values).all()
     assert again["entry_method"].dims == ("entry",)
+
+
+# ------------------------------------------------------------------ most common targets per cluster
+def targets_store(target=True):
+    """12 tokens, 3 vectors (1 dropped by the filter), clusters and targets chosen by hand.
+
+    target ids:   5 5 5 7 7 | 9 -1 5 7 7 7 9
+    vector 0:     0 0 0 0 0 | 1  1 -1 1 1 1 -2   (c0: 5x3 7x2; c1: 7x3 9x1 and one without a target)
+    vector 1:     not kept
+    vector 2:     0 0 1 1 0 | 1  0  0 1 -1 -1 -1 (c0: 5x3 7x1 and one without; c1: 7x2, then 5 and 9 tie)
+    """
+    import xarray as xr
+
+    clusters = np.array([
+        [0, 0, 0, 0, 0, 1, 1, -1, 1, 1, 1, -2],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 0, 1, 0, 0, 1, -1, -1, -1],
+    ])
+    sizes = np.array([[(c == k).sum() for k in range(3)] for c in clusters])
+    coords = {"target": ("token", np.array([5, 5, 5, 7, 7, 9, -1, 5, 7, 7, 7, 9]))} if target else {}
+    return xr.Dataset(
+        {"cluster": (("basis", "token"), clusters), "cluster_size": (("basis", "cluster_id"), sizes),
+         "kept": ("basis", np.array([True, False, True]))},
+        coords=coords,
+    )
+
+
+def test_cluster_targets_table_counts_each_clusters_targets():
+    table = cluster_targets_table(targets_store(), top=5)
+    assert table.columns == ["vector", "cluster", "cluster_size", "rank", "target", "count", "share", "base_share"]
+    base = {5: 4 / 12, 7: 5 / 12, 9: 2 / 12}  # share among all 12 tokens
+    expected = [
+        # vector 0, c0 = tokens 0-4: 5 5 5 7 7
+        [0, 0, 5, 0, 5, 3, 3 / 5, base[5]], [0, 0, 5, 1, 7, 2, 2 / 5, base[7]],
+        # vector 0, c1 = tokens 5 6 8 9 10: 9 -1 7 7 7 (the token without a target counts in the size only)
+        [0, 1, 5, 0, 7, 3, 3 / 5, base[7]], [0, 1, 5, 1, 9, 1, 1 / 5, base[9]],
+        # vector 2, c0 = tokens 0 1 4 6 7: 5 5 7 -1 5
+        [2, 0, 5, 0, 5, 3, 3 / 5, base[5]], [2, 0, 5, 1, 7, 1, 1 / 5, base[7]],
+        # vector 2, c1 = tokens 2 3 5 8: 5 7 9 7
+        [2, 1, 4, 0, 7, 2, 2 / 4, base[7]], [2, 1, 4, 1, 5, 1, 1 / 4, base[5]], [2, 1, 4, 2, 9, 1, 1 / 4, base[9]],
+    ]
+    assert len(table.rows) == len(expected)
+    for got, want in zip(table.rows, expected):
+        assert got[:6] == want[:6] and got[6:] == pytest.approx(want[6:]), (got, want)
+
+
+def test_cluster_targets_table_top_ties_units_and_text():
+    ds = targets_store()
+    # in vector 2's c1, 5 and 9 tie at 1 behind 7: the smaller id goes first, top=2 cuts 9
+    table = cluster_targets_table(ds, top=2, units=[2])
+    assert [(r[1], r[4], r[5]) for r in table.rows] == [(0, 5, 3), (0, 7, 1), (1, 7, 2), (1, 5, 1)]
+    assert [r[:2] for r in cluster_targets_table(ds, top=1).rows] == [[0, 0], [0, 1], [2, 0], [2, 1]]
+    # a vector the filter dropped is listed when asked for: one cluster of all 12 tokens
+    (row,) = cluster_targets_table(ds, top=1, units=[1]).rows
+    assert row[:6] == [1, 0, 12, 0, 7, 5]
+    words = {5: "the", 7: "of", 9: ","}
+    table = cluster_targets_table(ds, top=5, decode_target=words.__getitem__)
+    assert table.columns[-1] == "text" and all(r[-1] == words[r[4]] for r in table.rows)
+
+
+def test_cluster_targets_table_without_targets_and_bad_arguments():
+    assert cluster_targets_table(targets_store(target=False)) is None
+    none_known = targets_store().assign_coords(target=("token", np.full(12, -1)))
+    assert cluster_targets_table(none_known) is None  # token_loss gave no target
+    with pytest.raises(ValueError, match="top: expected a positive int, got 0"):
+        cluster_targets_table(targets_store(), top=0)
+    with pytest.raises(TypeError, match="decode_target: expected a callable"):
+        cluster_targets_table(targets_store(), decode_target={5: "the"})
+    with pytest.raises(ValueError, match="method: expected one of"):
+        cluster_targets_table(targets_store(), method="pca")
+
+
+def test_cluster_targets_figure_draws_shares_against_base_shares():
+    ds = targets_store()
+    fig = cluster_targets_figure(ds, 0, decode_target=str)
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert len(panels) == 2  # c0, c1
+    for ax, (shares, bases) in zip(panels, [([3 / 5, 2 / 5], [4 / 12, 5 / 12]), ([3 / 5, 1 / 5], [5 / 12, 2 / 12])]):
+        (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+        assert [r.get_width() for r in sorted(bars, key=lambda r: -r.get_y())] == pytest.approx(shares)
+        (ticks,) = [a for a in ax.get_children() if a.get_gid() == "base_share"]
+        x, y = np.asarray(ticks.get_offsets()).T  # one tick per bar, at the target's share of all tokens
+        assert x[np.argsort(-y)] == pytest.approx(bases)
+    ticks = sorted(zip(panels[0].get_yticks(), [t.get_text() for t in panels[0].get_yticklabels()]), reverse=True)
+    assert [text for _, text in ticks] == ["5", "7"]  # the most common on top
+    # no targets: one panel that says so
+    fig = cluster_targets_figure(targets_store(target=False), 0)
+    assert "no target tokens" in fig.axes[0].texts[0].get_text()
+
+
+def test_report_folder_lists_targets_and_skips_them_without(tmp_path, synthetic):
+    ds, _ = synthetic
+    out = write_report_folder(ds, tmp_path / "with", decode_target=lambda t: f"w{t}")
+    rows = (out / "cluster_targets.csv").read_text().splitlines()
+    assert rows[0] == "vector,cluster,cluster_size,rank,target,count,share,base_share,text"
+    assert len(rows) - 1 == len(cluster_targets_table(ds).rows) > 0
+    assert all(line.split(",")[-1] == "w" + line.split(",")[4] for line in rows[1:])
+    assert {f"vector_{u:02d}_targets.png" for u in kept_units(ds)} <= {p.name for p in out.iterdir()}
+    # a store without a target coordinate: the rest of the report, no targets table or figure
+    out = write_report_folder(ds.drop_vars("target"), tmp_path / "without")
+    files = {p.name for p in out.iterdir()}
+    assert "medoid_contexts.csv" in files and "summary.csv" in files
+    assert "cluster_targets.csv" not in files and not any(f.endswith("_targets.png") for f in files)
+    assert (out / "medoid_contexts.csv").read_text().splitlines()[1].split(",")[6] == "-1"

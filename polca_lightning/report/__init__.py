@@ -8,8 +8,10 @@
 - ``figures``: matplotlib figures (returned, never logged).
 - ``wandb_report``: :func:`log_report` to a Lightning ``WandbLogger`` (keys in its docstring).
 - ``folder``: :func:`write_report_folder` (layout in its docstring).
-- Tables: :func:`summary_table`, :func:`medoid_contexts_table`, :func:`appendix_g_table`,
-  and :func:`store_coverage` (the coverage diagnostic from the store).
+- Tables: :func:`summary_table`, :func:`medoid_contexts_table`,
+  :func:`cluster_targets_table` (the target tokens most common in each cluster),
+  :func:`appendix_g_table`, and :func:`store_coverage` (the coverage diagnostic from the
+  store).
 
 Example:
     >>> from polca_lightning.report import analyze_store, write_report_folder
@@ -19,6 +21,7 @@ Example:
 
 from polca_lightning.report.figures import (
     appendix_g_figure,
+    cluster_targets_figure,
     coverage_figure,
     exact_loss_figure,
     label_composition_figure,
@@ -32,7 +35,9 @@ from polca_lightning.report.pipeline import (
     has_results,
     open_analysed_store,
     appendix_g_table,
+    cluster_targets_table,
     default_report_dir,
+    has_targets,
     kept_units,
     medoid_contexts_table,
     report_after_fit,
@@ -53,12 +58,15 @@ __all__ = [
     "Table",
     "summary_table",
     "medoid_contexts_table",
+    "cluster_targets_table",
+    "has_targets",
     "appendix_g_table",
     "store_coverage",
     "kept_units",
     "projected_loss_figure",
     "exact_loss_figure",
     "label_composition_figure",
+    "cluster_targets_figure",
     "coverage_figure",
     "appendix_g_figure",
     "log_report",

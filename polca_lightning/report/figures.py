@@ -7,7 +7,8 @@ Every function takes ``ds``: a store Dataset that also holds the analysis result
 ``method`` ``"polca"`` (default), ``"polca_first"`` or ``"fisher"``.
 
 Artists carry a ``gid`` so that tests (and users) can find them:
-``"cluster_mean"``, ``"onset"``, ``"tau"``, ``"mean_loss"``, ``"allocated"``, ``"real"``.
+``"cluster_mean"``, ``"onset"``, ``"tau"``, ``"mean_loss"``, ``"allocated"``, ``"real"``,
+``"base_share"``.
 Bars of the label-composition and App. G figures are ``BarContainer``\\ s, one per label
 value (composition) or per rank (App. G).
 """
@@ -22,6 +23,7 @@ __all__ = [
     "projected_loss_figure",
     "exact_loss_figure",
     "label_composition_figure",
+    "cluster_targets_figure",
     "coverage_figure",
     "appendix_g_figure",
     "cluster_members",
@@ -236,6 +238,70 @@ def label_composition_figure(ds, unit: int, *, method: str = "polca", labels=Non
         ax.set_title(name, fontsize=9)
         _legend(ax, fontsize=6, loc="upper right")
     fig.suptitle(_title(ds, unit, method, "label composition"), fontsize=9)
+    return fig
+
+
+def cluster_targets_figure(ds, unit: int, *, method: str = "polca", top: int = 5, decode_target=None,
+                           max_clusters: int = 12):
+    """The most common target tokens of each cluster of ``unit``, to look at rather than read.
+
+    One panel per cluster (the first ``max_clusters``: cluster ids go by decreasing
+    size), one horizontal bar per target among its ``top`` most common
+    (:func:`polca_lightning.report.cluster_targets_table`): the bar is the target's share
+    of the cluster, the black tick (``gid="base_share"``) its share among all tokens, so a
+    bar far right of its tick marks what the cluster is about. Each panel holds one
+    ``BarContainer``. Without targets in the store, or without clusters, a single panel
+    says so.
+
+    Args:
+        ds: store + results Dataset (module docstring).
+        unit: basis vector (or the method's unit).
+        method: analysis method whose clusters to draw.
+        top: targets per cluster.
+        decode_target: optional ``token_id -> str`` for the bar labels (default: the id).
+        max_clusters: panels drawn at most (a note in the title says when more exist).
+
+    Returns:
+        ``matplotlib.figure.Figure``.
+    """
+    from polca_lightning.report.pipeline import cluster_targets_table
+
+    _check_results(ds, method)
+    table = cluster_targets_table(ds, method, top=top, units=[unit], decode_target=decode_target)
+    rows = table.rows if table is not None else []
+    col = {name: i for i, name in enumerate(table.columns)} if table is not None else {}
+    clusters = sorted({r[col["cluster"]] for r in rows})
+    shown = clusters[:max_clusters]
+    if not shown:
+        fig, axes = new_figure(width=4.0, height=2.0)
+        axes[0, 0].text(0.5, 0.5, "no clusters" if table is not None else "no target tokens in this store",
+                        ha="center", va="center")
+        axes[0, 0].set_axis_off()
+        return fig
+    ncols = min(len(shown), 4)
+    nrows = -(-len(shown) // ncols)
+    fig, axes = new_figure(nrows, ncols, width=3.2, height=0.45 * top + 0.9)
+    colors = _colors(len(clusters))
+    for i, ax in enumerate(axes.flat):
+        if i >= len(shown):
+            ax.set_axis_off()
+            continue
+        c = shown[i]
+        mine = [r for r in rows if r[col["cluster"]] == c]
+        y = top - 1 - np.arange(len(mine))  # most common on top; one slot per rank in every panel
+        labels = [r[col["text"]] if "text" in col else str(r[col["target"]]) for r in mine]
+        ax.barh(y, [r[col["share"]] for r in mine], color=colors[c], height=0.7)
+        ax.scatter([r[col["base_share"]] for r in mine], y, marker="|", s=120, color="black", zorder=3,
+                   gid="base_share", label="share of all tokens")
+        ax.set_yticks(y, [repr(t)[1:-1] if "text" in col else t for t in labels], fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.5, top - 0.5)
+        ax.set_xlabel("share of the cluster", fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(f"c{c} (n={mine[0][col['cluster_size']]})", fontsize=8)
+    _legend(axes.flat[0], fontsize=6, loc="lower right")
+    more = f", first {len(shown)} of {len(clusters)} clusters" if len(clusters) > len(shown) else ""
+    fig.suptitle(_title(ds, unit, method, f"most common targets per cluster{more}"), fontsize=9)
     return fig
 
 

@@ -5,6 +5,10 @@ Layout of ``out_dir`` (default ``<store>.report`` beside the store)::
     index.md                          what is where, the summary table, coverage totals
     summary.csv                       one row per vector (summary_table)
     medoid_contexts.csv               tokens nearest each cluster medoid
+    cluster_targets.csv               most common targets per cluster (stores with targets)
+    ablation.csv                      per kept vector and cluster: loss change when the vector's
+                                      movement is undone (stores with an ablation)
+    ablation_summary.csv              per kept vector: does undoing it hurt its clusters most
     appendix_g.csv                    App. G comparison (when the store has labels)
     coverage.csv                      per-interval coverage (store_coverage)
     coverage.png                      allocated vs real loss change
@@ -12,6 +16,9 @@ Layout of ``out_dir`` (default ``<store>.report`` beside the store)::
     vector_NN_projected_loss.png      per kept vector: cluster means, bands, onsets, τ
     vector_NN_exact_loss.png          cluster mean exact loss
     vector_NN_labels.png              label composition per cluster
+    vector_NN_targets.png             most common targets per cluster (stores with targets)
+    vector_NN_ablation.png            loss change per cluster when the vector is undone, beside
+                                      POLCA's allocation (stores with an ablation)
 
 Files of an earlier report with these names are replaced; other files are left alone.
 """
@@ -24,10 +31,14 @@ from typing import Callable
 
 import numpy as np
 
+from polca_lightning.ablation import ablated_units, ablation_figure, ablation_summary, ablation_table
 from polca_lightning.report import figures as F
 from polca_lightning.report.pipeline import (
     Table,
+    _labels,
     appendix_g_table,
+    cluster_targets_table,
+    has_targets,
     kept_units,
     medoid_contexts_table,
     store_coverage,
@@ -54,7 +65,8 @@ def _markdown(table: Table, max_rows: int = 50) -> str:
 
 
 def write_report_folder(ds, out_dir, *, method: str = "polca", decode: Callable[[int, int], str] | None = None,
-                        k_nearest: int = 5, dpi: int = 100, progress: bool = False) -> Path:
+                        decode_target: Callable[[int], str] | None = None, k_nearest: int = 5,
+                        top_targets: int = 5, dpi: int = 100, progress: bool = False) -> Path:
     """Write the report of an analysed store as PNG figures and CSV tables.
 
     Args:
@@ -63,7 +75,10 @@ def write_report_folder(ds, out_dir, *, method: str = "polca", decode: Callable[
         out_dir: folder to write (created if needed).
         method: analysis method of the per-vector figures and tables.
         decode: ``decode(sequence, position) -> str`` for the medoid contexts' text column.
+        decode_target: ``decode_target(token_id) -> str`` for the text of the clusters'
+            most common targets (table and figures).
         k_nearest: tokens per cluster in the medoid-contexts table.
+        top_targets: targets per cluster in the cluster-targets table and figures.
         dpi: resolution of the PNGs.
         progress: progress bar over vectors.
 
@@ -73,6 +88,7 @@ def write_report_folder(ds, out_dir, *, method: str = "polca", decode: Callable[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     units = kept_units(ds, method)
+    ablated = ablated_units(ds, method)
     files: list[str] = []
     bar = None
     if progress and units:
@@ -84,6 +100,11 @@ def write_report_folder(ds, out_dir, *, method: str = "polca", decode: Callable[
             for name, fn in (("projected_loss", F.projected_loss_figure), ("exact_loss", F.exact_loss_figure),
                              ("labels", F.label_composition_figure)):
                 files.append(_save(fn(ds, u, method=method), out / f"vector_{u:02d}_{name}.png", dpi).name)
+            if has_targets(ds):
+                fig = F.cluster_targets_figure(ds, u, method=method, top=top_targets, decode_target=decode_target)
+                files.append(_save(fig, out / f"vector_{u:02d}_targets.png", dpi).name)
+            if u in ablated:
+                files.append(_save(ablation_figure(ds, u, method), out / f"vector_{u:02d}_ablation.png", dpi).name)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -95,6 +116,14 @@ def write_report_folder(ds, out_dir, *, method: str = "polca", decode: Callable[
     contexts = medoid_contexts_table(ds, method, k=k_nearest, decode=decode)
     contexts.to_csv(out / "medoid_contexts.csv")
     tables = ["summary.csv", "medoid_contexts.csv"]
+    targets = cluster_targets_table(ds, method, top=top_targets, decode_target=decode_target)
+    if targets is not None:
+        targets.to_csv(out / "cluster_targets.csv")
+        tables.append("cluster_targets.csv")
+    if ablated:
+        ablation_table(ds, method=method, labels=_labels(ds)).to_csv(out / "ablation.csv")
+        ablation_summary(ds, method=method).to_csv(out / "ablation_summary.csv")
+        tables += ["ablation.csv", "ablation_summary.csv"]
     app_g = appendix_g_table(ds)
     if app_g is not None:
         app_g.to_csv(out / "appendix_g.csv")

@@ -4,8 +4,8 @@
   the results beside the training data (:func:`polca_lightning.store.write_analysis`) and
   returns the store reopened with them: the Dataset every figure and table reads.
 - Tables (:class:`Table`: columns and rows of plain Python values): :func:`summary_table`,
-  :func:`medoid_contexts_table`, :func:`appendix_g_table`; :func:`store_coverage` is the
-  coverage diagnostic computed from the store.
+  :func:`medoid_contexts_table`, :func:`cluster_targets_table`, :func:`appendix_g_table`;
+  :func:`store_coverage` is the coverage diagnostic computed from the store.
 - :func:`report_after_fit` is what :class:`~polca_lightning.POLCACallback` calls at the
   end of ``fit``.
 """
@@ -35,6 +35,8 @@ __all__ = [
     "store_coverage",
     "summary_table",
     "medoid_contexts_table",
+    "has_targets",
+    "cluster_targets_table",
     "appendix_g_table",
     "report_after_fit",
 ]
@@ -313,7 +315,9 @@ def medoid_contexts_table(ds, method: str = "polca", *, k: int = 5, units=None,
     if decode is not None:
         columns.append("text")
     p = METHODS[method].prefix
-    coords = {name: np.asarray(ds[name].values) for name in ["sequence", "position", "target"] + labels}
+    coords = {name: np.asarray(ds[name].values) for name in ["sequence", "position"] + labels}
+    n_tokens = coords["sequence"].shape[0]
+    coords["target"] = np.asarray(ds["target"].values) if "target" in ds.variables else np.full(n_tokens, -1)
     rows = []
     for u in kept_units(ds, method) if units is None else units:
         cl, n_c = cluster_members(ds, u, method)
@@ -333,6 +337,85 @@ def medoid_contexts_table(ds, method: str = "polca", *, k: int = 5, units=None,
                 row += [int(coords[n][t]) for n in labels]
                 if decode is not None:
                     row.append(str(decode(int(coords["sequence"][t]), int(coords["position"][t]))))
+                rows.append(row)
+    return Table(columns, rows)
+
+
+def has_targets(ds) -> bool:
+    """Whether a store Dataset records target token ids (a ``target`` coordinate with at
+    least one token whose target is known, i.e. ``>= 0``)."""
+    if "target" not in ds.variables:
+        return False
+    return bool((np.asarray(ds["target"].values) >= 0).any())
+
+
+def cluster_targets_table(ds, method: str = "polca", *, top: int = 5, units=None,
+                          decode_target: Callable[[int], str] | None = None) -> Table | None:
+    """The target tokens most common in each cluster, per kept unit.
+
+    For every cluster of every listed unit: its ``top`` most frequent target token ids
+    (ties broken by the smaller id), how many of the cluster's tokens predict each
+    (``count``), their share of the cluster (``share`` = count / cluster size; tokens
+    without a target, ``-1``, count in the size but are never listed) and, to compare,
+    the target's share among all the store's tokens (``base_share``): a share well above
+    the base share is what the cluster is about; the most common word of the probe
+    tops many clusters without meaning anything. Outliers (-1) and tokens the filter
+    dropped (-2) are not clusters and are not listed.
+
+    Args:
+        ds: store + results Dataset.
+        method: analysis method (a key of ``polca_lightning.analysis.METHODS``).
+        top: targets listed per cluster (fewer when a cluster has fewer distinct ones).
+        units: units to list (default: the kept ones).
+        decode_target: optional ``decode_target(token_id) -> str``, the text of a token
+            id (e.g. a tokenizer's ``decode``). Adds a ``text`` column.
+
+    Returns:
+        Table with columns vector, cluster, cluster_size, rank, target, count, share,
+        base_share, and ``text`` when ``decode_target`` is given; ``None`` when the store
+        has no ``target`` coordinate or no token with a target (``token_loss`` returned
+        no target).
+
+    Raises:
+        ValueError: ``top`` is not a positive int, or ``method`` is unknown.
+        TypeError: ``decode_target`` is not callable.
+
+    Example:
+        >>> table = cluster_targets_table(ds, top=3, decode_target=tokenizer.decode)
+        >>> table.columns
+        ['vector', 'cluster', 'cluster_size', 'rank', 'target', 'count', 'share', 'base_share', 'text']
+    """
+    from polca_lightning.report.figures import cluster_members
+
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top: expected a positive int, got {top!r}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
+    if decode_target is not None and not callable(decode_target):
+        raise TypeError(f"decode_target: expected a callable token_id -> str, got {decode_target!r}")
+    if not has_targets(ds):
+        return None
+    target = np.asarray(ds["target"].values).astype(np.int64)  # [token]
+    ids, counts = np.unique(target[target >= 0], return_counts=True)
+    base = dict(zip(ids.tolist(), (counts / target.size).tolist()))
+    columns = ["vector", "cluster", "cluster_size", "rank", "target", "count", "share", "base_share"]
+    if decode_target is not None:
+        columns.append("text")
+    rows = []
+    for u in kept_units(ds, method) if units is None else units:
+        cl, n_c = cluster_members(ds, int(u), method)
+        for c in range(n_c):
+            members = target[cl == c]
+            size = int(members.size)
+            if not size:
+                continue
+            ids, counts = np.unique(members[members >= 0], return_counts=True)
+            order = np.lexsort((ids, -counts))[:top]  # most common first, then the smaller id
+            for rank, j in enumerate(order):
+                t, n = int(ids[j]), int(counts[j])
+                row = [int(u), c, size, rank, t, n, n / size, base[t]]
+                if decode_target is not None:
+                    row.append(str(decode_target(t)))
                 rows.append(row)
     return Table(columns, rows)
 
@@ -376,6 +459,7 @@ def _find_callback(trainer, store_path):
 
 
 def report_after_fit(store_path, trainer, *, decode: Callable[[int, int], str] | None = None,
+                     decode_target: Callable[[int], str] | None = None,
                      analysis_kwargs: dict | None = None, report_dir=None) -> None:
     """Analyse the store of a finished run and report it (called by ``POLCACallback``).
 
@@ -386,7 +470,9 @@ def report_after_fit(store_path, trainer, *, decode: Callable[[int, int], str] |
     :func:`~polca_lightning.report.folder.write_report_folder` at ``report_dir`` (default
     ``<store>.report`` beside the store).
 
-    ``decode`` and ``analysis_kwargs`` default to the callback's attributes of the same
+    ``decode`` (``(sequence, position) -> str``, the medoid contexts' text),
+    ``decode_target`` (``token_id -> str``, the text of the clusters' most common
+    targets) and ``analysis_kwargs`` default to the callback's attributes of the same
     names when it has them.
 
     Raises:
@@ -398,6 +484,7 @@ def report_after_fit(store_path, trainer, *, decode: Callable[[int, int], str] |
 
     cb = _find_callback(trainer, store_path)
     decode = decode if decode is not None else getattr(cb, "decode", None)
+    decode_target = decode_target if decode_target is not None else getattr(cb, "decode_target", None)
     if analysis_kwargs is None:
         analysis_kwargs = getattr(cb, "analysis_kwargs", None)
     analysis_kwargs = dict(analysis_kwargs or {})
@@ -412,10 +499,11 @@ def report_after_fit(store_path, trainer, *, decode: Callable[[int, int], str] |
     try:
         loggers = wandb_loggers(trainer)
         for logger in loggers:
-            log_report(logger, ds, decode=decode, step=int(trainer.global_step), progress=progress)
+            log_report(logger, ds, decode=decode, decode_target=decode_target, step=int(trainer.global_step),
+                       progress=progress)
         if not loggers or report_dir is not None:
             out = write_report_folder(ds, report_dir or default_report_dir(store_path), decode=decode,
-                                      progress=progress)
+                                      decode_target=decode_target, progress=progress)
             log.info("POLCA: report written to %s", out)
     except Exception as error:
         raise ReportError(

@@ -9,10 +9,22 @@ key                                      kind    content
                                                  onsets, τ (kept vectors only)
 ``<prefix>/vector_NN/exact_loss``        image   cluster mean exact loss, onsets, τ
 ``<prefix>/vector_NN/labels``            image   label composition of each cluster
+``<prefix>/vector_NN/targets``           image   most common targets per cluster against their
+                                                 share of all tokens (stores with targets)
+``<prefix>/vector_NN/ablation``          image   loss change per cluster when the vector's
+                                                 movement is undone, beside POLCA's allocation
+                                                 (stores with an ablation)
 ``<prefix>/coverage_plot``               image   allocated vs real loss change per interval
 ``<prefix>/appendix_g_<label>``          image   best ``label`` homogeneity per trajectory type
 ``<prefix>/summary``                     table   one row per vector (``summary_table``)
 ``<prefix>/medoid_contexts``             table   tokens nearest each medoid
+``<prefix>/cluster_targets``             table   per kept vector and cluster, the most common
+                                                 target tokens: count, share of the cluster,
+                                                 share of all tokens (``cluster_targets_table``;
+                                                 stores with targets)
+``<prefix>/ablation``                    table   per kept vector and cluster: the loss change
+                                                 when the vector is undone (``ablation_table``)
+``<prefix>/ablation_summary``            table   per kept vector (``ablation_summary``)
 ``<prefix>/appendix_g``                  table   App. G comparison (when the store has labels)
 ``<prefix>/coverage/<name>``             scalar  per interval, at the interval's end step:
                                                  allocated, real, ratio, correlation, explained
@@ -35,9 +47,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from polca_lightning.ablation import ablated_units, ablation_figure, ablation_summary, ablation_table
 from polca_lightning.report import figures as F
 from polca_lightning.report.pipeline import (
+    _labels,
     appendix_g_table,
+    cluster_targets_table,
+    has_targets,
     kept_units,
     medoid_contexts_table,
     store_coverage,
@@ -82,16 +98,23 @@ def figure_to_image(fig, dpi: int = 100):
     return image
 
 
-def _vector_figures(ds, unit: int, method: str) -> dict[str, Any]:
-    return {
+def _vector_figures(ds, unit: int, method: str, decode_target=None, top_targets: int = 5) -> dict[str, Any]:
+    figures = {
         "projected_loss": F.projected_loss_figure(ds, unit, method=method),
         "exact_loss": F.exact_loss_figure(ds, unit, method=method),
         "labels": F.label_composition_figure(ds, unit, method=method),
     }
+    if has_targets(ds):
+        figures["targets"] = F.cluster_targets_figure(ds, unit, method=method, top=top_targets,
+                                                      decode_target=decode_target)
+    if unit in ablated_units(ds, method):
+        figures["ablation"] = ablation_figure(ds, unit, method)
+    return figures
 
 
 def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int], str] | None = None,
-               step: int | None = None, k_nearest: int = 5, prefix: str = "polca_report",
+               decode_target: Callable[[int], str] | None = None, step: int | None = None,
+               k_nearest: int = 5, top_targets: int = 5, prefix: str = "polca_report",
                progress: bool = False) -> list[str]:
     """Log the figures, tables and scalars of an analysed store to a ``WandbLogger``.
 
@@ -102,8 +125,11 @@ def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int]
             of an analysed store).
         method: analysis method of the per-vector figures and tables.
         decode: ``decode(sequence, position) -> str`` for the medoid contexts' text column.
+        decode_target: ``decode_target(token_id) -> str`` for the text of the clusters'
+            most common targets (table and figure).
         step: step of the report (the run's last step; default: the last snapshot's).
         k_nearest: tokens per cluster in the medoid-contexts table.
+        top_targets: targets per cluster in the cluster-targets table and figure.
         prefix: key prefix.
         progress: progress bar over vectors.
 
@@ -131,7 +157,7 @@ def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int]
         bar = tqdm(total=len(units), desc="report figures", unit="vector")
     try:
         for u in units:
-            for name, fig in _vector_figures(ds, u, method).items():
+            for name, fig in _vector_figures(ds, u, method, decode_target, top_targets).items():
                 image(f"{prefix}/vector_{u:02d}/{name}", fig, f"{method} vector {u}: {name}")
             if bar is not None:
                 bar.update(1)
@@ -141,6 +167,12 @@ def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int]
 
     table(f"{prefix}/summary", summary_table(ds, method))
     table(f"{prefix}/medoid_contexts", medoid_contexts_table(ds, method, k=k_nearest, decode=decode))
+    targets = cluster_targets_table(ds, method, top=top_targets, decode_target=decode_target)
+    if targets is not None:
+        table(f"{prefix}/cluster_targets", targets)
+    if ablated_units(ds, method):
+        table(f"{prefix}/ablation", ablation_table(ds, method=method, labels=_labels(ds)))
+        table(f"{prefix}/ablation_summary", ablation_summary(ds, method=method))
     app_g = appendix_g_table(ds)
     if app_g is not None:
         table(f"{prefix}/appendix_g", app_g)
