@@ -5,6 +5,8 @@
 # torch==2.13.0, which pip takes from a local wheel where one is configured (a CPU build)
 # and from PyPI otherwise (the CUDA build on Linux). Use your own, e.g.
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+# The package and its extras (dev, transformers: examples/huggingface.py and its test) come
+# second, pinned to the torch just installed, so that no dependency can replace it.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -12,10 +14,10 @@ PY := $(VENV)/bin/python
 
 .PHONY: install example test benchmark clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,transformers]" "torch==$$($(PY) -c 'from importlib.metadata import version; print(version("torch"))')"
 	touch $@
 
 install: $(VENV)/.installed

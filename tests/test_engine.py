@@ -206,6 +206,22 @@ def test_cost_model_prefers_reverse_for_few_positions_and_forward_for_many():
     assert dd.choose(space.flatten(model), [lm_batch], 1, False) == "forward"
 
 
+def test_cost_model_knows_when_reverse_mode_needs_per_sample_jacobians():
+    """Without the activation path (here a weight shared by two modules; transformers' GPT-2 Conv1D,
+    Llama's RMSNorm) reverse mode costs per-sample Jacobians, and ``auto`` must not price it as the
+    activation path before it has measured anything (the LCA baseline after fit relies on it)."""
+    with_path = estimate_cost(10, positions_per_sequence=4, sequence_length=12, curvature=False)
+    without = estimate_cost(10, positions_per_sequence=4, sequence_length=12, curvature=False, activations=False)
+    assert with_path["reverse"] < with_path["forward"] < without["reverse"]
+    assert with_path["forward"] == without["forward"]
+    tied = tiny_lm()
+    tied.head.weight = tied.tok.weight
+    for model, pick in ((tiny_lm(), "reverse"), (tied, "forward")):
+        space = ParameterSpace.from_module(model)
+        dd = DirectionalDerivatives(model, causal_lm_token_loss, space)
+        assert dd.choose(space.flatten(model), [addition_batch(2)], 10, False) == pick
+
+
 def test_bad_inputs_are_named():
     model = tiny_lm()
     space = ParameterSpace.from_module(model)

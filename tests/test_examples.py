@@ -115,6 +115,7 @@ def test_huggingface_token_loss_is_the_models_own_loss_at_each_sum_digit(arch):
 
     torch.manual_seed(0)
     model = huggingface.HFAdditionModel(arch, d_model=16, n_layers=1, n_heads=2).eval()
+    assert model.net.config._attn_implementation == "eager"
     data = addition_data(6, seed=3)
     batch = {"input_ids": data["input_ids"], "labels": data["labels"]}
     with torch.no_grad():
