@@ -35,10 +35,10 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from arithmetic import AdditionModel, batches, token_labels  # noqa: E402
+from arithmetic import batches, token_labels  # noqa: E402
 
 from polca_lightning import POLCACallback  # noqa: E402
-from polca_lightning.toy import addition_data  # noqa: E402
+from polca_lightning.toy import TinyCausalLM, addition_data  # noqa: E402
 
 
 def du(path: Path) -> int:
@@ -51,7 +51,7 @@ def child(kind: str, steps: int, out: Path) -> dict:
     train = addition_data(steps * 64, seed=0)
     probe = addition_data(600, seed=10_000)
     hessian = addition_data(256, seed=20_000)
-    model = AdditionModel(max_steps=steps)
+    model = TinyCausalLM()
     callbacks = []
     if kind != "plain":
         callbacks.append(POLCACallback(

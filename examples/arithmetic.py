@@ -37,38 +37,10 @@ from pathlib import Path
 import numpy as np
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from polca_lightning import POLCACallback
-from polca_lightning.losses import causal_lm_token_loss
-from polca_lightning.toy import TinyTransformer, addition_data
-
-
-class AdditionModel(L.LightningModule):
-    """A causal transformer trained on the sum digits only (labels -100 elsewhere)."""
-
-    def __init__(self, d_model: int = 128, n_layers: int = 2, n_heads: int = 4, lr: float = 1e-3,
-                 weight_decay: float = 0.1, max_steps: int = 3000, warmup: int = 100, d_mlp: int | None = None):
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = TinyTransformer(d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_mlp=d_mlp, max_len=12)
-
-    def forward(self, input_ids):
-        return self.net(input_ids)
-
-    def training_step(self, batch, _):
-        loss, mask, _ = causal_lm_token_loss(self, batch)
-        loss = loss[mask].mean()
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self):
-        h = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.98))
-        # linear warmup, then constant: the paper's runs use a constant rate after warmup
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / h.warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+from polca_lightning.toy import ADDITION_VOCAB, TinyCausalLM, addition_data
 
 
 def batches(data: dict, size: int, keys=("input_ids", "labels", "place", "carry")) -> list[dict]:
@@ -210,8 +182,8 @@ def run(args, out: Path) -> dict:
 
         logger = WandbLogger(project=args.wandb_project, save_dir=str(out), offline=not args.online,
                              config={**vars(args), "seed": args.seed})
-    model = AdditionModel(args.d_model, args.n_layers, args.n_heads, args.lr, max_steps=args.steps,
-                          d_mlp=2048 if args.paper else None)
+    model = TinyCausalLM(ADDITION_VOCAB, 12, args.d_model, args.n_layers, args.n_heads,
+                         d_mlp=2048 if args.paper else None, lr=args.lr)
     trainer = L.Trainer(
         max_steps=args.steps, callbacks=[callback], logger=logger, default_root_dir=out, accelerator="auto",
         devices=1, log_every_n_steps=max(1, min(25, args.steps // 4)), enable_checkpointing=False,

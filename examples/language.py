@@ -49,8 +49,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from polca_lightning import POLCACallback, open_store
-from polca_lightning.losses import causal_lm_token_loss
-from polca_lightning.toy import TinyTransformer
+from polca_lightning.toy import TinyCausalLM
 
 UNK = "<unk>"
 #: one token: a word (letters, digits, underscores, an apostrophe suffix), a number, or
@@ -207,32 +206,6 @@ def windows(stream: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.T
     return stream[starts[:, None] + torch.arange(seq_len)]
 
 
-class LanguageModel(L.LightningModule):
-    """A causal transformer trained on next-word cross-entropy at every position."""
-
-    def __init__(self, vocab: int, seq_len: int, d_model: int = 96, n_layers: int = 2, n_heads: int = 4,
-                 lr: float = 1e-3, weight_decay: float = 0.1, warmup: int = 100):
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = TinyTransformer(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                                   max_len=seq_len)
-
-    def forward(self, input_ids):
-        return self.net(input_ids)
-
-    def training_step(self, batch, _):
-        loss, mask, _ = causal_lm_token_loss(self, batch)
-        loss = loss[mask].mean()
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self):
-        h = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.98))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / h.warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
 def batches(data: dict, size: int, keys=("input_ids", "labels", "kind")) -> list[dict]:
     n = len(data["input_ids"])
     return [{k: data[k][i : i + size] for k in keys if k in data} for i in range(0, n, size)]
@@ -326,7 +299,7 @@ def main(argv=None) -> Path:
 
         logger = WandbLogger(project=args.wandb_project, save_dir=str(out), offline=not args.online,
                              config=vars(args))
-    model = LanguageModel(len(tokenizer), args.seq_len, args.d_model, args.n_layers, args.n_heads, args.lr)
+    model = TinyCausalLM(len(tokenizer), args.seq_len, args.d_model, args.n_layers, args.n_heads, lr=args.lr)
     trainer = L.Trainer(
         max_steps=args.steps, callbacks=[callback], logger=logger, default_root_dir=out, accelerator="auto",
         devices=1, log_every_n_steps=max(1, min(25, args.steps // 4)), enable_checkpointing=False,

@@ -6,17 +6,20 @@
   ``carry``.
 - :class:`TinyTransformer`: a pre-LayerNorm causal transformer in plain torch (no fused
   kernels that forward-mode AD cannot go through).
+- :class:`TinyCausalLM`: a ``LightningModule`` training a ``TinyTransformer`` on the mean
+  loss of its loss-bearing tokens (the examples' model).
 """
 
 from __future__ import annotations
 
 import math
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TinyTransformer", "addition_data", "ADDITION_VOCAB", "PLUS", "EQUALS"]
+__all__ = ["TinyTransformer", "TinyCausalLM", "addition_data", "ADDITION_VOCAB", "PLUS", "EQUALS"]
 
 PLUS, EQUALS = 10, 11
 ADDITION_VOCAB = 12
@@ -120,3 +123,40 @@ class TinyTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))  # [B, L, vocab]
+
+
+class TinyCausalLM(L.LightningModule):
+    """A :class:`TinyTransformer` trained on the mean causal-LM loss of its loss-bearing tokens.
+
+    AdamW (betas 0.9, 0.98) with a linear warmup over ``warmup`` steps, then a constant
+    rate (the paper's runs use a constant rate after warmup). Logs ``train/loss``.
+
+    Example:
+        >>> model = TinyCausalLM(vocab=12, max_len=12, d_model=32, n_layers=1, n_heads=2)
+        >>> trainer = L.Trainer(max_steps=100, callbacks=[polca_callback])
+    """
+
+    def __init__(self, vocab: int = ADDITION_VOCAB, max_len: int = 12, d_model: int = 128, n_layers: int = 2,
+                 n_heads: int = 4, d_mlp: int | None = None, lr: float = 1e-3, weight_decay: float = 0.1,
+                 warmup: int = 100):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = TinyTransformer(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_mlp=d_mlp,
+                                   max_len=max_len)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.net(input_ids)
+
+    def training_step(self, batch, _):
+        from polca_lightning.losses import causal_lm_token_loss
+
+        loss, mask, _ = causal_lm_token_loss(self, batch)
+        loss = loss[mask].mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        h = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / h.warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
