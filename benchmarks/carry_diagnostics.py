@@ -22,7 +22,7 @@ import argparse
 
 import numpy as np
 
-from polca_lightning.report import open_analysed_store
+from polca_lightning.report import open_analysed_store, summary_table
 
 
 def progress_steps(curve: np.ndarray, step: np.ndarray, fractions=(0.5, 0.9)) -> list[float]:
@@ -58,21 +58,17 @@ def report(path: str) -> None:
     carry, other = g["10s/100s carry"], g["10s/100s no carry"]
     total = ds["polca"].sum("interval").transpose("basis", "token").values.astype(float)
     ablation = ds["ablation_loss_change"].values if "ablation_loss_change" in ds else None
-    kept = ds["kept"].values.astype(bool) if "kept" in ds else np.ones(ds.sizes["basis"], bool)
-    em, eu = ds["entry_method"].values.astype(str), ds["entry_unit"].values
-    hom, size = ds["carry_homogeneity"].values, ds["entry_size"].values
-    values = ds["carry_value"].values.tolist()
-    eligible = ds["carry_eligible"].values.astype(bool)
-    vi = values.index(1)
+    summary = summary_table(ds)
+    col = {name: i for i, name in enumerate(summary.columns)}
     print(f"  {'vector':>6} {'step':>5} {'kept':>4} {'POLCA carry':>11} {'POLCA other':>11} "
-          f"{'ablate carry':>12} {'ablate other':>12} {'best carry cluster':>18}")
-    for u in range(ds.sizes["basis"]):
-        sel = (em == "polca") & (eu == u) & eligible[:, vi] & np.isfinite(hom[:, vi])
-        best = f"{hom[sel, vi].max():.2f} of {size[sel][np.argmax(hom[sel, vi])]}" if sel.any() else "-"
+          f"{'ablate carry':>12} {'ablate other':>12} {'best carry homogeneity':>22}")
+    for row in summary.rows:
+        u, best = row[col["vector"]], row[col["best carry=1"]]
+        best = "-" if best is None else f"{best:.2f}"
         abl = ("{:>+12.4f} {:>+12.4f}".format(ablation[u, carry].mean(), ablation[u, other].mean())
                if ablation is not None else f"{'-':>12} {'-':>12}")
-        print(f"  {u:>6} {int(ds['basis_step'].values[u]):>5} {'yes' if kept[u] else '':>4} "
-              f"{total[u, carry].mean():>+11.4f} {total[u, other].mean():>+11.4f} {abl} {best:>18}")
+        print(f"  {u:>6} {row[col['basis_step']]:>5} {'yes' if row[col['kept']] else '':>4} "
+              f"{total[u, carry].mean():>+11.4f} {total[u, other].mean():>+11.4f} {abl} {best:>22}")
 
 
 def main(argv=None) -> None:

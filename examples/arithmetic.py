@@ -127,15 +127,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+#: appendix G: a carry cluster counts if most of its carries land on the 10s or 100s digit
+#: (a carry into the 1000s digit is just predicting a leading 1)
+APPENDIX_G_CARRY = {"carry": ("place", (1, 2))}
+
+
 def analysis_settings(args) -> dict:
     """The analysis settings of a run: HDBSCAN's, and appendix G's restriction of carry clusters."""
     return {
         "min_cluster_size": args.min_cluster_size,
         "min_samples": args.min_samples,
-        # appendix G: a carry cluster counts if most of its carries land on the 10s or 100s
-        # digit (a carry into the 1000s digit is just predicting a leading 1)
-        "restrict": {"carry": ("place", (1, 2))},
+        "restrict": APPENDIX_G_CARRY,
     }
+
+
+def splits(args) -> tuple[dict, dict, dict]:
+    """Training problems (fresh ones every step), held-out probe problems, a Hessian sample."""
+    return (addition_data(args.steps * args.batch, seed=args.seed),
+            addition_data(args.probe, seed=10_000 + args.seed),
+            addition_data(args.hessian, seed=20_000 + args.seed))
+
+
+def addition_callback(store: Path, probe: dict, hessian: dict, args, **kwargs) -> POLCACallback:
+    """``POLCACallback`` on the addition problems: place/carry labels, decoded contexts, the
+    schedule, engine and seed of ``args``; ``kwargs`` (e.g. ``order``) go to the callback."""
+    kwargs.setdefault("analysis_kwargs", {"restrict": APPENDIX_G_CARRY})
+    return POLCACallback(
+        store=store,
+        probe_data=batches(probe, 200),
+        hessian_data=batches(hessian, 256, keys=("input_ids", "labels")),
+        token_labels=token_labels,
+        snapshot_every=args.snapshot_every,
+        basis_every=args.basis_every,
+        k=args.k,
+        max_basis=args.max_basis,
+        engine=args.engine,
+        seed=args.seed,
+        decode=lambda sequence, position: decode(probe, sequence, position),
+        **kwargs,
+    )
 
 
 def main(argv=None) -> Path:
@@ -156,25 +186,9 @@ def run(args, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(args.seed, verbose=False)
 
-    train = addition_data(args.steps * args.batch, seed=args.seed)  # fresh problems every step
-    probe = addition_data(args.probe, seed=10_000 + args.seed)  # held out
-    hessian = addition_data(args.hessian, seed=20_000 + args.seed)  # a sample of the training distribution
-
-    callback = POLCACallback(
-        store=store,
-        probe_data=batches(probe, 200),
-        hessian_data=batches(hessian, 256, keys=("input_ids", "labels")),
-        token_labels=token_labels,
-        snapshot_every=args.snapshot_every,
-        basis_every=args.basis_every,
-        k=args.k,
-        max_basis=args.max_basis,
-        order=args.order,
-        engine=args.engine,
-        seed=args.seed,
-        analysis_kwargs=analysis_settings(args),
-        decode=lambda sequence, position: decode(probe, sequence, position),
-    )
+    train, probe, hessian = splits(args)
+    callback = addition_callback(store, probe, hessian, args, order=args.order,
+                                 analysis_kwargs=analysis_settings(args))
     if args.no_wandb:
         logger = False
     else:
@@ -266,7 +280,7 @@ def ablation_of_best_carry_vector(ds, unit) -> dict | None:
         return None
     from polca_lightning.ablation import ablation_table
 
-    table = ablation_table(ds, [unit], labels="carry")
+    table = ablation_table(ds, [unit])
     col = {name: i for i, name in enumerate(table.columns)}
     change = ds["ablation_loss_change"].values[unit]
     carry = (ds["carry"].values == 1) & np.isin(ds["place"].values, (1, 2))

@@ -41,9 +41,9 @@ try:
 except ImportError as err:
     raise ImportError('examples/huggingface.py needs the transformers extra: pip install -e ".[transformers]"') from err
 
-from arithmetic import batches, decode, print_results, token_labels, write_results
+from arithmetic import addition_callback, batches, print_results, splits, write_results
 from polca_lightning import POLCACallback
-from polca_lightning.toy import ADDITION_VOCAB, addition_data
+from polca_lightning.toy import ADDITION_VOCAB
 
 SEQUENCE_LENGTH = 12  # a a a + b b b = s s s s
 ARCHITECTURES = ("gpt2", "llama")
@@ -142,16 +142,8 @@ def main(argv=None) -> Path:
     L.seed_everything(args.seed, verbose=False)  # also seeds the model's random initialisation
     model = HFAdditionModel(args.arch, args.d_model, args.n_layers, args.n_heads, args.lr)
 
-    # the problems of examples/arithmetic.py: fresh ones every step, a held-out probe set, a Hessian sample
-    train, probe, hessian = (addition_data(n, seed=offset + args.seed) for n, offset in
-                             ((args.steps * args.batch, 0), (args.probe, 10_000), (args.hessian, 20_000)))
-    schedule = {name: getattr(args, name) for name in ("snapshot_every", "basis_every", "k", "max_basis")}
-    callback = POLCACallback(
-        store, batches(probe, 200), batches(hessian, 256, keys=("input_ids", "labels")),
-        token_labels=token_labels, engine=args.engine, seed=args.seed, **schedule,
-        analysis_kwargs={"restrict": {"carry": ("place", (1, 2))}},  # appendix G, as in examples/arithmetic.py
-        decode=lambda sequence, position: decode(probe, sequence, position),
-    )
+    train, probe, hessian = splits(args)  # the problems of examples/arithmetic.py
+    callback = addition_callback(store, probe, hessian, args)
     logger = False
     if not args.no_wandb:
         from lightning.pytorch.loggers import WandbLogger

@@ -48,7 +48,11 @@ def ablated_parameters(theta_0: torch.Tensor, theta_end: torch.Tensor, b: torch.
     ``b`` must have unit norm (the store's basis vectors do). The inner product is taken
     in float64.
     """
-    alpha = torch.dot((theta_end - theta_0).double(), b.double())
+    return _undo(theta_end, torch.dot((theta_end - theta_0).double(), b.double()), b)
+
+
+def _undo(theta_end: torch.Tensor, alpha: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``θ_end - α b`` in float64, returned in ``θ_end``'s dtype."""
     return (theta_end.double() - alpha * b.double()).to(theta_end.dtype)
 
 
@@ -98,15 +102,10 @@ def ablate_directions(
         >>> out["loss_change"][3].mean()  # mean loss change when vector 3 is undone
     """
     ds = open_store(store)
-    for name in ("weights", "basis_vectors"):
-        if name not in ds:
-            raise ValueError(f"store: {store} holds no {name!r}; the ablation needs the weight snapshots and the basis")
-    if ds.sizes["snapshot"] < 2:
-        raise ValueError(f"store: {store} has {ds.sizes['snapshot']} snapshot(s); the ablation needs a first and a last")
-    names = [name for name, _ in ds.attrs["parameters"]]
-    space = ParameterSpace.from_module(module, names)
-    if list(space.names) != names or space.dim != ds.sizes["param"]:
-        raise ValueError(f"module: its parameters do not match the store's ({names[:3]}...)")
+    space = ParameterSpace.of_store(module, ds, "the ablation")
+    if "basis_vectors" not in ds or ds.sizes["snapshot"] < 2:
+        raise ValueError(f"store: {store} has {ds.sizes['snapshot']} snapshot(s) and "
+                         f"{ds.sizes.get('basis', 0)} basis vectors; the ablation needs a basis, a first and a last")
     K, T = ds.sizes["basis"], ds.sizes["token"]
     chosen = list(range(K)) if vectors is None else [int(v) for v in vectors]
     bad = [v for v in chosen if not 0 <= v < K]
@@ -118,6 +117,7 @@ def ablate_directions(
     weights = ds["weights"]
     theta_0 = torch.from_numpy(np.asarray(weights[0].values)).to(device, dtype)
     theta_end = torch.from_numpy(np.asarray(weights[-1].values)).to(device, dtype)
+    moved = (theta_end - theta_0).double()
     basis = np.asarray(ds["basis_vectors"].values)
     fn = FunctionalTokenLoss(module, token_loss, space)
     change = np.full((K, T), np.nan)
@@ -136,8 +136,9 @@ def ablate_directions(
             bar.update(1)
         for v in chosen:
             b = torch.from_numpy(basis[v]).to(device, dtype)
-            coefficient[v] = float(torch.dot((theta_end - theta_0).double(), b.double()))
-            ablated = _probe_losses(fn, ablated_parameters(theta_0, theta_end, b), probe_batches)
+            alpha = torch.dot(moved, b.double())
+            coefficient[v] = float(alpha)
+            ablated = _probe_losses(fn, _undo(theta_end, alpha, b), probe_batches)
             change[v] = (ablated - end_loss).numpy()
             if bar is not None:
                 bar.update(1)
@@ -177,6 +178,33 @@ def _check_ablated(ds) -> None:
         raise ValueError("the store holds no analysis: run `polca analyze STORE` first")
 
 
+def _ablation_inputs(ds, units, method):
+    """Checked ``units``, the loss changes ``[K, T]``, POLCA's allocation ``[K, T]`` (Σ over
+    intervals) and ``clusters(u) -> [T]`` of ``method``."""
+    from polca_lightning.analysis.methods import METHODS
+
+    _check_ablated(ds)
+    if method not in ("polca", "polca_first"):
+        raise ValueError(f"method: expected 'polca' or 'polca_first' (the basis-vector methods), got {method!r}")
+    change = np.asarray(ds["ablation_loss_change"].values, dtype=np.float64)  # [K, T]
+    ablated = np.isfinite(change).any(axis=1)
+    units = ablated_units(ds, method) if units is None else [int(u) for u in units]
+    for u in units:
+        if not 0 <= u < change.shape[0] or not ablated[u]:
+            raise ValueError(f"units: vector {u} was not ablated")
+    total = np.asarray(ds[METHODS[method].variable].sum("interval", skipna=False)
+                       .transpose("basis", "token").values, dtype=np.float64)
+    cluster = ds[METHODS[method].prefix + "cluster"]
+    return units, change, total, lambda u: np.asarray(cluster.isel(basis=u).values)
+
+
+def _most_affected(change: np.ndarray, cl: np.ndarray) -> int:
+    """The cluster (label >= 0) whose tokens' mean loss change is largest; -1 without clusters."""
+    n_c = int(cl.max(initial=-1)) + 1
+    means = [float(np.mean(change[cl == c])) if (cl == c).any() else np.nan for c in range(n_c)]
+    return int(np.nanargmax(means)) if n_c and np.isfinite(means).any() else -1
+
+
 def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca",
                    labels: str | Sequence[str] | None = None):
     """Each cluster's mean loss change when its vector is undone, beside what POLCA allocated.
@@ -202,19 +230,9 @@ def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca"
     Returns:
         A :class:`polca_lightning.report.Table`.
     """
-    from polca_lightning.analysis.methods import METHODS
     from polca_lightning.report.pipeline import Table, _py
 
-    _check_ablated(ds)
-    if method not in ("polca", "polca_first"):
-        raise ValueError(f"method: expected 'polca' or 'polca_first' (the basis-vector methods), got {method!r}")
-    p = METHODS[method].prefix
-    change_all = np.asarray(ds["ablation_loss_change"].values, dtype=np.float64)  # [K, T]
-    ablated = np.isfinite(change_all).any(axis=1)
-    if units is None:
-        units = ablated_units(ds, method)
-    total = np.asarray(ds[METHODS[method].variable].sum("interval", skipna=False)
-                       .transpose("basis", "token").values, dtype=np.float64)
+    units, change_all, total, clusters = _ablation_inputs(ds, units, method)
     coefficient = np.asarray(ds["ablation_coefficient"].values)
     columns = ["vector", "coefficient", "tokens", "cluster", "size", "loss_change", "rest", "polca_total",
                "most_affected"]
@@ -228,13 +246,9 @@ def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca"
         columns += [label, f"{label}_share"]
     rows = []
     for u in units:
-        u = int(u)
-        if not 0 <= u < change_all.shape[0] or not ablated[u]:
-            raise ValueError(f"units: vector {u} was not ablated")
-        change, cl = change_all[u], np.asarray(ds[p + "cluster"].isel(basis=u).values)
+        change, cl = change_all[u], clusters(u)
         n_c = int(cl.max(initial=-1)) + 1
-        means = [float(np.mean(change[cl == c])) if (cl == c).any() else np.nan for c in range(n_c)]
-        top = int(np.nanargmax(means)) if n_c and np.isfinite(means).any() else -1
+        top = _most_affected(change, cl)
         groups = [(f"cluster {c}", c, cl == c) for c in range(n_c)]
         groups += [("outliers", -1, cl == -1), ("filtered", -2, cl == -2), ("all", None, np.ones_like(cl, bool))]
         for name, c, sel in groups:
@@ -242,7 +256,7 @@ def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca"
                 continue
             rest = change[~sel]
             row = [u, coefficient[u], name, c, int(sel.sum()), float(change[sel].mean()),
-                   float(rest.mean()) if rest.size else None, float(np.mean(total[u, sel])), c is not None and c >= 0 and c == top]
+                   float(rest.mean()) if rest.size else None, float(np.mean(total[u, sel])), top >= 0 and c == top]
             for v in values:
                 kinds, counts = np.unique(v[sel], return_counts=True)
                 row += [kinds[np.argmax(counts)], counts.max() / sel.sum()]
@@ -259,26 +273,20 @@ def ablation_summary(ds, units: Sequence[int] | None = None, method: str = "polc
     POLCA allocated to the vector: positive when tokens whose loss fell along the vector
     get it back), and ``most_affected_cluster``.
     """
-    from polca_lightning.analysis.methods import METHODS
     from polca_lightning.report.pipeline import Table, _py
 
-    table = ablation_table(ds, units, method)
-    col = {name: i for i, name in enumerate(table.columns)}
-    p = METHODS[method].prefix
-    change_all = np.asarray(ds["ablation_loss_change"].values, dtype=np.float64)
-    total = np.asarray(ds[METHODS[method].variable].sum("interval", skipna=False)
-                       .transpose("basis", "token").values, dtype=np.float64)
+    units, change_all, total, clusters = _ablation_inputs(ds, units, method)
     rows = []
-    for u in dict.fromkeys(row[col["vector"]] for row in table.rows):
-        change, cl = change_all[u], np.asarray(ds[p + "cluster"].isel(basis=u).values)
-        top = [row[col["cluster"]] for row in table.rows if row[col["vector"]] == u and row[col["most_affected"]]]
+    for u in units:
+        change, cl = change_all[u], clusters(u)
+        top = _most_affected(change, cl)
         ok = np.isfinite(change) & np.isfinite(total[u])
         corr = np.corrcoef(change[ok], -total[u, ok])[0, 1] if ok.sum() > 2 and change[ok].std() > 0 else np.nan
         inside = cl >= 0
         rows.append([_py(v) for v in (
             u, float(ds["ablation_coefficient"].values[u]), float(change.mean()),
             float(change[inside].mean()) if inside.any() else np.nan,
-            float(change[~inside].mean()) if (~inside).any() else np.nan, corr, top[0] if top else None)])
+            float(change[~inside].mean()) if (~inside).any() else np.nan, corr, top if top >= 0 else None)])
     return Table(["vector", "coefficient", "mean_loss_change", "clustered_loss_change", "unclustered_loss_change",
                   "correlation", "most_affected_cluster"], rows)
 

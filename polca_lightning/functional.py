@@ -74,6 +74,22 @@ class ParameterSpace:
             raise ValueError("parameters: no trainable parameters selected")
         return cls(tuple(n for n, _ in chosen), tuple(tuple(p.shape) for _, p in chosen))
 
+    @classmethod
+    def of_store(cls, module: nn.Module, ds, what: str) -> "ParameterSpace":
+        """The module's parameters that a store (``open_store`` Dataset) was written over.
+
+        Raises:
+            ValueError: a store without weight snapshots, or parameters that are not the
+                module's; ``what`` names the computation that needs them.
+        """
+        if "weights" not in ds:
+            raise ValueError(f"store: it holds no weight snapshots; {what} needs them")
+        names = [name for name, _ in ds.attrs["parameters"]]
+        space = cls.from_module(module, names)
+        if list(space.names) != names or space.dim != ds.sizes["param"]:
+            raise ValueError(f"module: its parameters do not match the store's ({names[:3]}...)")
+        return space
+
     def flatten(self, module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
         """The current values of the selected parameters as one detached vector ``[d]``."""
         params = dict(module.named_parameters())

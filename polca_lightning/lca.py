@@ -58,12 +58,7 @@ def lca_baseline(
         ValueError: a store without weights, or one whose parameters are not the module's.
     """
     ds = open_store(store)
-    if "weights" not in ds:
-        raise ValueError(f"store: {store} holds no weights; LCA needs the weight snapshots")
-    names = [name for name, _ in ds.attrs["parameters"]]
-    space = ParameterSpace.from_module(module, names)
-    if list(space.names) != names or space.dim != ds.sizes["param"]:
-        raise ValueError(f"module: its parameters do not match the store's {names[:5]}...")
+    space = ParameterSpace.of_store(module, ds, "the LCA baseline")
     order = ds.attrs["order"]
     order = order if order in ("first", "trapezoid") else "trapezoid"  # no eigenvalue or curvature here
     n = int(min(n_directions, space.dim))

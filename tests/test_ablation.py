@@ -129,8 +129,8 @@ def test_undoing_every_basis_vector_of_a_complete_basis_restores_theta_0():
     theta_0, theta_end = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
     basis = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].T
     theta = theta_end
-    for b in basis:  # undo each direction's movement in turn
-        theta = theta - torch.dot(theta_end - theta_0, b) * b
+    for b in basis:  # undo each direction's movement in turn: the others' are orthogonal to it
+        theta = ablated_parameters(theta_0, theta, b)
     torch.testing.assert_close(theta, theta_0)
     one = ablated_parameters(theta_0, theta_end, basis[0])
     torch.testing.assert_close(torch.dot(one - theta_0, basis[0]), torch.tensor(0.0, dtype=torch.float64))

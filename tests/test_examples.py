@@ -30,10 +30,15 @@ def test_arithmetic_tiny_mode_logs_the_report_to_an_offline_wandb_run(tmp_path, 
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["carry"]) == {"loss", "loss_change", "fisher", "lca", "polca_first", "polca"}
     best = results["carry"]["polca"]
-    hidden = dict(zip(ds["trajectory_type"].values.tolist(), ds["hidden_fraction"].values.tolist()))
-    assert best["hidden_fraction"] == pytest.approx(hidden["polca"], nan_ok=True)
+    # against the per-cluster scores: the most homogeneous eligible carry=1 cluster of POLCA
+    polca = (ds["entry_method"].values.astype(str) == "polca") & ds["carry_eligible"].values[:, 1].astype(bool)
+    assert best["homogeneity"] == pytest.approx(np.nanmax(ds["carry_homogeneity"].values[polca, 1]))
+    hidden = ds["entry_hidden"].values[ds["entry_method"].values.astype(str) == "polca"]
+    assert best["hidden_fraction"] == pytest.approx(hidden.mean())
     assert results["ablation"]["vector"] == best["unit"]
     change = ds["ablation_loss_change"].values[best["unit"]]
+    carry = (ds["carry"].values == 1) & np.isin(ds["place"].values, (1, 2))
+    assert results["ablation"]["carry_tokens"] == pytest.approx(change[carry].mean(), rel=1e-5)
     assert results["ablation"]["clusters"][-1]["loss_change"] == pytest.approx(change.mean(), rel=1e-5)
 
     (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))

@@ -98,7 +98,8 @@ def figure_to_image(fig, dpi: int = 100):
     return image
 
 
-def _vector_figures(ds, unit: int, method: str, decode_target=None, top_targets: int = 5) -> dict[str, Any]:
+def _vector_figures(ds, unit: int, method: str, decode_target=None, top_targets: int = 5,
+                    ablated: bool = False) -> dict[str, Any]:
     figures = {
         "projected_loss": F.projected_loss_figure(ds, unit, method=method),
         "exact_loss": F.exact_loss_figure(ds, unit, method=method),
@@ -107,7 +108,7 @@ def _vector_figures(ds, unit: int, method: str, decode_target=None, top_targets:
     if has_targets(ds):
         figures["targets"] = F.cluster_targets_figure(ds, unit, method=method, top=top_targets,
                                                       decode_target=decode_target)
-    if unit in ablated_units(ds, method):
+    if ablated:
         figures["ablation"] = ablation_figure(ds, unit, method)
     return figures
 
@@ -148,6 +149,7 @@ def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int]
         keys.append(key)
 
     units = kept_units(ds, method)
+    ablated = ablated_units(ds, method)
     if not units:
         log.warning("POLCA report: the filter kept no %s vector; no per-vector figures", method)
     bar = None
@@ -157,7 +159,7 @@ def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int]
         bar = tqdm(total=len(units), desc="report figures", unit="vector")
     try:
         for u in units:
-            for name, fig in _vector_figures(ds, u, method, decode_target, top_targets).items():
+            for name, fig in _vector_figures(ds, u, method, decode_target, top_targets, u in ablated).items():
                 image(f"{prefix}/vector_{u:02d}/{name}", fig, f"{method} vector {u}: {name}")
             if bar is not None:
                 bar.update(1)
@@ -170,7 +172,7 @@ def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int]
     targets = cluster_targets_table(ds, method, top=top_targets, decode_target=decode_target)
     if targets is not None:
         table(f"{prefix}/cluster_targets", targets)
-    if ablated_units(ds, method):
+    if ablated:
         table(f"{prefix}/ablation", ablation_table(ds, method=method, labels=_labels(ds)))
         table(f"{prefix}/ablation_summary", ablation_summary(ds, method=method))
     app_g = appendix_g_table(ds)
