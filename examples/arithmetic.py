@@ -67,11 +67,11 @@ PRESETS = {
     # snapshots every 25 and a vector every 200 put 13 of 15 vectors on the flat tail)
     "default": dict(steps=600, batch=64, d_model=128, n_layers=2, n_heads=4, lr=1e-3, probe=600,
                     hessian=256, snapshot_every=5, basis_every=40, k=1, max_basis=15,
-                    min_cluster_size=0.03, min_samples=10.0),
+                    min_cluster_size=0.03, min_samples=10.0, beta2=0.98, warmup=100),
     # CI smoke run: seconds
     "tiny": dict(steps=24, batch=32, d_model=16, n_layers=1, n_heads=2, lr=3e-3, probe=48,
                  hessian=32, snapshot_every=4, basis_every=8, k=2, max_basis=4,
-                 min_cluster_size=0.03, min_samples=10.0),
+                 min_cluster_size=0.03, min_samples=10.0, beta2=0.98, warmup=100),
     # the paper's appendix E settings (9.5M parameters; a GPU job): 3 layers, d 512, 4 heads,
     # MLP 2048, 10000 AdamW steps at lr 1e-5, 1250 probe problems (5000 tokens) and a 1250-problem
     # Hessian sample, one eigenvector every 200 steps (50 in all), HDBSCAN min cluster size 150
@@ -79,7 +79,7 @@ PRESETS = {
     # table says 5, which would store 2000 weight snapshots of 38 MB each).
     "paper": dict(steps=10000, batch=64, d_model=512, n_layers=3, n_heads=4, lr=1e-5, probe=1250,
                   hessian=1250, snapshot_every=20, basis_every=200, k=1, max_basis=50,
-                  min_cluster_size=150.0, min_samples=1 / 15),
+                  min_cluster_size=150.0, min_samples=1 / 15, beta2=0.95, warmup=100),
 }
 
 #: appendix G, Table 9 (best carry cluster: homogeneity, recall, F1) and the fraction of
@@ -108,6 +108,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and print the table of their mean and spread")
     p.add_argument("--order", default="trapezoid", choices=["first", "second", "trapezoid", "exact"])
     p.add_argument("--engine", default="auto", choices=["auto", "forward", "reverse"])
+    p.add_argument("--basis", default="hessian", choices=["hessian", "random"],
+                   help="Hessian eigenvectors (Algorithm 1) or a random orthonormal basis (appendix H)")
+    p.add_argument("--lca-directions", type=int, default=None, metavar="N",
+                   help="parameters of the LCA baseline after fit (default: as many as basis vectors; 0: none)")
+    p.add_argument("--no-ablate", action="store_true", help="skip the causal check after fit")
     p.add_argument("--wandb-project", default="polca-arithmetic")
     p.add_argument("--online", action="store_true", help="log to W&B online (default: offline)")
     p.add_argument("--no-wandb", action="store_true", help="no W&B: figures go to a folder beside the store")
@@ -187,7 +192,8 @@ def run(args, out: Path) -> dict:
     L.seed_everything(args.seed, verbose=False)
 
     train, probe, hessian = splits(args)
-    callback = addition_callback(store, probe, hessian, args, order=args.order,
+    callback = addition_callback(store, probe, hessian, args, order=args.order, basis=args.basis,
+                                 lca_directions=args.lca_directions, ablate=not args.no_ablate,
                                  analysis_kwargs=analysis_settings(args))
     if args.no_wandb:
         logger = False
@@ -197,7 +203,8 @@ def run(args, out: Path) -> dict:
         logger = WandbLogger(project=args.wandb_project, save_dir=str(out), offline=not args.online,
                              config={**vars(args), "seed": args.seed})
     model = TinyCausalLM(ADDITION_VOCAB, 12, args.d_model, args.n_layers, args.n_heads,
-                         d_mlp=2048 if args.paper else None, lr=args.lr)
+                         d_mlp=2048 if args.paper else None, lr=args.lr, warmup=args.warmup,
+                         betas=(0.9, args.beta2))
     trainer = L.Trainer(
         max_steps=args.steps, callbacks=[callback], logger=logger, default_root_dir=out, accelerator="auto",
         devices=1, log_every_n_steps=max(1, min(25, args.steps // 4)), enable_checkpointing=False,

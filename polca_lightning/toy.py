@@ -128,8 +128,9 @@ class TinyTransformer(nn.Module):
 class TinyCausalLM(L.LightningModule):
     """A :class:`TinyTransformer` trained on the mean causal-LM loss of its loss-bearing tokens.
 
-    AdamW (betas 0.9, 0.98) with a linear warmup over ``warmup`` steps, then a constant
-    rate (the paper's runs use a constant rate after warmup). Logs ``train/loss``.
+    AdamW (``betas``, default (0.9, 0.98); the paper's runs use (0.9, 0.95)) with a linear
+    warmup over ``warmup`` steps, then a constant rate (the paper's runs use a constant rate
+    after warmup). Logs ``train/loss``.
 
     Example:
         >>> model = TinyCausalLM(vocab=12, max_len=12, d_model=32, n_layers=1, n_heads=2)
@@ -138,7 +139,7 @@ class TinyCausalLM(L.LightningModule):
 
     def __init__(self, vocab: int = ADDITION_VOCAB, max_len: int = 12, d_model: int = 128, n_layers: int = 2,
                  n_heads: int = 4, d_mlp: int | None = None, lr: float = 1e-3, weight_decay: float = 0.1,
-                 warmup: int = 100):
+                 warmup: int = 100, betas: tuple[float, float] = (0.9, 0.98)):
         super().__init__()
         self.save_hyperparameters()
         self.net = TinyTransformer(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_mlp=d_mlp,
@@ -157,6 +158,6 @@ class TinyCausalLM(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=(0.9, 0.98))
+        opt = torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / h.warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
