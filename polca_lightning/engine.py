@@ -10,28 +10,35 @@ Two engines compute the same numbers:
 
 - ``forward``: one JVP per direction gives ``g`` for every token at once (a nested JVP
   gives ``c``); vmapped over chunks of directions. Cost grows with K.
-- ``reverse``: per-sample Jacobians of the loss-bearing positions (vmapped ``jacrev``),
-  projected on all K directions at once, a chunk of samples at a time, never stored
-  whole. Cost grows with loss-bearing positions per sequence.
+- ``reverse``: one backward pass per loss-bearing position, projected from activations
+  (:mod:`polca_lightning._ghost`) where every selected parameter allows it, else
+  per-sample Jacobians (:mod:`polca_lightning._jacobians`), projected on all K
+  directions at once. Cost grows with loss-bearing positions per sequence.
 
-``engine="auto"`` chooses with :func:`estimate_cost`; an op one engine cannot
-differentiate makes it fall back to the other, and if neither can, the error says what
-to change.
+The token loss always gets a real batch (the probe batch, or a batch of one sliced from
+it); where an engine vmaps (over directions, or over samples as batches of one) and the
+model fails under the vmap, the engine runs the same computation without it.
+``engine="auto"`` chooses with :func:`estimate_cost`, or with measured costs after
+:meth:`DirectionalDerivatives.calibrate`; an engine that fails on a model (while
+calibrated or later) is dropped with one warning that names it, and if neither can run,
+the error names the op, where the model calls it, and what to change.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import jacrev, jvp, vmap
-from torch.utils._pytree import tree_map
+from torch.func import jvp, vmap
 
 from polca_lightning._ghost import SKINNY_PRODUCT_PENALTY, Unsupported, ghost_plan, ghost_reverse
+from polca_lightning._jacobians import PerSampleJacobians, agree, take
 from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
 from polca_lightning.losses import TokenLoss
 
@@ -54,7 +61,11 @@ JACOBIAN_PASSES_PER_POSITION = 10.0
 
 
 class EngineError(RuntimeError):
-    """Neither engine could differentiate the model; the message says what to change."""
+    """Neither engine could differentiate the model; the message says which op and what to change."""
+
+
+class _NoTokens(ValueError):
+    """Every probe token is masked (the same for every engine: no fallback)."""
 
 
 @dataclass
@@ -115,7 +126,82 @@ def _is_ad_gap(err: BaseException) -> bool:
             "double backward",
             "derivative for",
             "does not support",
+            "setup_context",
         )
+    )
+
+
+_OP_PATTERNS = (
+    r"derivative for '([\w.:]+)'",  # no derivative at all
+    r"forward AD with ([\w.:]+)",  # no forward-mode derivative
+    r"atching rule not implemented for ([\w.:]+)",
+)
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (torch, __import__("polca_lightning"))
+)
+
+
+def _failing_op(err: BaseException) -> str | None:
+    """The op an AD error is about: named by torch's message, or the autograd.Function that raised."""
+    for pattern in _OP_PATTERNS:
+        match = re.search(pattern, str(err))
+        if match:
+            return match.group(1)
+    tb, name = err.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        cls = frame.f_locals.get("cls") if frame.f_code.co_name == "apply" else None
+        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+            name = f"{cls.__name__} (a torch.autograd.Function)"
+        tb = tb.tb_next
+    return name
+
+
+def _user_frame(err: BaseException) -> str | None:
+    """``file:line (function)`` of the innermost frame outside torch and polca_lightning."""
+    tb, where = err.__traceback__, None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        path = os.path.abspath(code.co_filename)
+        if not path.startswith(_LIBRARY_DIRS) and not code.co_filename.startswith("<"):
+            where = f"{code.co_filename}:{tb.tb_lineno} ({code.co_name})"
+        tb = tb.tb_next
+    return where
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _engine_error(errors: dict[str, BaseException], fixed: str | None) -> EngineError:
+    """One error for every engine that failed: the op, where the model calls it, what to change."""
+    parts, advice = [], []
+    for name, err in errors.items():
+        op, where = _failing_op(err), _user_frame(err)
+        loc = ", ".join(x for x in (op and f"op {op}", where and f"called at {where}") if x)
+        parts.append(f"{name} mode: {_first_line(err)}" + (f" [{loc}]" if loc else ""))
+        text = str(err)
+        if "setup_context" in text:
+            advice.append("give the autograd.Function a setup_context and a jvp (torch.func support, "
+                          "https://pytorch.org/docs/stable/notes/extending.func.html)")
+        elif "forward AD" in text or "forward-mode" in text:
+            advice.append("write the op in plain torch for forward mode (fused attention: the math backend; "
+                          "Hugging Face models: attn_implementation=\"eager\")")
+        elif "derivative for" in text:
+            advice.append(f"replace {op or 'the op'}, which has no derivative in torch, by differentiable ops, or "
+                          "select only parameters after it with parameters=")
+    if not advice:
+        advice.append("fused attention kernels and some fused layers have no forward-mode AD or double backward: "
+                      "use attention on the math backend (Hugging Face models: attn_implementation=\"eager\"), "
+                      "or write the op in plain torch")
+    if fixed is not None:
+        advice.append(f"or pass engine='auto' instead of engine={fixed!r}")
+    unique = list(dict.fromkeys(advice))
+    return EngineError(
+        "cannot compute directional derivatives of this model (" + "; ".join(parts) + "). To change: "
+        + "; ".join(unique)
     )
 
 
@@ -166,6 +252,8 @@ class DirectionalDerivatives:
         # against per-sample Jacobians on the first batch before it is trusted
         self._ghost = ghost_plan(module, space.names)
         self._ghost_checked = False
+        self._jacobians = PerSampleJacobians(self.fn)  # reverse mode where the activation path does not apply
+        self._vmap_directions = True  # forward mode: False once the model failed under a vmap over directions
 
     # ------------------------------------------------------------------ public
     def __call__(
@@ -226,10 +314,18 @@ class DirectionalDerivatives:
 
         Times forward mode with a few directions (seconds per direction) and reverse mode
         with 1 and ``max_directions`` directions (a fixed part and a per-direction part),
-        best of two runs each, and keeps the result in :attr:`calibration`.
+        best of two runs each, and keeps the result in :attr:`calibration`. Reverse mode is
+        first run twice on an eighth of the batch (a warm-up with its one-time checks, then
+        timed); where that already costs, scaled to the batch, more than 4x forward mode with
+        ``max_directions`` directions, the scaled time is kept instead of timing the batch.
+        An engine that fails here is dropped from the choice, with one warning naming it;
+        its cost is ``inf``.
 
         Returns:
             ``{"forward_per_direction", "reverse_base", "reverse_per_direction"}`` in seconds.
+
+        Raises:
+            EngineError: neither engine can run on the batch.
         """
         import time
 
@@ -237,54 +333,84 @@ class DirectionalDerivatives:
         big = torch.randn(max_directions, self.space.dim, generator=gen, dtype=torch.float64)
         big = torch.linalg.qr(big.T).Q.T.to(theta)  # [kmax, d]
 
-        def seconds(engine: str, v: Tensor) -> float:
+        def seconds(engine: str, v: Tensor, part: Any = batch, repeat: int = 2) -> float:
             best = float("inf")
-            for _ in range(2):
+            for _ in range(repeat):
                 start = time.perf_counter()
                 with evaluation_mode(self.module):
-                    self._compute(engine, theta.detach(), [batch], v, False)
+                    self._compute(engine, theta.detach(), [part], v, False)
                 if theta.is_cuda:
                     torch.cuda.synchronize(theta.device)
                 best = min(best, time.perf_counter() - start)
             return best
 
+        inf = float("inf")
+        fwd, base, per_dir = inf, inf, inf
+        errors: dict[str, BaseException] = {}
         few = min(4, max_directions)
-        fwd = seconds("forward", big[:few]) / few
-        r1, rk = seconds("reverse", big[:1]), seconds("reverse", big)
-        per_dir = max(rk - r1, 0.0) / max(max_directions - 1, 1)
-        self.calibration = {"forward_per_direction": fwd, "reverse_base": max(r1 - per_dir, 0.0),
-                            "reverse_per_direction": per_dir}
+        if "forward" not in self._disabled:
+            try:
+                fwd = seconds("forward", big[:few]) / few
+            except _NoTokens:
+                raise
+            except Exception as err:  # noqa: BLE001 - whatever stops an engine drops it
+                errors["forward"] = err
+        if "reverse" not in self._disabled:
+            try:
+                with torch.no_grad(), evaluation_mode(self.module):
+                    n = self.fn(theta, batch)[1].shape[0]
+                part = take(batch, n, slice(0, max(1, n // 8)))
+                seconds("reverse", big[:1], part, repeat=1)  # warm-up: the one-time checks
+                estimate = seconds("reverse", big[:1], part, repeat=1) * n / max(1, n // 8)
+                if estimate > 4 * fwd * max_directions:  # hopeless at any K measured here
+                    base, per_dir = estimate, 0.0
+                else:
+                    r1, rk = seconds("reverse", big[:1]), seconds("reverse", big)
+                    per_dir = max(rk - r1, 0.0) / max(max_directions - 1, 1)
+                    base = max(r1 - per_dir, 0.0)
+            except _NoTokens:
+                raise
+            except Exception as err:  # noqa: BLE001
+                errors["reverse"] = err
+        if len(errors) + len(self._disabled) >= 2:
+            raise _engine_error({**errors}, None) from next(iter(errors.values()), None)
+        for name, err in errors.items():
+            self._drop(name, err, "while being calibrated")
+        self.calibration = {"forward_per_direction": fwd, "reverse_base": base, "reverse_per_direction": per_dir}
         return self.calibration
 
     # ---------------------------------------------------------------- internal
+    def _drop(self, name: str, err: BaseException, when: str = "") -> None:
+        """Take an engine out of ``auto``'s choice, with one warning that names it."""
+        if name in self._disabled:
+            return
+        self._disabled[name] = _first_line(err)
+        other = "reverse" if name == "forward" else "forward"
+        warnings.warn(
+            f"POLCA: the {name} engine cannot differentiate this model{' ' + when if when else ''} "
+            f"({self._disabled[name]}); using the {other} engine",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
     def _run(self, engine: str, theta, batches, directions, curvature) -> DerivativeResult:
-        order = [engine] + [e for e in ("forward", "reverse") if e != engine]
-        errors = {}
+        order = [engine] + ([e for e in ("forward", "reverse") if e != engine] if self.engine == "auto" else [])
+        errors: dict[str, BaseException] = {}
         for name in order:
-            if name in self._disabled and name != order[-1] and self.engine == "auto":
+            if name in self._disabled and name != order[-1]:
                 continue
             try:
                 return self._compute(name, theta, batches, directions, curvature)
-            except (RuntimeError, NotImplementedError) as err:
-                if not _is_ad_gap(err):
-                    raise
+            except _NoTokens:
+                raise
+            except Exception as err:  # noqa: BLE001 - an engine that fails falls back to the other
                 errors[name] = err
-                self._disabled[name] = str(err).splitlines()[0]
-                if self.engine != "auto":
-                    break
-                warnings.warn(
-                    f"POLCA: the {name} engine cannot differentiate this model ({self._disabled[name]}); "
-                    "using the other engine",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        detail = "; ".join(f"{k} mode: {str(v).splitlines()[0]}" for k, v in errors.items())
-        raise EngineError(
-            f"cannot compute directional derivatives of this model ({detail}). Fused attention kernels and "
-            "some fused layers have no forward-mode AD or double backward: use attention on the math backend "
-            "(Hugging Face models: attn_implementation=\"eager\"), or write the op in plain torch"
-            + ("" if self.engine == "auto" else f"; or pass engine='auto' instead of engine={self.engine!r}")
-        ) from next(iter(errors.values()), None)
+                if name != order[-1]:
+                    self._drop(name, err)
+        first = next(iter(errors.values()))
+        if not any(_is_ad_gap(e) for e in errors.values()):
+            raise first  # the same failure in every engine: the model's or the token loss's own error
+        raise _engine_error(errors, None if self.engine == "auto" else self.engine) from first
 
     def _loss_only(self, theta: Tensor, batches) -> DerivativeResult:
         losses = []
@@ -294,7 +420,7 @@ class DirectionalDerivatives:
                 losses.append(loss[mask])
         loss = torch.cat(losses)
         if loss.numel() == 0:
-            raise ValueError("probe data: every token is masked; there is no loss-bearing token to decompose")
+            raise _NoTokens("probe data: every token is masked; there is no loss-bearing token to decompose")
         return DerivativeResult(loss.detach(), None, None, "none")
 
     def _compute(self, engine, theta, batches, directions, curvature) -> DerivativeResult:
@@ -307,7 +433,7 @@ class DirectionalDerivatives:
             cs.append(c)
         loss = torch.cat(losses)
         if loss.numel() == 0:
-            raise ValueError("probe data: every token is masked; there is no loss-bearing token to decompose")
+            raise _NoTokens("probe data: every token is masked; there is no loss-bearing token to decompose")
         return DerivativeResult(
             loss.detach(), torch.cat(gs, 1).detach(), torch.cat(cs, 1).detach() if curvature else None, engine
         )
@@ -338,6 +464,26 @@ class DirectionalDerivatives:
         self._activation_cache[key] = max(total, 1)
         return self._activation_cache[key]
 
+    def _over_directions(self, f, v: Tensor):
+        """``f`` over the rows of ``v`` ``[kc, d]``: vmapped, or one at a time where the model fails under vmap.
+
+        The model always gets the real batch; under the vmap only the tangents are batched, and
+        a model that writes them into a tensor it created itself fails there.
+        """
+        if self._vmap_directions:
+            try:
+                return vmap(f)(v)
+            except Exception as err:  # noqa: BLE001 - the loop runs what the model runs, or raises
+                log.info("POLCA: forward mode vmapped over directions failed (%s); one direction at a time",
+                         _first_line(err))
+                self._vmap_directions = False
+        try:
+            outs = [f(row) for row in v]
+        except Exception:
+            self._vmap_directions = True  # the loop fails too: not the vmap's fault
+            raise
+        return tuple(torch.stack(parts) for parts in zip(*outs))
+
     def _forward_batch(self, theta, batch, directions, curvature):
         """Forward mode: a chunk of directions at a time, each a (nested) JVP."""
         fn = self.fn
@@ -363,7 +509,7 @@ class DirectionalDerivatives:
         gs, cs = [], []
         for start in range(0, directions.shape[0], chunk):
             v = directions[start : start + chunk]  # [kc, d]
-            loss, g, c, mask = vmap(second if curvature else first)(v)  # [kc, B, P] each
+            loss, g, c, mask = self._over_directions(second if curvature else first, v)  # [kc, B, P] each
             loss, mask = loss[0], mask[0]  # the same for every direction
             gs.append(g[:, mask])  # [kc, tokens of this batch]
             if curvature:
@@ -375,60 +521,38 @@ class DirectionalDerivatives:
         if self._ghost is not None and not curvature:
             try:
                 loss, mask, g = ghost_reverse(self.fn, self.module, self.space, self._ghost, theta, batch, directions)
-            except Unsupported:
+            except Unsupported as err:
+                log.info("POLCA: activation-based reverse mode does not apply (%s); per-sample Jacobians", err)
                 self._ghost = None
             else:
                 if not self._ghost_checked and mask.any():  # trust it once it agrees with per-sample Jacobians
                     self._ghost_checked = True
-                    _, ref, _ = self._jacobian_batch(theta, batch, directions[:2], False)
-                    if not torch.allclose(g[:2][:, mask], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-12):
+                    if not self._ghost_agrees(theta, batch, mask, g, directions[:2]):
                         log.info("POLCA: activation-based reverse mode disagrees for this model; not used")
                         self._ghost = None
                         return self._jacobian_batch(theta, batch, directions, curvature)
                 return loss[mask], g[:, mask], None
         return self._jacobian_batch(theta, batch, directions, curvature)
 
+    def _ghost_agrees(self, theta, batch, mask, g, directions) -> bool:
+        """The activation path's ``g [K, B, P]`` against per-sample Jacobians on up to 4 samples with tokens.
+
+        Tokens whose loss is not finite are left out of the comparison (their ``g`` is NaN either way).
+        """
+        rows = mask.any(1).nonzero().squeeze(1)[:4]
+        sub = take(batch, mask.shape[0], rows)
+        with torch.no_grad():
+            loss, sub_mask, _ = self.fn(theta, sub)  # [r, P]
+        ref, _ = self._jacobians(theta, sub, loss, sub_mask, directions, False, self.memory_cap)  # [K, r, P]
+        ok = torch.isfinite(loss) & sub_mask
+        return agree(g[: directions.shape[0]][:, rows][:, ok], ref[:, ok])
+
     def _jacobian_batch(self, theta, batch, directions, curvature):
         """Reverse mode: per-sample Jacobians of the loss-bearing positions, projected at once."""
-        fn = self.fn
         with torch.no_grad():
-            loss, mask, _ = fn(theta, batch)  # [B, P]
-        cols = mask.any(0).nonzero().squeeze(1)  # positions any sample differentiates, [p]
-        n_samples = mask.shape[0]
-        if cols.numel() == 0:  # no loss-bearing token in this batch
+            loss, mask, _ = self.fn(theta, batch)  # [B, P]
+        if not mask.any():  # no loss-bearing token in this batch
             empty = theta.new_empty(directions.shape[0], 0)
             return loss[mask], empty, empty if curvature else None
-
-        def sample_loss(t, sample):
-            one = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, sample)
-            return fn(t, one)[0][0, cols]  # [p]
-
-        jac = jacrev(sample_loss)  # (t, sample) -> [p, d]
-
-        def project(sample):
-            return torch.einsum("pd,kd->kp", jac(theta, sample), directions)  # [K, p]
-
-        def project_curvature(sample):
-            def gv(t, v):
-                return jac(t, sample) @ v  # [p]
-
-            def both(v):
-                return jvp(lambda t: gv(t, v), (theta,), (v,))  # ([p], [p])
-
-            return vmap(both)(directions)  # [K, p] each
-
-        item = theta.element_size()
-        per_sample = max(1, cols.numel()) * self.space.dim * item * (2 + (directions.shape[0] if curvature else 0))
-        chunk = max(1, min(n_samples, self.memory_cap // per_sample))
-        sample_dim = tree_map(lambda x: 0 if isinstance(x, Tensor) else None, batch)
-        g = torch.empty(directions.shape[0], n_samples, mask.shape[1], dtype=theta.dtype, device=theta.device)
-        c = torch.empty_like(g) if curvature else None
-        for start in range(0, n_samples, chunk):
-            part = tree_map(lambda x: x[start : start + chunk] if isinstance(x, Tensor) else x, batch)
-            if curvature:
-                gp, cp = vmap(project_curvature, in_dims=(sample_dim,), out_dims=1)(part)  # [K, bc, p]
-                c[:, start : start + chunk][:, :, cols] = cp
-            else:
-                gp = vmap(project, in_dims=(sample_dim,), out_dims=1)(part)  # [K, bc, p]
-            g[:, start : start + chunk][:, :, cols] = gp
+        g, c = self._jacobians(theta, batch, loss, mask, directions, curvature, self.memory_cap)  # [K, B, P]
         return loss[mask], g[:, mask], c[:, mask] if curvature else None

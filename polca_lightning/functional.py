@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -121,6 +122,21 @@ def _layer_norm_decomposed(input, normalized_shape, weight=None, bias=None, eps=
 
 
 @contextlib.contextmanager
+def _quiet(context) -> Iterator[None]:
+    """``context``, without the notice torch gives on CPU builds when oneDNN flags change (about TF32)."""
+    def silenced(call):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            return call()
+
+    silenced(context.__enter__)
+    try:
+        yield
+    finally:
+        silenced(lambda: context.__exit__(None, None, None))
+
+
+@contextlib.contextmanager
 def evaluation_mode(module: nn.Module, second_order: bool = False) -> Iterator[None]:
     """Eval mode with every kernel forward-mode AD and double backward can go through.
 
@@ -144,7 +160,7 @@ def evaluation_mode(module: nn.Module, second_order: bool = False) -> Iterator[N
         with contextlib.ExitStack() as stack:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             if has_rnn:
-                stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+                stack.enter_context(_quiet(torch.backends.mkldnn.flags(enabled=False)))
                 stack.enter_context(torch.backends.cudnn.flags(enabled=False))
             yield
     finally:

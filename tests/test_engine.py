@@ -185,12 +185,40 @@ def test_engine_falls_back_when_forward_mode_cannot_differentiate():
     assert torch.allclose(out.g, ref(space.flatten(model), batches, V, curvature=False).g, atol=1e-12)
 
 
-def test_engine_error_says_what_to_change():
+def test_engine_error_names_the_op_where_it_is_called_and_what_to_change():
+    from _families import ZetaMLP
+
+    model = ZetaMLP().double()
+    space = ParameterSpace.from_module(model)
+    batches = [(torch.rand(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))]
+    with pytest.warns(RuntimeWarning, match="engine cannot differentiate"), \
+            pytest.raises(EngineError) as info:
+        DirectionalDerivatives(model, classifier_token_loss, space)(space.flatten(model), batches, _orthonormal(2, space.dim))
+    text = str(info.value)
+    assert "forward mode" in text and "reverse mode" in text
+    assert "op special_zeta" in text and "op zeta" in text  # forward AD and autograd name it differently
+    assert "_families.py" in text and "(forward)" in text  # the line of the model that calls it
+    assert "no derivative in torch" in text and "parameters=" in text
+
+
+def test_an_autograd_function_without_functorch_support_runs_in_reverse_mode_on_real_batches():
+    """An old-style autograd.Function has no jvp and no vmap rule: forward mode and vmap fail, plain
+    autograd on a real batch of one does not."""
     model = _WithOp(_Opaque).double()
     space = ParameterSpace.from_module(model)
-    batches = [(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))]
-    with pytest.warns(RuntimeWarning), pytest.raises(EngineError, match='attn_implementation="eager"'):
-        DirectionalDerivatives(model, classifier_token_loss, space)(space.flatten(model), batches, _orthonormal(2, space.dim))
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))
+    V = _orthonormal(2, space.dim)
+    with pytest.warns(RuntimeWarning, match="forward engine cannot differentiate"):
+        dd = DirectionalDerivatives(model, classifier_token_loss, space)
+        dd.choose = lambda *a, **k: "forward"
+        out = dd(space.flatten(model), [batch], V)
+    assert out.engine == "reverse"
+    from _families import own_per_token_grads
+
+    _, ref = own_per_token_grads(model, classifier_token_loss, batch, space.names, V)
+    assert (out.g - ref).abs().max() <= 1e-12 * ref.abs().max()
+    with pytest.raises(EngineError, match="setup_context"):
+        DirectionalDerivatives(model, classifier_token_loss, space, engine="forward")(space.flatten(model), [batch], V)
 
 
 def test_cost_model_prefers_reverse_for_few_positions_and_forward_for_many():
@@ -289,3 +317,93 @@ def test_activation_based_reverse_mode_is_used_where_it_applies():
     tied = tiny_lm()
     tied.head.weight = tied.tok.weight  # a weight shared by two modules
     assert ghost_plan(tied, ParameterSpace.from_module(tied).names) is None
+
+
+@pytest.mark.parametrize("kind,batch_first,own_hidden", [("gru", True, False), ("lstm", False, True), ("gru", False, True)])
+def test_recurrent_models_get_real_batches_in_every_engine(kind, batch_first, own_hidden):
+    """nn.GRU/nn.LSTM create their hidden state (or the token loss does, from the batch size): under a
+    vmap over samples that fails, so per-sample Jacobians run on real batches of one."""
+    from _families import RecurrentLM, own_per_token_grads, rnn_token_loss
+
+    torch.manual_seed(0)
+    model = RecurrentLM(kind, batch_first=batch_first).double()
+    token_loss = rnn_token_loss if own_hidden else causal_lm_token_loss
+    space = ParameterSpace.from_module(model)
+    theta, V, batch = space.flatten(model), _orthonormal(3, space.dim), torch.randint(0, 12, (3, 5))
+    loss, ref = own_per_token_grads(model, token_loss, batch, space.names, V)
+    for engine in ("forward", "reverse"):
+        dd = DirectionalDerivatives(model, token_loss, space, engine=engine)
+        out = dd(theta, [batch], V, curvature=True)
+        assert out.engine == engine
+        assert torch.allclose(out.loss, loss, rtol=1e-12, atol=0)
+        assert (out.g - ref).abs().max() <= 1e-10 * ref.abs().max(), engine
+    _, c_fd = _finite_differences(dd, theta, [batch], V[0])
+    assert (out.c[0] - c_fd).abs().max() <= 1e-4 * c_fd.abs().max()
+    assert not dd._jacobians.vmapped  # the vmapped way failed and was dropped
+
+
+def test_calibration_drops_an_engine_that_fails_with_one_warning():
+    model = _WithOp(_NoForwardAD).double()
+    space = ParameterSpace.from_module(model)
+    batch = (torch.randn(8, 3, dtype=torch.float64), torch.arange(8) % 4)
+    dd = DirectionalDerivatives(model, classifier_token_loss, space)
+    with pytest.warns(RuntimeWarning, match="forward engine cannot differentiate this model while being calibrated") as rec:
+        cost = dd.calibrate(space.flatten(model), batch, max_directions=4)
+        dd.calibrate(space.flatten(model), batch, max_directions=4)  # once only
+    assert len([w for w in rec if "POLCA" in str(w.message)]) == 1
+    assert cost["forward_per_direction"] == float("inf") and cost["reverse_base"] < float("inf")
+    assert dd.choose(space.flatten(model), [batch], 100, False) == "reverse"
+    from _families import ZetaMLP
+
+    zeta = ZetaMLP().double()
+    space = ParameterSpace.from_module(zeta)
+    with pytest.raises(EngineError, match="forward mode.*reverse mode"):
+        DirectionalDerivatives(zeta, classifier_token_loss, space).calibrate(space.flatten(zeta), batch, max_directions=4)
+
+
+def test_tokens_with_a_nan_loss_are_nan_and_the_others_exact_in_every_path():
+    """A NaN loss on some probe tokens (log of a negative feature) must not stop the activation path's
+    check against per-sample Jacobians (its scale was NaN) nor touch other tokens."""
+    from _families import LogFeatureMLP, own_per_token_grads
+
+    torch.manual_seed(0)
+    model = LogFeatureMLP().double()
+    space = ParameterSpace.from_module(model)
+    x = torch.rand(8, 3, dtype=torch.float64) + 0.1
+    x[2, 0], x[5, 1] = -1.0, -2.0
+    batch = (x, torch.arange(8) % 4)
+    V = _orthonormal(3, space.dim)
+    loss, ref = own_per_token_grads(model, classifier_token_loss, batch, space.names, V)
+    bad = torch.tensor([False, False, True, False, False, True, False, False])
+    assert torch.equal(~torch.isfinite(loss), bad)
+    for engine in ("forward", "reverse", "auto"):
+        dd = DirectionalDerivatives(model, classifier_token_loss, space, engine=engine)
+        out = dd(space.flatten(model), [batch], V)
+        assert torch.equal(torch.isnan(out.g).any(0), bad), engine
+        assert (out.g[:, ~bad] - ref[:, ~bad]).abs().max() <= 1e-12 * ref[:, ~bad].abs().max(), engine
+    assert dd._ghost is not None  # the activation path was checked and kept
+    dd.calibrate(space.flatten(model), batch, max_directions=2)
+
+
+def test_a_token_loss_that_depends_on_the_batch_size_has_no_per_sample_jacobian():
+    """Per-sample Jacobians need each sample's loss alone to be its loss in the batch; a token loss
+    divided by the batch size breaks that, reverse mode says so and auto uses forward mode."""
+    def per_batch(module, batch):
+        loss, mask = classifier_token_loss(module, batch)[:2]
+        return loss / batch[0].shape[0], mask
+
+    model = _WithScale().double()  # a bare parameter: no activation path, per-sample Jacobians
+    space = ParameterSpace.from_module(model)
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.arange(4))
+    V = _orthonormal(2, space.dim)
+    with pytest.raises(RuntimeError, match="differs from its loss in the batch"):
+        DirectionalDerivatives(model, per_batch, space, engine="reverse")(space.flatten(model), [batch], V)
+    dd = DirectionalDerivatives(model, per_batch, space)
+    dd.choose = lambda *a, **k: "reverse"
+    with pytest.warns(RuntimeWarning, match="reverse engine cannot differentiate"):
+        out = dd(space.flatten(model), [batch], V)
+    from _families import own_per_token_grads
+
+    _, alone = own_per_token_grads(model, per_batch, batch, space.names, V)  # each sample as a batch of one
+    ref = alone / 4  # ... is 4x its derivative in the batch of 4
+    assert out.engine == "forward" and (out.g - ref).abs().max() <= 1e-12 * ref.abs().max()
