@@ -3,8 +3,10 @@
 Usage::
 
     polca info STORE
-    polca analyze STORE [--min-cluster-size F] [--min-samples F] [--tau STEP] [--group-by COORD]
-                        [--methods M ...] [--labels L ...] [--wandb-project NAME [--online]]
+    polca analyze STORE [--min-cluster-size F] [--min-samples F] [--tau STEP|plateau]
+                        [--delta STEPS|wide] [--restrict LABEL:COORD=V,V ...]
+                        [--restrict-fraction F] [--group-by COORD] [--methods M ...]
+                        [--labels L ...] [--wandb-project NAME [--online]]
                         [--report DIR] [--no-write] [--force] [--quiet]
     polca report STORE [--out DIR] [--force] [--quiet]
     polca ablate STORE [--vectors N ...] [--method polca|polca_first] [--labels L ...] [--csv PATH]
@@ -61,9 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HDBSCAN minimum cluster size: a fraction of the tokens if < 1, else a count (default 0.03)")
     g.add_argument("--min-samples", type=float, metavar="F",
                    help="HDBSCAN min_samples: fraction if < 1, else a count (default 10)")
-    g.add_argument("--tau", type=float, metavar="STEP", help="plateau step τ (default: detected)")
-    g.add_argument("--delta", type=float, metavar="STEPS",
-                   help="Δ of the onset rule, in steps (default: 2%% of the run)")
+    g.add_argument("--tau", type=_steps_or("paper", "plateau"), metavar="STEP|plateau",
+                   help="τ of the hidden-breakthrough rule: a step, 'paper' (default: 10%% of the run, the "
+                        "paper's 1000 of 10,000 steps) or 'plateau' (where the mean loss flattens)")
+    g.add_argument("--delta", type=_steps_or("paper", "wide"), metavar="STEPS|wide",
+                   help="Δ of the onset rule: steps, 'paper' (default: 1%% of the run, at least one snapshot "
+                        "interval) or 'wide' (2%%, the earlier default)")
+    g.add_argument("--restrict", type=_restriction, action="append", metavar="LABEL:COORD=V,V",
+                   help="App. G restriction, e.g. carry:place=1,2 (carry clusters count when their carries "
+                        "are at places 1 and 2); repeat for more labels")
+    g.add_argument("--restrict-fraction", type=float, metavar="F",
+                   help="share of a cluster's labelled tokens that must be in the restriction "
+                        "(default 0.85, App. G's 'over 85%%'; 0.5 is the earlier majority rule)")
     g.add_argument("--group-by", metavar="COORD", help="token coordinate to cluster within, e.g. target")
     o = p.add_argument_group("output")
     o.add_argument("--wandb-project", metavar="NAME", help="log the report to a new W&B run of this project")
@@ -96,6 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _steps_or(*rules: str):
+    """argparse type: a number of steps, or one of the named ``rules``."""
+    def parse(text: str):
+        if text in rules:
+            return text
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of steps or one of {', '.join(rules)}, "
+                                             f"got {text!r}") from None
+    parse.__name__ = "steps"
+    return parse
+
+
+def _restriction(text: str) -> tuple[str, tuple[str, tuple[int, ...]]]:
+    """argparse type: ``LABEL:COORD=V,V`` -> ``(label, (coord, (v, v)))``."""
+    try:
+        label, rest = text.split(":", 1)
+        coord, values = rest.split("=", 1)
+        parsed = tuple(int(v) for v in values.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LABEL:COORD=V,V (e.g. carry:place=1,2), got {text!r}") from None
+    if not label or not coord:
+        raise argparse.ArgumentTypeError(f"expected LABEL:COORD=V,V (e.g. carry:place=1,2), got {text!r}")
+    return label, (coord, parsed)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="work on a store that is still being written (or left by a crash): its complete part")
@@ -123,10 +161,13 @@ def _require_complete(ds, path: str, force: bool) -> None:
 
 def _analysis_kwargs(args) -> dict:
     kwargs = {}
-    for name in ("methods", "labels", "min_cluster_size", "min_samples", "tau", "delta", "group_by"):
+    for name in ("methods", "labels", "min_cluster_size", "min_samples", "tau", "delta", "restrict_fraction",
+                 "group_by"):
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value
+    if args.restrict:
+        kwargs["restrict"] = dict(args.restrict)
     for name in ("min_cluster_size", "min_samples"):  # counts as ints, fractions as floats
         if name in kwargs and kwargs[name] >= 1 and float(kwargs[name]).is_integer():
             kwargs[name] = int(kwargs[name])
@@ -214,7 +255,9 @@ def cmd_analyze(args) -> int:
     if not args.no_write:
         print(f"analysis written into {args.store}")
     summary = summary_table(ds)
-    print(f"kept vectors: {kept_units(ds)}; tau = {float(ds['tau'].values):g}")
+    attrs = ds["cluster"].attrs if "cluster" in ds.variables else {}
+    print(f"kept vectors: {kept_units(ds)}; tau = {float(ds['tau'].values):g} ({attrs.get('analysis_tau_rule', '?')}); "
+          f"delta = {float(ds['onset_delta'].values):g} ({attrs.get('analysis_delta_rule', '?')})")
     print("  ".join(summary.columns[:9]))
     for row in summary.rows:
         print("  ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row[:9]))

@@ -59,8 +59,10 @@ def test_rising_curves_and_nonuniform_steps():
 
 def test_onset_errors_and_default_delta():
     s = np.arange(0, 100.0, 10)
-    assert default_delta(s) == 10.0  # 2 % of 90 < spacing 10
-    assert default_delta(np.arange(0, 10001.0, 20)) == 200.0
+    assert default_delta(s) == 10.0  # 1 % of 90 < spacing 10
+    assert default_delta(np.arange(0, 10001.0, 20)) == 100.0  # the paper's Δ = 100 of 10,000 steps
+    assert default_delta(np.arange(0, 10001.0, 20), fraction=0.02) == 200.0  # the earlier rule
+    assert default_delta(np.array([0.0, 10, 20, 500, 10000])) == 9500.0  # the largest spacing wins
     with pytest.raises(ValueError, match="too long"):
         acceleration(np.zeros(10), s, delta=60)
     with pytest.raises(ValueError, match="increasing"):

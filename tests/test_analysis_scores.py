@@ -30,10 +30,11 @@ def test_hand_computed_scores():
 
 
 def test_restriction_app_g():
-    # carry tokens of cluster 0 are at places 1, 2, 0, 0: half at 10s/100s -> not > 0.5
-    # carry token of cluster 1 is at place 2 -> 1.0 -> eligible
-    s = label_scores(CLUSTER, CARRY, [0, 1], restrict=np.isin(PLACE, [1, 2]))
-    assert s["eligible"][:, 1].tolist() == [False, True]
+    # carry tokens of cluster 0 are at places 1, 2, 0, 0: half at 10s/100s -> not over
+    # 0.85 (the default) nor over 0.5; carry token of cluster 1 is at place 2 -> 1.0 -> eligible
+    for kwargs in ({}, {"restrict_fraction": 0.5}):
+        s = label_scores(CLUSTER, CARRY, [0, 1], restrict=np.isin(PLACE, [1, 2]), **kwargs)
+        assert s["eligible"][:, 1].tolist() == [False, True]
     s = label_scores(CLUSTER, CARRY, [1], restrict=np.isin(PLACE, [1, 2]), restrict_fraction=0.4)
     assert s["eligible"][:, 0].tolist() == [True, True]
     with pytest.raises(ValueError, match="recall_over"):

@@ -13,9 +13,12 @@ Modules (one concept each):
   PCA), ``cluster_trajectories`` (HDBSCAN, optional groups), ``cluster_medoids``;
   labels ``>= 0`` clusters (0 = largest), ``OUTLIER = -1``, ``FILTERED = -2``.
 - ``onsets``: ``acceleration`` and ``breakthrough_onset`` (Eq. 9; onset of a drop = most
-  negative a(t)), ``plateau_step`` (τ), ``hidden_breakthrough`` (Eq. 10).
-- ``scores``: ``label_scores`` (homogeneity, recall, F1, App. G restriction),
-  ``best_clusters``, ``clustering_scores`` (torchmetrics).
+  negative a(t)), ``default_delta`` (Δ, 1 % of the run) and ``default_tau`` (τ, 10 % of
+  it: the paper's Δ = 100 and τ = 1000 of 10,000 steps), ``plateau_step`` (τ where the
+  mean loss flattens, ``tau="plateau"``), ``hidden_breakthrough`` (Eq. 10).
+- ``scores``: ``label_scores`` (homogeneity, recall, F1, chance level, App. G
+  restriction: over 85 % of a cluster's carries in the 10s/100s places),
+  ``chance_homogeneity``, ``best_clusters``, ``clustering_scores`` (torchmetrics).
 - ``methods``: the six trajectory types of App. G (``METHODS``).
 - ``pipeline``: ``analyze``.
 - ``synthetic``: ``make_synthetic_store`` (planted breakthroughs, for tests/benchmarks).
@@ -33,7 +36,8 @@ have no prefix, the baselines' are prefixed ``polca_first_``, ``lca_``, ``fisher
   ``token_onset[U, token]``, ``cluster_trajectory[U, cluster_id, snapshot]``;
 - with their own filter (polca, polca_first, lca): ``kept[U]``,
   ``token_kept[U, token]``, ``final_projected_loss[U, token]``;
-- ``tau``, ``onset_delta`` (scalars, steps), ``mean_loss[snapshot]``;
+- ``tau``, ``onset_delta`` (scalars, steps; the rules that gave them in the attrs
+  ``analysis_tau_rule`` and ``analysis_delta_rule``), ``mean_loss[snapshot]``;
 - table of clusterings: dim ``clustering`` with coords ``clustering_method``,
   ``clustering_unit`` (-1 for loss methods) and ``clustering_n_clusters``,
   ``clustering_n_clustered``, ``clustering_n_outliers``, ``clustering_n_filtered``;
@@ -42,8 +46,16 @@ have no prefix, the baselines' are prefixed ``polca_first_``, ``lca_``, ``fisher
   ``entry_hidden``; ``hidden_fraction[trajectory_type]`` (the ``trajectory_type`` dim
   lists the methods; it is not called ``method``, which ``.sel`` reserves);
 - per label coordinate ``L`` (e.g. ``carry``), dim ``L_value``: ``L_homogeneity``,
-  ``L_recall``, ``L_f1``, ``L_eligible`` ``[entry, L_value]``; ``L_best[trajectory_type,
-  L_value, rank]`` (entry indices of the top clusters, one per unit, -1 none);
+  ``L_chance``, ``L_recall``, ``L_f1``, ``L_eligible`` ``[entry, L_value]``.
+  ``L_chance`` is the homogeneity expected from the cluster's composition alone: with a
+  restriction ``{L: (G, ...)}``, ``Σ_g`` (the cluster's share of tokens in group ``g``
+  of coordinate ``G``) × (the rate of the value among all the store's tokens of group
+  ``g``), e.g. 0.4625 for 30 10s-place and 10 100s-place tokens at carry rates 0.45
+  and 0.5; without one, the value's rate among all tokens. ``L_base_rate[L_value]``
+  (the rate among all tokens) and ``L_restricted_base_rate[L_value]`` (among the tokens
+  in the restriction's allowed values; all tokens without one).
+  ``L_best[trajectory_type, L_value, rank]``: entry indices of the App. G top clusters,
+  best homogeneity first, at most one per unit, among the eligible ones (-1 none);
   ``L_homogeneity_score``, ``L_completeness_score``, ``L_v_measure_score``
   ``[clustering]`` (torchmetrics, clustered tokens only).
 
@@ -70,12 +82,13 @@ from .onsets import (
     acceleration,
     breakthrough_onset,
     default_delta,
+    default_tau,
     hidden_breakthrough,
     plateau_step,
     smooth_curve,
 )
 from .pipeline import analyze, complete_snapshots
-from .scores import best_clusters, clustering_scores, label_scores
+from .scores import best_clusters, chance_homogeneity, clustering_scores, label_scores
 from .synthetic import make_synthetic_store, planted_groups
 from .trajectories import cumulative_fisher, filter_trajectories, loss_change, projected_loss
 
@@ -96,10 +109,12 @@ __all__ = [
     "acceleration",
     "breakthrough_onset",
     "default_delta",
+    "default_tau",
     "smooth_curve",
     "plateau_step",
     "hidden_breakthrough",
     "label_scores",
+    "chance_homogeneity",
     "best_clusters",
     "clustering_scores",
     "METHODS",

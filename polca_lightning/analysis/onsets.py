@@ -13,12 +13,18 @@ Conventions (the paper's text leaves them open; these are ours):
   start of the drop, not its middle; on a hinge (flat, then linear descent from ``t0``)
   exactly at ``t0``. Curves that only rise (cumulated Fisher) use ``direction="rising"``:
   most positive ``a(t)``, where the rise starts.
-- **Plateau step τ** (``plateau_step``): the mean exact loss is smoothed by a centred
-  moving average over ``smooth`` snapshots; the total decrease is
-  ``D = smoothed[0] - min(smoothed)``; τ is the first snapshot step after which the
+- **τ and Δ by default: the paper's.** App. G used Δ = 100 and τ = 1000 on a
+  10,000-step run: 1 % and 10 % of it. With ``span = step[-1] - step[0]``,
+  ``default_tau`` is ``step[0] + 0.10 × span`` and ``default_delta`` is
+  ``max(0.01 × span, largest snapshot spacing)``. Δ is never shorter than one snapshot
+  interval: ``a(t)`` needs ``f`` at ``t ± Δ``, and below the spacing that would be
+  interpolation between two snapshots, not data.
+- **Plateau step τ** (``plateau_step``, ``analyze(tau="plateau")``): the mean exact loss
+  is smoothed by a centred moving average over ``smooth`` snapshots; the total decrease
+  is ``D = smoothed[0] - min(smoothed)``; τ is the first snapshot step after which the
   remaining decrease ``smoothed(t) - min_{u >= t} smoothed(u)`` stays at or below
-  ``fraction * D`` (default 5 %) for every later snapshot. The paper set τ by eye
-  (τ = 1000 of 10000 steps); pass ``tau=`` to ``analyze`` to override.
+  ``fraction * D`` (default 5 %) for every later snapshot. The paper fixed τ by hand;
+  this rule places it where the mean loss flattens, wherever that is in the run.
 - **Hidden breakthrough** (Eq. 10): onset ``> τ`` (strictly).
 """
 
@@ -30,11 +36,16 @@ import numpy as np
 
 __all__ = [
     "default_delta",
+    "default_tau",
     "acceleration",
     "breakthrough_onset",
     "smooth_curve",
     "plateau_step",
     "hidden_breakthrough",
+    "resolve_tau",
+    "resolve_delta",
+    "TAU_RULES",
+    "DELTA_RULES",
 ]
 
 
@@ -49,18 +60,43 @@ def _check_steps(step: np.ndarray, n: int) -> np.ndarray:
     return step
 
 
-def default_delta(step: np.ndarray) -> float:
-    """Default Δ: 2 % of the step span, at least the largest snapshot spacing.
-
-    The paper used Δ = 100 on 10000 steps (1 %) with snapshots every 5-20 steps; 2 % keeps
-    Δ at about 5-10 snapshots on stores of a few hundred snapshots, which averages out
-    interval noise while staying shorter than a drop.
-    """
+def _span(step: np.ndarray, what: str) -> tuple[np.ndarray, float]:
     step = np.asarray(step, dtype=np.float64)
-    if step.size < 2:
-        raise ValueError("need at least two snapshots to define Δ")
-    span = step[-1] - step[0]
-    return float(max(0.02 * span, np.max(np.diff(step))))
+    if step.ndim != 1 or step.size < 2:
+        raise ValueError(f"need at least two snapshot steps to define {what}, got shape {step.shape}")
+    return step, float(step[-1] - step[0])
+
+
+def default_delta(step: np.ndarray, fraction: float = 0.01) -> float:
+    """Default Δ: ``fraction`` of the step span (1 %, the paper's), at least the largest
+    snapshot spacing (a shorter Δ would read ``f`` between snapshots).
+
+    The paper used Δ = 100 on 10,000 steps with snapshots every 5-20 steps: 5-20
+    snapshots. ``fraction=0.02`` is the rule of earlier versions (``analyze(delta="wide")``),
+    which averages interval noise over twice as many snapshots.
+
+    Example:
+        >>> default_delta(np.arange(0, 10001.0, 20)), default_delta(np.arange(0, 1001.0, 25))
+        (100.0, 25.0)
+    """
+    step, span = _span(step, "Δ")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    return float(max(fraction * span, np.max(np.diff(step))))
+
+
+def default_tau(step: np.ndarray, fraction: float = 0.10) -> float:
+    """Default τ: ``step[0] + fraction × (step[-1] - step[0])`` (10 %, the paper's τ = 1000
+    of 10,000 steps).
+
+    Example:
+        >>> default_tau(np.arange(0, 10001.0, 20)), default_tau(np.arange(100, 1101.0, 50))
+        (1000.0, 200.0)
+    """
+    step, span = _span(step, "τ")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    return float(step[0] + fraction * span)
 
 
 def _interp_weights(step: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -218,6 +254,73 @@ def plateau_step(
         return float(step[0])
     last_above = np.flatnonzero(above)[-1]
     return float(step[min(last_above + 1, step.size - 1)])
+
+
+#: named rules for τ and Δ in ``analyze`` (numbers are steps); the first is the default
+TAU_RULES = ("paper", "plateau")
+DELTA_RULES = ("paper", "wide")
+
+
+def _rule_or_steps(value, rules: tuple[str, ...], name: str):
+    """``value`` as one of ``rules`` (None: the first) or as a finite number of steps."""
+    if value is None:
+        return rules[0]
+    if isinstance(value, str):
+        if value not in rules:
+            raise ValueError(f"{name} must be a number of steps or one of {list(rules)}, got {value!r}")
+        return value
+    try:
+        steps = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of steps or one of {list(rules)}, got {value!r}") from None
+    if not np.isfinite(steps):
+        raise ValueError(f"{name} must be a finite number of steps, got {value!r}")
+    return steps
+
+
+def resolve_delta(delta, step: np.ndarray) -> tuple[float, str]:
+    """Δ in steps from ``analyze``'s ``delta`` (a rule of ``DELTA_RULES``, None, or steps),
+    and a description of the rule that gave it (``analysis_delta_rule``).
+
+    ``"paper"`` (None): ``default_delta(step, 0.01)``; ``"wide"``: ``default_delta(step,
+    0.02)``; a number: itself, with a warning when it is shorter than the largest
+    snapshot spacing.
+
+    Example:
+        >>> resolve_delta("paper", np.arange(0, 10001.0, 20))
+        (100.0, 'paper: max(1% of the run = 100, largest snapshot spacing = 20) = 100')
+    """
+    delta = _rule_or_steps(delta, DELTA_RULES, "delta")
+    step = np.asarray(step, dtype=np.float64)
+    spacing = float(np.max(np.diff(step)))
+    if isinstance(delta, float):
+        if not delta > 0:
+            raise ValueError(f"delta must be a positive number of steps, got {delta:g}")
+        if delta < spacing:
+            warnings.warn(f"delta={delta:g} steps is shorter than the largest snapshot spacing ({spacing:g}): "
+                          "a(t) reads the curves between snapshots (linear interpolation)", stacklevel=3)
+        return delta, "given"
+    fraction = 0.01 if delta == "paper" else 0.02
+    value = default_delta(step, fraction)
+    return value, (f"{delta}: max({fraction:.0%} of the run = {fraction * (step[-1] - step[0]):g}, "
+                   f"largest snapshot spacing = {spacing:g}) = {value:g}")
+
+
+def resolve_tau(tau, step: np.ndarray, mean_loss: np.ndarray, *, fraction: float = 0.05,
+                smooth: int | None = None) -> tuple[float, str]:
+    """τ in steps from ``analyze``'s ``tau`` (a rule of ``TAU_RULES``, None, or a step),
+    and a description of the rule that gave it (``analysis_tau_rule``).
+
+    ``"paper"`` (None): ``default_tau(step)``; ``"plateau"``: ``plateau_step(mean_loss,
+    step, fraction=fraction, smooth=smooth)``; a number: itself.
+    """
+    tau = _rule_or_steps(tau, TAU_RULES, "tau")
+    if isinstance(tau, float):
+        return tau, "given"
+    if tau == "plateau":
+        return (plateau_step(mean_loss, step, fraction=fraction, smooth=smooth),
+                f"plateau: plateau_step(fraction={fraction}, smooth={smooth})")
+    return default_tau(step, 0.10), "paper: step[0] + 10% of the run"
 
 
 def hidden_breakthrough(onset: np.ndarray, tau: float) -> np.ndarray:

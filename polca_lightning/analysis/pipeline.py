@@ -26,8 +26,8 @@ from .clustering import (
     single_threaded_blas,
 )
 from .methods import METHODS, available_methods
-from .onsets import breakthrough_onset, default_delta, hidden_breakthrough, plateau_step
-from .scores import best_clusters, clustering_scores, label_scores
+from .onsets import breakthrough_onset, hidden_breakthrough, resolve_delta, resolve_tau
+from .scores import APPENDIX_G_FRACTION, best_clusters, clustering_scores, label_scores
 from .trajectories import filter_trajectories
 
 __all__ = ["analyze", "complete_snapshots", "NON_LABEL_COORDS"]
@@ -143,13 +143,13 @@ def analyze(
     n_components: int | None = 10,
     time_points: int | None = 64,
     cluster_selection_method: str = "eom",
-    delta: float | None = None,
-    tau: float | None = None,
+    delta: float | str | None = "paper",
+    tau: float | str | None = "paper",
     tau_fraction: float = 0.05,
     tau_smooth: int | None = None,
     hidden_rule: str = "token_mean",
     restrict: Mapping[str, tuple[str, Sequence[int]]] | None = None,
-    restrict_fraction: float = 0.5,
+    restrict_fraction: float = APPENDIX_G_FRACTION,
     recall_over: str = "clustered",
     top_k: int = 3,
     entropy_scores: bool = True,
@@ -168,14 +168,24 @@ def analyze(
         min_cluster_size, min_samples, n_components, time_points,
             cluster_selection_method: see ``ClusterSettings`` (defaults and reasons in
             ``clustering.py``).
-        delta: Δ of Eq. 9 in steps (default ``default_delta``: 2 % of the run).
-        tau: plateau step τ; None detects it with ``plateau_step``.
-        tau_fraction, tau_smooth: ``plateau_step`` settings.
+        delta: Δ of Eq. 9: a number of steps, or a rule: ``"paper"`` (default, or None):
+            1 % of the run (the paper's Δ = 100 of 10,000 steps), ``"wide"``: 2 % (the
+            default of earlier versions); either at least the largest snapshot spacing,
+            since ``a(t)`` needs the curves at ``t ± Δ`` and a shorter Δ would read them
+            between snapshots (a given Δ below the spacing warns). See ``onsets.py``.
+        tau: τ of Eq. 10: a step, or a rule: ``"paper"`` (default, or None):
+            ``step[0] + 10 %`` of the run (the paper's τ = 1000 of 10,000 steps);
+            ``"plateau"``: where the mean exact loss flattens (``plateau_step``).
+        tau_fraction, tau_smooth: ``plateau_step`` settings (with ``tau="plateau"``).
         hidden_rule: ``"token_mean"`` (Eq. 10 as written: the mean of the member tokens'
             onsets > τ) or ``"mean_curve"`` (the onset of the cluster's mean curve > τ).
         restrict: App. G restriction per label, ``{label: (coordinate, allowed values)}``,
-            e.g. ``{"carry": ("place", (1, 2))}`` for the paper's carry scores.
-        restrict_fraction: eligibility threshold of the restriction (0.5).
+            e.g. ``{"carry": ("place", (1, 2))}`` for the paper's carry scores. The
+            coordinate is also what the label's chance level conditions on.
+        restrict_fraction: eligibility threshold of the restriction: strictly more than
+            this fraction of a cluster's tokens with the label value must be in the
+            allowed values (0.85, the camera-ready App. G's "over 85%"; 0.5 is the
+            majority rule of earlier versions).
         recall_over: ``"clustered"`` or ``"all"`` (see ``scores.py``).
         top_k: best clusters kept per method and label value (App. G: 3).
         entropy_scores: compute torchmetrics' homogeneity/completeness/V-measure.
@@ -186,14 +196,16 @@ def analyze(
         the method list and per-stage timings (JSON) in ``attrs``.
 
     Raises:
-        ValueError: unknown or unavailable method, bad coordinate names, bad settings,
-            fewer than 3 complete snapshots.
+        ValueError: unknown or unavailable method, bad coordinate names, bad settings
+            (an unknown τ or Δ rule among them), fewer than 3 complete snapshots.
 
     Example:
         >>> from polca_lightning.analysis import make_synthetic_store, analyze
-        >>> res = analyze(make_synthetic_store(50, 40, 4), methods=["polca"])
-        >>> res["cluster"].dims
-        ('basis', 'token')
+        >>> res = analyze(make_synthetic_store(50, 40, 4), methods=["polca"])   # steps 0..800
+        >>> res["cluster"].dims, float(res["tau"]), float(res["onset_delta"])
+        (('basis', 'token'), 80.0, 20.0)
+        >>> float(analyze(make_synthetic_store(50, 40, 4), methods=["loss"], tau="plateau")["tau"]) > 80
+        True
     """
     import xarray as xr
 
@@ -218,13 +230,16 @@ def analyze(
                   and np.issubdtype(ds[c].dtype, np.integer)]
     label_arrays = {name: _check_token_coord(ds, name, "labels") for name in labels}
     groups = None if group_by is None else _check_token_coord(ds, group_by, "group_by")
-    restrict_masks = {}
+    if not 0 <= restrict_fraction < 1:
+        raise ValueError(f"restrict_fraction must be in [0, 1), got {restrict_fraction!r}")
+    restrict_masks, restrict_groups = {}, {}
     for lab, spec in (restrict or {}).items():
         if lab not in label_arrays:
             raise ValueError(f"restrict names label {lab!r}, which is not among labels {list(labels)}")
         if not (isinstance(spec, (tuple, list)) and len(spec) == 2):
             raise ValueError(f"restrict[{lab!r}] must be (coordinate, allowed values), got {spec!r}")
-        restrict_masks[lab] = np.isin(_check_token_coord(ds, spec[0], "restrict coordinate"), list(spec[1]))
+        restrict_groups[lab] = _check_token_coord(ds, spec[0], "restrict coordinate")
+        restrict_masks[lab] = np.isin(restrict_groups[lab], list(spec[1]))
     settings = ClusterSettings(min_cluster_size, min_samples, n_components, time_points,
                                cluster_selection_method)
 
@@ -232,11 +247,10 @@ def analyze(
     if n_snap < 3:
         raise ValueError(f"need at least 3 complete snapshots to analyze, the store has {n_snap}")
     step = np.asarray(ds["step"].values[:n_snap], dtype=np.float64)
-    delta = default_delta(step) if delta is None else float(delta)
+    delta, delta_rule = resolve_delta(delta, step)
     loss = np.asarray(ds["loss"].isel(snapshot=slice(0, n_snap)).transpose("snapshot", "token").values)
     mean_loss = np.nanmean(loss.astype(np.float64), axis=1)
-    tau_rule = "given" if tau is not None else f"plateau_step(fraction={tau_fraction}, smooth={tau_smooth})"
-    tau = plateau_step(mean_loss, step, fraction=tau_fraction, smooth=tau_smooth) if tau is None else float(tau)
+    tau, tau_rule = resolve_tau(tau, step, mean_loss, fraction=tau_fraction, smooth=tau_smooth)
     T = int(ds.sizes["token"])
 
     order = sorted(methods, key=lambda m: m != "polca")  # polca first: fisher reuses its masks
@@ -329,7 +343,7 @@ def analyze(
         vals = np.unique(lab_arr)
         vdim = f"{name}_value"
         coords[vdim] = vals
-        cols = {k: np.full((E, vals.size), np.nan) for k in ("homogeneity", "recall", "f1")}
+        cols = {k: np.full((E, vals.size), np.nan) for k in ("homogeneity", "chance", "recall", "f1")}
         elig = np.zeros((E, vals.size), dtype=bool)
         ent = {k: np.full(cm.size, np.nan) for k in ("homogeneity", "completeness", "v_measure")}
         row = 0
@@ -337,7 +351,8 @@ def analyze(
             lab = per_method[m]["labels"][max(u, 0)]
             n_c = per_method[m]["size"][max(u, 0)].shape[0]
             s = label_scores(lab, lab_arr, vals, restrict=restrict_masks.get(name),
-                             restrict_fraction=restrict_fraction, recall_over=recall_over, n_clusters=n_c)
+                             restrict_fraction=restrict_fraction, group=restrict_groups.get(name),
+                             recall_over=recall_over, n_clusters=n_c)
             for k in cols:
                 cols[k][row: row + n_c] = s[k]
             elig[row: row + n_c] = s["eligible"]
@@ -348,6 +363,11 @@ def analyze(
         for k, v in cols.items():
             data[f"{name}_{k}"] = (("entry", vdim), v)
         data[f"{name}_eligible"] = (("entry", vdim), elig)
+        onehot = lab_arr[:, None] == vals[None, :]  # [token, V]
+        inside = restrict_masks.get(name, np.ones(lab_arr.shape, dtype=bool))
+        data[f"{name}_base_rate"] = ((vdim,), onehot.mean(axis=0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            data[f"{name}_restricted_base_rate"] = ((vdim,), onehot[inside].sum(axis=0) / inside.sum())
         if entropy_scores:
             for k, v in ent.items():
                 data[f"{name}_{k}_score"] = (("clustering",), v)
@@ -371,7 +391,7 @@ def analyze(
         "n_components": -1 if n_components is None else n_components,
         "time_points": -1 if time_points is None else time_points,
         "cluster_selection_method": cluster_selection_method, "onset_delta": delta,
-        "tau": tau, "tau_rule": tau_rule, "hidden_rule": hidden_rule,
+        "delta_rule": delta_rule, "tau": tau, "tau_rule": tau_rule, "hidden_rule": hidden_rule,
         "restrict": json.dumps({k: [v[0], list(map(int, v[1]))] for k, v in (restrict or {}).items()}),
         "restrict_fraction": restrict_fraction, "recall_over": recall_over, "top_k": top_k,
         "n_snapshots_used": n_snap,

@@ -422,12 +422,15 @@ def cluster_targets_table(ds, method: str = "polca", *, top: int = 5, units=None
 
 def appendix_g_table(ds) -> Table | None:
     """App. G: for each label value and trajectory type, the top clusters by homogeneity
-    (one per unit) with recall, F1, size, onset and hidden flag. ``None`` without labels."""
+    (one per unit, among the eligible ones) with the homogeneity's chance level (what
+    the cluster's composition over the restriction coordinate gives alone, ``L_chance``;
+    empty for an analysis without it), recall, F1, size, onset and hidden flag. ``None``
+    without labels."""
     labels = [lab for lab in _labels(ds) if f"{lab}_best" in ds.variables]
     if not labels:
         return None
     columns = ["label", "value", "trajectory_type", "rank", "unit", "cluster", "size", "homogeneity",
-               "recall", "f1", "onset", "hidden"]
+               "chance", "recall", "f1", "onset", "hidden"]
     types = [str(t) for t in np.asarray(ds["trajectory_type"].values)]
     eu, ec = np.asarray(ds["entry_unit"].values), np.asarray(ds["entry_cluster"].values)
     size, onset = np.asarray(ds["entry_size"].values), np.asarray(ds["entry_onset"].values)
@@ -437,6 +440,8 @@ def appendix_g_table(ds) -> Table | None:
         best = np.asarray(ds[f"{lab}_best"].values)  # [type, value, rank]
         values = np.asarray(ds[f"{lab}_value"].values)
         scores = {k: np.asarray(ds[f"{lab}_{k}"].values) for k in ("homogeneity", "recall", "f1")}
+        scores["chance"] = (np.asarray(ds[f"{lab}_chance"].values) if f"{lab}_chance" in ds.variables
+                            else np.full_like(scores["homogeneity"], np.nan))
         for vi, v in enumerate(values):
             for ti, t in enumerate(types):
                 for r, e in enumerate(best[ti, vi]):
@@ -444,7 +449,8 @@ def appendix_g_table(ds) -> Table | None:
                         continue
                     rows.append([_py(x) for x in (
                         lab, v, t, r, eu[e], ec[e], size[e], scores["homogeneity"][e, vi],
-                        scores["recall"][e, vi], scores["f1"][e, vi], onset[e], bool(hidden[e]))])
+                        scores["chance"][e, vi], scores["recall"][e, vi], scores["f1"][e, vi],
+                        onset[e], bool(hidden[e]))])
     return Table(columns, rows)
 
 
