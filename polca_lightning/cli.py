@@ -10,6 +10,8 @@ Usage::
                         [--report DIR] [--no-write] [--force] [--quiet]
     polca report STORE [--out DIR] [--force] [--quiet]
     polca ablate STORE [--vectors N ...] [--method polca|polca_first] [--labels L ...] [--csv PATH]
+    polca signal STORE --label L [--where COORD=V,V ...] [--method polca|polca_first]
+                       [--folds N] [--seed N] [--csv PATH]
 
 ``analyze`` re-runs the analysis with other settings, writes the results into the store
 (unless ``--no-write``), then reports: to a new W&B run with ``--wandb-project``
@@ -18,6 +20,9 @@ Usage::
 already in the store (it runs the analysis with default settings first if there are none).
 ``ablate`` prints the causal check written after fit (``POLCACallback(ablate=True)``): each
 cluster's loss change when the final model's movement along its vector is undone.
+``signal`` is the signal check of a binary token label (``polca_lightning.analysis.signal_check``):
+per vector, the AUC of its final projected loss and the cross-validated accuracy of a linear
+classifier on its trajectory, beside all vectors together, the exact loss and the majority rate.
 
 Exit codes: 0 success; 2 a usage error, a missing path, a directory that is not a POLCA
 store, a store still being written (``analyze``/``report`` without ``--force``), or an
@@ -104,7 +109,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whose clusters and allocation (default polca)")
     p.add_argument("--labels", nargs="+", metavar="L", help="describe each cluster by these token labels (e.g. carry)")
     p.add_argument("--csv", metavar="PATH", help="also write the per-cluster table as CSV")
+
+    p = sub.add_parser("signal", help="how well each vector's trajectories predict a binary token label",
+                       description="The signal check: per basis vector, the ROC AUC of its final projected loss "
+                                   "for label 1 against label 0 (0.5: no signal) and the cross-validated "
+                                   "accuracy of a linear classifier on its whole projected-loss trajectory; "
+                                   "beside them all vectors together, the exact loss and the majority rate. "
+                                   "Tokens with a negative label are left out. Uses the store's complete part.")
+    p.add_argument("store", help="path of the store")
+    p.add_argument("--label", required=True, metavar="L", help="binary token label (a coordinate), e.g. carry")
+    p.add_argument("--where", type=_where, action="append", metavar="COORD=V,V",
+                   help="use only tokens whose coordinate takes one of these values, e.g. place=1,2; "
+                        "repeat for more conditions (all must hold)")
+    p.add_argument("--method", default="polca", choices=["polca", "polca_first"],
+                   help="whose POLCA values (default polca)")
+    p.add_argument("--folds", type=int, default=5, metavar="N", help="cross-validation folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the folds (default 0)")
+    p.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
     return parser
+
+
+def _where(text: str) -> tuple[str, tuple[int | float | str, ...]]:
+    """argparse type: ``COORD=V,V`` -> ``(coord, (v, v))``; values as ints where they are."""
+    coord, sep, values = text.partition("=")
+    if not sep or not coord or not values or "" in values.split(","):
+        raise argparse.ArgumentTypeError(f"expected COORD=V,V (e.g. place=1,2), got {text!r}")
+
+    def value(v: str):
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                continue
+        return v
+
+    return coord, tuple(value(v) for v in values.split(","))
 
 
 def _steps_or(*rules: str):
@@ -342,7 +381,41 @@ def cmd_ablate(args) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "report": cmd_report, "ablate": cmd_ablate}
+def cmd_signal(args) -> int:
+    import math
+    import textwrap
+
+    from polca_lightning.analysis.signal import interpret_signal_check, signal_check, signal_check_table
+
+    ds = _open(args.store)
+    where: dict = {}
+    for coord, values in args.where or []:  # a coordinate given twice: both conditions hold
+        where[coord] = [v for v in where[coord] if v in values] if coord in where else list(values)
+    try:
+        res = signal_check(ds, args.label, where=where or None, folds=args.folds, seed=args.seed,
+                           method=args.method)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    a = res.attrs
+    dropped = f"; {a['n_dropped_nonfinite']} dropped for non-finite values" if a["n_dropped_nonfinite"] else ""
+    print(f"signal check of label {a['label']!r} where {a['where']}: method {a['method']}, "
+          f"{a['folds']}-fold cross-validation (seed {a['seed']})")
+    print(f"{int(res['n_tokens'])} tokens, {int(res['n_positive'])} with label 1; {a['n_snapshots']} snapshots "
+          f"as {a['time_points']} time points{dropped}")
+    table = signal_check_table(res)
+    num = lambda v: "-" if not math.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    print(f"\n{'basis':>12}  {'auc':>7}  {'accuracy':>8}")
+    for basis, auc, acc in table.itertuples(index=False):
+        print(f"{basis!s:>12}  {num(auc):>7}  {num(acc):>8}")
+    print("\n" + textwrap.fill(interpret_signal_check(res), width=100))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"\ntable written to {args.csv}")
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "report": cmd_report, "ablate": cmd_ablate,
+            "signal": cmd_signal}
 
 
 def main(argv: list[str] | None = None) -> int:

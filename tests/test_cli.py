@@ -129,3 +129,68 @@ def test_analysis_error_and_usage_error(store, capsys):
     assert code == 2 and "invalid choice" in err
     code, out, err = run(capsys, "--help")
     assert code == 0 and "analyze" in out
+
+
+def synthetic_store_on_disk(path: Path) -> Path:
+    """``make_synthetic_store`` written through ``StoreWriter``: vector 0 plants the carries of
+    the 10s and 100s places (a drop at 55 % of training), the others do not."""
+    from polca_lightning.analysis import make_synthetic_store
+
+    syn = make_synthetic_store(n_sequences=60, n_intervals=30, n_basis=3, lca=False, seed=0)
+    S, K = syn.sizes["snapshot"], syn.sizes["basis"]
+    tokens = TokenIndex(syn["sequence"].values, syn["position"].values, syn["target"].values,
+                        {"carry": syn["carry"].values, "place": syn["place"].values})
+    writer = StoreWriter(path, tokens=tokens, parameters=[("w", (K,))], order="second", config={}, max_basis=K,
+                         with_curvature=False)
+    writer.write_basis(0, np.eye(K), syn["eigenvalue"].values, syn["basis_step"].values)
+    for s in range(S):
+        writer.write_snapshot(s, int(syn["step"][s]), syn["loss"].values[s], np.zeros(K))
+        writer.write_directional_grad(s, 0, syn["directional_grad"].values[s])
+        if s:
+            writer.write_interval(s - 1, 0, syn["delta"].values[s - 1], syn["polca"].values[s - 1],
+                                  syn["polca_first"].values[s - 1])
+    writer.commit(S, K)
+    writer.close(complete=True)
+    return path
+
+
+def test_signal_prints_each_vectors_auc_and_accuracy_and_writes_csv(tmp_path, capsys):
+    import csv
+
+    from polca_lightning.analysis import signal_check
+
+    store = synthetic_store_on_disk(tmp_path / "synthetic.zarr")
+    code, out, err = run(capsys, "signal", store, "--label", "carry", "--where", "place=1,2,3", "--where", "place=1,2",
+                         "--csv", tmp_path / "signal.csv")
+    assert code == 0, err
+    expected = signal_check(open_store(store), "carry", where={"place": [1, 2]})
+    assert int(expected["n_tokens"]) == 120  # two places of 60 sequences
+    assert "signal check of label 'carry' where place in [1, 2]: method polca, 5-fold" in out
+    assert f"120 tokens, {int(expected['n_positive'])} with label 1; 31 snapshots as 31 time points" in out
+    lines = out.splitlines()
+    header = [i for i, line in enumerate(lines) if line.split() == ["basis", "auc", "accuracy"]][0]
+    rows = [line.split() for line in lines[header + 1 : header + 7]]
+    names = [" ".join(r[:-2]) for r in rows]
+    assert names == ["0", "1", "2", "all vectors", "exact loss", "majority"]
+    for b in range(3):  # the printed numbers are signal_check's
+        assert rows[b][1:] == [f"{float(expected['auc'][b]):.3f}", f"{float(expected['accuracy'][b]):.3f}"]
+    assert float(rows[0][2]) >= 0.95 and float(rows[0][1]) < 0.05  # vector 0 carries the carries
+    assert rows[5][1:] == ["-", f"{float(expected['majority']):.3f}"]
+    assert "vector 0 carries the most information" in " ".join(out.split())
+    with open(tmp_path / "signal.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["basis", "auc", "accuracy"] and [r[0] for r in table[1:]] == [
+        "0", "1", "2", "all vectors", "exact loss", "majority"]
+    assert float(table[1][2]) == pytest.approx(float(expected["accuracy"][0])) and table[4][1] == ""
+    # polca_first and a label given as another coordinate
+    code, out, _ = run(capsys, "signal", store, "--label", "carry", "--method", "polca_first", "--folds", "3")
+    assert code == 0 and "method polca_first, 3-fold" in out and "where all tokens" in out
+    # errors: one line, exit 2
+    code, _, err = run(capsys, "signal", store, "--label", "place")
+    assert code == 2 and "expected binary values 0/1" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "signal", store, "--label", "colour")
+    assert code == 2 and "label: expected a token coordinate" in err
+    code, _, err = run(capsys, "signal", store, "--label", "carry", "--where", "place")
+    assert code == 2 and "expected COORD=V,V" in err
+    code, _, err = run(capsys, "signal", tmp_path / "nothing.zarr", "--label", "carry")
+    assert code == 2 and err.startswith("polca signal: error:")

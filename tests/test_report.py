@@ -103,7 +103,13 @@ def test_fit_with_offline_wandb_logger_logs_the_report(tmp_path):
     for p in (media / "table").rglob("*.table.json"):
         by_key[str(p.relative_to(media / "table")).rsplit("_", 2)[0]] = json.loads(p.read_text())
     assert set(by_key) >= {"polca_report/summary", "polca_report/medoid_contexts", "polca_report/appendix_g",
-                           "polca_report/cluster_targets"}
+                           "polca_report/cluster_targets", "polca_report/signal_check"}
+    signal = by_key["polca_report/signal_check"]  # carry is the binary label (place has 4 values)
+    assert signal["columns"] == ["label", "where", "basis", "auc", "accuracy", "n_tokens", "n_positive"]
+    assert [row[2] for row in signal["data"]] == ["0", "1", "2", "3", "all vectors", "exact loss", "majority"]
+    carry = ds["carry"].values
+    assert {row[0] for row in signal["data"]} == {"carry"} and signal["data"][0][5:] == [96, int(carry.sum())]
+    assert signal["data"][-1][4] == pytest.approx(max(carry.mean(), 1 - carry.mean()))  # the majority rate
     summary = by_key["polca_report/summary"]
     assert summary["columns"][:4] == ["vector", "eigenvalue", "basis_step", "kept"]
     assert "best carry=1" in summary["columns"] and len(summary["data"]) == 4
@@ -148,7 +154,10 @@ def test_fit_without_wandb_writes_the_png_folder(tmp_path_factory):
     kept = kept_units(ds)
     files = {p.name for p in out.iterdir()}
     assert {"index.md", "summary.csv", "medoid_contexts.csv", "cluster_targets.csv", "appendix_g.csv",
-            "coverage.csv", "coverage.png", "appendix_g_carry.png", "appendix_g_place.png"} <= files
+            "coverage.csv", "coverage.png", "appendix_g_carry.png", "appendix_g_place.png", "signal_check.csv"} <= files
+    signal = (out / "signal_check.csv").read_text().splitlines()
+    assert signal[0] == "label,where,basis,auc,accuracy,n_tokens,n_positive" and len(signal) == 1 + 4 + 3
+    assert "## Signal check" in (out / "index.md").read_text()
     for u in kept:
         assert {f"vector_{u:02d}_{n}.png" for n in ("projected_loss", "exact_loss", "labels", "targets")} <= files
     assert not any(f.startswith(f"vector_{u:02d}") for u in set(range(4)) - set(kept) for f in files)

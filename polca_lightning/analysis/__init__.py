@@ -20,6 +20,10 @@ Modules (one concept each):
   restriction: over 85 % of a cluster's carries in the 10s/100s places),
   ``chance_homogeneity``, ``best_clusters``, ``clustering_scores`` (torchmetrics).
 - ``methods``: the six trajectory types of App. G (``METHODS``).
+- ``signal``: ``signal_check`` (how well each vector's projected-loss trajectory predicts
+  a binary token label: AUC of its final value, cross-validated linear accuracy of its
+  trajectory, against all vectors, the exact loss and the majority rate),
+  ``signal_check_table``, ``interpret_signal_check``.
 - ``pipeline``: ``analyze``.
 - ``synthetic``: ``make_synthetic_store`` (planted breakthroughs, for tests/benchmarks).
 
@@ -89,6 +93,7 @@ from .onsets import (
 )
 from .pipeline import analyze, complete_snapshots
 from .scores import best_clusters, chance_homogeneity, clustering_scores, label_scores
+from .signal import interpret_signal_check, signal_check, signal_check_table
 from .synthetic import make_synthetic_store, planted_groups
 from .trajectories import cumulative_fisher, filter_trajectories, loss_change, projected_loss
 
@@ -117,6 +122,9 @@ __all__ = [
     "chance_homogeneity",
     "best_clusters",
     "clustering_scores",
+    "signal_check",
+    "signal_check_table",
+    "interpret_signal_check",
     "METHODS",
     "MethodSpec",
     "available_methods",

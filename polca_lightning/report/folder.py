@@ -10,6 +10,9 @@ Layout of ``out_dir`` (default ``<store>.report`` beside the store)::
                                       movement is undone (stores with an ablation)
     ablation_summary.csv              per kept vector: does undoing it hurt its clusters most
     appendix_g.csv                    App. G comparison (when the store has labels)
+    signal_check.csv                  per binary label: each vector's AUC and cross-validated
+                                      accuracy, all vectors, exact loss, majority rate
+                                      (signal_table; stores with a binary label)
     coverage.csv                      per-interval coverage (store_coverage)
     coverage.png                      allocated vs real loss change
     appendix_g_<label>.png            best homogeneity per trajectory type, per label
@@ -41,6 +44,7 @@ from polca_lightning.report.pipeline import (
     has_targets,
     kept_units,
     medoid_contexts_table,
+    signal_table,
     store_coverage,
     summary_table,
 )
@@ -130,6 +134,10 @@ def write_report_folder(ds, out_dir, *, method: str = "polca", decode: Callable[
         tables.append("appendix_g.csv")
         for label in sorted({row[0] for row in app_g.rows}):
             files.append(_save(F.appendix_g_figure(ds, label), out / f"appendix_g_{label}.png", dpi).name)
+    signal = signal_table(ds, method if method in ("polca", "polca_first") else "polca")
+    if signal is not None:
+        signal.to_csv(out / "signal_check.csv")
+        tables.append("signal_check.csv")
     cov = store_coverage(ds)
     names = [k for k in cov if k not in ("interval", "summary")]
     Table(names, [[v.item() for v in values] for values in zip(*(cov[n] for n in names))]).to_csv(out / "coverage.csv")
@@ -151,6 +159,11 @@ def write_report_folder(ds, out_dir, *, method: str = "polca", decode: Callable[
         "",
         _markdown(summary),
         "",
+        *(["## Signal check", "",
+           "How well each vector's projected-loss trajectory predicts each binary label: AUC of its "
+           "final value (0.5: none), cross-validated linear accuracy of its trajectory, against all "
+           "vectors together, the exact loss and the majority rate.", "",
+           _markdown(signal, max_rows=100), ""] if signal is not None else []),
         "## Files",
         "",
         *[f"- [{name}]({name})" for name in files + tables],

@@ -4,7 +4,8 @@
   the results beside the training data (:func:`polca_lightning.store.write_analysis`) and
   returns the store reopened with them: the Dataset every figure and table reads.
 - Tables (:class:`Table`: columns and rows of plain Python values): :func:`summary_table`,
-  :func:`medoid_contexts_table`, :func:`cluster_targets_table`, :func:`appendix_g_table`;
+  :func:`medoid_contexts_table`, :func:`cluster_targets_table`, :func:`appendix_g_table`,
+  :func:`signal_table` (the signal check of every binary label);
   :func:`store_coverage` is the coverage diagnostic computed from the store.
 - :func:`report_after_fit` is what :class:`~polca_lightning.POLCACallback` calls at the
   end of ``fit``.
@@ -38,6 +39,8 @@ __all__ = [
     "has_targets",
     "cluster_targets_table",
     "appendix_g_table",
+    "binary_labels",
+    "signal_table",
     "report_after_fit",
 ]
 
@@ -452,6 +455,80 @@ def appendix_g_table(ds) -> Table | None:
                         scores["chance"][e, vi], scores["recall"][e, vi], scores["f1"][e, vi],
                         onset[e], bool(hidden[e]))])
     return Table(columns, rows)
+
+
+def binary_labels(ds) -> list[str]:
+    """The store's label coordinates that are binary: values 0 and 1 (both present)
+    once negative values ("not applicable", e.g. ``-1``) are left out."""
+    out = []
+    for lab in _labels(ds):
+        if lab not in ds.coords or ds[lab].dims != ("token",) or ds[lab].dtype.kind not in "biuf":
+            continue
+        values = np.unique(np.asarray(ds[lab].values))
+        values = values[np.isfinite(values) & (values >= 0)]
+        if values.tolist() == [0, 1]:
+            out.append(lab)
+    return out
+
+
+def _restrictions(ds) -> dict:
+    """The App. G restriction the analysis recorded, ``{label: [coordinate, [values]]}``."""
+    import json
+
+    text = ds["cluster"].attrs.get("analysis_restrict") if "cluster" in ds.variables else None
+    text = text if text is not None else ds.attrs.get("analysis_restrict", "{}")
+    try:
+        spec = json.loads(text) if isinstance(text, str) else dict(text)
+    except (TypeError, ValueError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def signal_table(ds, method: str = "polca", *, folds: int = 5, seed: int = 0) -> Table | None:
+    """The signal check of every binary label of the store, as one table.
+
+    For each label of :func:`binary_labels`, :func:`polca_lightning.analysis.signal_check`
+    on the tokens of the App. G restriction the analysis recorded for that label
+    (``analysis_restrict``, e.g. carry among the 10s and 100s places), or on all tokens
+    when there is none. A label the check cannot score (too few tokens of a class, a
+    restriction naming a coordinate the store lacks) is left out with a log message.
+
+    Args:
+        ds: store Dataset, analysed or not.
+        method: the POLCA variable (``"polca"`` or ``"polca_first"``).
+        folds: cross-validation folds.
+        seed: seed of the folds.
+
+    Returns:
+        Table with columns label, where, basis (text: a vector index, or ``all vectors``,
+        ``exact loss``, ``majority``), auc, accuracy, n_tokens, n_positive; ``None``
+        when the store has no binary label (or none could be scored) or no ``method``.
+
+    Example:
+        >>> table = signal_table(analyze_store("runs/polca.zarr"))
+        >>> table.rows[0][:3]
+        ['carry', 'place in [1, 2]', '0']
+    """
+    from polca_lightning.analysis.signal import signal_check, signal_check_table
+
+    if method not in ds.variables:
+        return None
+    restrict = _restrictions(ds)
+    rows = []
+    for lab in binary_labels(ds):
+        spec = restrict.get(lab)
+        where = {spec[0]: list(spec[1])} if isinstance(spec, (list, tuple)) and len(spec) == 2 else None
+        try:
+            res = signal_check(ds, lab, where=where, folds=folds, seed=seed, method=method)
+        except ValueError as error:
+            log.info("POLCA report: no signal check for label %r: %s", lab, error)
+            continue
+        n, n_pos = int(res["n_tokens"]), int(res["n_positive"])
+        for basis, auc, acc in signal_check_table(res).itertuples(index=False):
+            rows.append([lab, res.attrs["where"], str(basis), _py(float(auc)), _py(float(acc)), n, n_pos])
+    if not rows:
+        return None
+    return Table(["label", "where", "basis", "auc", "accuracy", "n_tokens", "n_positive"], rows)
 
 
 # ---------------------------------------------------------------------- after fit

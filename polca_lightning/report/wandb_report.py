@@ -26,6 +26,10 @@ key                                      kind    content
                                                  when the vector is undone (``ablation_table``)
 ``<prefix>/ablation_summary``            table   per kept vector (``ablation_summary``)
 ``<prefix>/appendix_g``                  table   App. G comparison (when the store has labels)
+``<prefix>/signal_check``                table   per binary label: each vector's AUC and
+                                                 cross-validated accuracy, all vectors, exact
+                                                 loss, majority rate (``signal_table``; stores
+                                                 with a binary label)
 ``<prefix>/coverage/<name>``             scalar  per interval, at the interval's end step:
                                                  allocated, real, ratio, correlation, explained
                                                  (and ``first_*`` for first-order POLCA)
@@ -56,6 +60,7 @@ from polca_lightning.report.pipeline import (
     has_targets,
     kept_units,
     medoid_contexts_table,
+    signal_table,
     store_coverage,
     summary_table,
 )
@@ -180,6 +185,9 @@ def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int]
         table(f"{prefix}/appendix_g", app_g)
         for label in sorted({row[0] for row in app_g.rows}):
             image(f"{prefix}/appendix_g_{label}", F.appendix_g_figure(ds, label), f"App. G: {label}")
+    signal = signal_table(ds, method if method in ("polca", "polca_first") else "polca")
+    if signal is not None:
+        table(f"{prefix}/signal_check", signal)
 
     cov = store_coverage(ds)
     if cov["step"].size:
