@@ -8,7 +8,7 @@ from polca_lightning.callback import POLCACallback
 from polca_lightning.engine import DirectionalDerivatives, EngineError
 from polca_lightning.functional import ParameterSpace
 from polca_lightning.hessian import EigenResult, projected_hessian_eigs
-from polca_lightning.losses import causal_lm_token_loss, classifier_token_loss
+from polca_lightning.losses import causal_lm_token_loss, classifier_token_loss, masked_lm_token_loss
 from polca_lightning.polca import ORDERS, coverage, polca_interval
 from polca_lightning.store import StoreError, TokenIndex, open_store
 
@@ -26,6 +26,7 @@ __all__ = [
     "EigenResult",
     "causal_lm_token_loss",
     "classifier_token_loss",
+    "masked_lm_token_loss",
     "polca_interval",
     "coverage",
     "ORDERS",

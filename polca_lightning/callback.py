@@ -283,11 +283,23 @@ class POLCACallback(Callback):
             trainer,
             lambda: StoreWriter(
                 self.store, mode=self.mode, tokens=tokens, parameters=list(zip(space.names, space.shapes)),
-                order=self.order, config=self.config, max_basis=self.max_basis,
+                order=self.order, config=self._run_config(trainer, pl_module, space), max_basis=self.max_basis,
                 with_curvature=needs_curvature(self.order),
             ),
         )
         self._resume(trainer)
+
+    def _run_config(self, trainer: Trainer, pl_module: LightningModule, space: ParameterSpace) -> dict:
+        """:attr:`config` plus what the run itself decides: the dtype the callback computes in (the
+        parameters'; autocast is off while it computes, so ``bf16-mixed`` training gives float32; the
+        store holds float32 whatever it is), the training precision, and the parameters left out of the
+        decomposition because they are frozen (``requires_grad=False``)."""
+        return {
+            **self.config,
+            "compute_dtype": str(space.flatten(pl_module).dtype).removeprefix("torch."),
+            "training_precision": str(trainer.precision),
+            "frozen_parameters": [n for n, p in pl_module.named_parameters() if not p.requires_grad],
+        }
 
     def _token_index(self, module, token_loss, space, probe) -> TokenIndex:
         """Which positions are tokens, with their coordinates; validates the probe data on the way."""

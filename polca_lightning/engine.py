@@ -315,11 +315,11 @@ class DirectionalDerivatives:
         Times forward mode with a few directions (seconds per direction) and reverse mode
         with 1 and ``max_directions`` directions (a fixed part and a per-direction part),
         best of two runs each, and keeps the result in :attr:`calibration`. Reverse mode is
-        first run twice on an eighth of the batch (a warm-up with its one-time checks, then
-        timed); where that already costs, scaled to the batch, more than 4x forward mode with
-        ``max_directions`` directions, the scaled time is kept instead of timing the batch.
-        An engine that fails here is dropped from the choice, with one warning naming it;
-        its cost is ``inf``.
+        first run twice on an eighth of the batch (two samples at least; a warm-up with its
+        one-time checks, then timed); where that already costs, scaled to the batch, more
+        than 4x forward mode with ``max_directions`` directions, the scaled time is kept
+        instead of timing the batch. An engine that fails here is dropped from the choice,
+        with one warning naming it; its cost is ``inf``.
 
         Returns:
             ``{"forward_per_direction", "reverse_base", "reverse_per_direction"}`` in seconds.
@@ -359,9 +359,10 @@ class DirectionalDerivatives:
             try:
                 with torch.no_grad(), evaluation_mode(self.module):
                     n = self.fn(theta, batch)[1].shape[0]
-                part = take(batch, n, slice(0, max(1, n // 8)))
+                m = min(n, max(2, n // 8))  # two samples at least: a batch, not a sample alone
+                part = take(batch, n, slice(0, m))
                 seconds("reverse", big[:1], part, repeat=1)  # warm-up: the one-time checks
-                estimate = seconds("reverse", big[:1], part, repeat=1) * n / max(1, n // 8)
+                estimate = seconds("reverse", big[:1], part, repeat=1) * n / m
                 if estimate > 4 * fwd * max_directions:  # hopeless at any K measured here
                     base, per_dir = estimate, 0.0
                 else:

@@ -141,8 +141,10 @@ def evaluation_mode(module: nn.Module, second_order: bool = False) -> Iterator[N
     """Eval mode with every kernel forward-mode AD and double backward can go through.
 
     Attention on the math SDPA backend, ``nn.MultiheadAttention``'s and the transformer
-    layers' fast path off, oneDNN RNN kernels off. The module's train/eval mode (of every
-    submodule) is restored on exit.
+    layers' fast path off, oneDNN RNN kernels off, autocast off (mixed-precision training
+    leaves the parameters in float32, and so are the numbers computed here), compiled code
+    run eagerly. The module's
+    train/eval mode (of every submodule) is restored on exit.
     """
     modes = [(m, m.training) for m in module.modules()]
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -159,6 +161,12 @@ def evaluation_mode(module: nn.Module, second_order: bool = False) -> Iterator[N
         torch.backends.mha.set_fastpath_enabled(False)
         with contextlib.ExitStack() as stack:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            for device_type in {"cpu", *(p.device.type for p in module.parameters())}:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            if hasattr(torch.compiler, "set_stance"):
+                # a torch.compile'd model runs eagerly here: the same numbers, without a recompile for
+                # every batch shape (a batch of one), forward hook or transform the engines use
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
             if has_rnn:
                 stack.enter_context(_quiet(torch.backends.mkldnn.flags(enabled=False)))
                 stack.enter_context(torch.backends.cudnn.flags(enabled=False))

@@ -34,6 +34,7 @@ __all__ = [
     "TokenLoss",
     "causal_lm_token_loss",
     "classifier_token_loss",
+    "masked_lm_token_loss",
     "check_token_loss_output",
     "resolve_token_loss",
 ]
@@ -125,6 +126,56 @@ def causal_lm_token_loss(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor,
     mask = F.pad(valid, (1, 0), value=False)
     full_target = F.pad(target.masked_fill(~valid, -1), (1, 0), value=-1)
     return loss, mask, full_target
+
+
+def masked_lm_token_loss(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token cross-entropy of a masked language model (BERT-style) on the masked positions only.
+
+    The batch is a mapping with ``input_ids`` (the corrupted input, e.g. ``[MASK]`` at the
+    positions to predict), ``labels`` (the original token where the loss is taken, -100
+    elsewhere, as Hugging Face's data collators make them) and optionally
+    ``attention_mask``, or an ``(input_ids, labels)`` pair. The model is called as
+    ``module(input_ids)`` (plus ``attention_mask=``) and must return logits
+    ``[batch, length, vocab]`` or an output with ``.logits``. Position ``p`` is the loss of
+    predicting ``labels[:, p]`` at ``p`` (no shift).
+
+    Returns:
+        ``(loss, mask, target)``, each ``[batch, length]``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
+        >>> ids = torch.randint(0, 10, (2, 5))
+        >>> labels = torch.full_like(ids, -100); labels[:, 2] = 3
+        >>> loss, mask, target = masked_lm_token_loss(model, {"input_ids": ids, "labels": labels})
+        >>> mask.sum().item(), target[0, 2].item()
+        (2, 3)
+    """
+    attention_mask = None
+    if isinstance(batch, Mapping):
+        input_ids = _first_present(batch, ["input_ids"], "masked_lm_token_loss")
+        labels = _first_present(batch, ["labels"], "masked_lm_token_loss")
+        attention_mask = batch.get("attention_mask")
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        input_ids, labels = batch
+    else:
+        raise TypeError(
+            "masked_lm_token_loss: expected an (input_ids, labels) pair or a mapping with 'input_ids' and "
+            f"'labels', got {type(batch).__name__}"
+        )
+    output = module(input_ids) if attention_mask is None else module(input_ids, attention_mask=attention_mask)
+    logits = _logits_of(output)  # [B, L, V]
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"masked_lm_token_loss: expected logits of shape [batch, length, vocab] = [{input_ids.shape[0]}, "
+            f"{input_ids.shape[1]}, V], got {list(logits.shape)}"
+        )
+    valid = labels != IGNORE_INDEX
+    if attention_mask is not None:
+        valid = valid & attention_mask.bool()
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.masked_fill(~valid, 0).reshape(-1), reduction="none"
+    ).view_as(labels)  # [B, L]
+    return loss, valid, labels.masked_fill(~valid, -1)
 
 
 def classifier_token_loss(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
