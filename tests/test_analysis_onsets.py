@@ -96,3 +96,14 @@ def test_hidden_flag():
         hidden_breakthrough(np.array([100.0, 1000.0, 1001.0, np.nan]), 1000.0),
         [False, False, True, False],
     )
+
+
+def test_curve_that_never_bends_has_no_onset():
+    # exp(-t/30) only decelerates (a(t) > 0 everywhere): no onset, not the window's edge;
+    # a hinge beside it in the same batch keeps its exact onset, a rising exp has none either
+    s = np.arange(0, 301.0)
+    decaying, hinge = np.exp(-s / 30), -np.clip(s - 120, 0, 50)
+    onset = breakthrough_onset(np.stack([decaying, hinge], axis=1), s, delta=20)
+    assert np.isnan(onset[0]) and onset[1] == 120.0
+    assert np.isnan(breakthrough_onset(1 - np.exp(-s / 30), s, delta=20, direction="rising"))
+    assert not hidden_breakthrough(onset[:1], tau=0.0)[0]

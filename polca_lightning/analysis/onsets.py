@@ -175,7 +175,11 @@ def breakthrough_onset(
             ``"rising"`` (curves that grow, e.g. cumulated Fisher: most positive ``a``).
 
     Returns:
-        ``[...]`` float64 onset steps; NaN for curves with a NaN in the valid window.
+        ``[...]`` float64 onset steps; NaN for curves with a NaN in the valid window, and
+        for curves that never bend the way of a breakthrough there (``a(t) >= 0``
+        everywhere for ``"falling"``, ``<= 0`` for ``"rising"``): a curve that only
+        decelerates, e.g. a drop already under way at the first valid snapshot, has no
+        onset inside the window, and the edge of the window would be an arbitrary one.
 
     Example:
         >>> s = np.arange(0, 101.0)
@@ -189,7 +193,8 @@ def breakthrough_onset(
     # argmin of a (falling) or of -a (rising); NaN curves -> NaN onset
     idx = np.argmax(a, axis=0) if direction == "rising" else np.argmin(a, axis=0)
     onset = t[idx].astype(np.float64)
-    bad = np.isnan(a.sum(axis=0))
+    extreme = np.take_along_axis(a, idx[None], axis=0)[0] if a.ndim > 1 else a[idx]
+    bad = np.isnan(a.sum(axis=0)) | (extreme <= 0 if direction == "rising" else extreme >= 0)
     if bad.any():
         onset[bad] = np.nan
     return onset

@@ -76,7 +76,11 @@ def _cluster_one(traj, mask, step, settings, groups, delta, direction, timings):
         token_onset[mask] = breakthrough_onset(traj[:, mask], step, delta, direction=direction)
     if n_c:
         onset = breakthrough_onset(curves, step, delta, direction=direction)
-        mean_tok = np.bincount(labels[in_c], weights=token_onset[in_c], minlength=n_c) / size
+        # mean over the members that have an onset (a member whose curve never bends has none)
+        has = in_c & np.isfinite(token_onset)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_tok = (np.bincount(labels[has], weights=token_onset[has], minlength=n_c)
+                        / np.bincount(labels[has], minlength=n_c))
     else:
         onset = mean_tok = np.zeros(0)
     timings["medoids"] = timings.get("medoids", 0.0) + t1 - t0
