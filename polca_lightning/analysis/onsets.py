@@ -195,9 +195,7 @@ def breakthrough_onset(
     onset = t[idx].astype(np.float64)
     extreme = np.take_along_axis(a, idx[None], axis=0)[0] if a.ndim > 1 else a[idx]
     bad = np.isnan(a.sum(axis=0)) | (extreme <= 0 if direction == "rising" else extreme >= 0)
-    if bad.any():
-        onset[bad] = np.nan
-    return onset
+    return np.where(bad, np.nan, onset)
 
 
 def smooth_curve(f: np.ndarray, window: int) -> np.ndarray:
