@@ -235,16 +235,22 @@ def test_cost_model_prefers_reverse_for_few_positions_and_forward_for_many():
 
 
 def test_cost_model_knows_when_reverse_mode_needs_per_sample_jacobians():
-    """Without the activation path (here a weight shared by two modules; transformers' GPT-2 Conv1D,
-    Llama's RMSNorm) reverse mode costs per-sample Jacobians, and ``auto`` must not price it as the
-    activation path before it has measured anything (the LCA baseline after fit relies on it)."""
+    """Without the activation path (here a bare parameter; an nn.GRU's weights) reverse mode costs
+    per-sample Jacobians, and ``auto`` must not price it as the activation path before it has
+    measured anything (the LCA baseline after fit relies on it)."""
     with_path = estimate_cost(10, positions_per_sequence=4, sequence_length=12, curvature=False)
     without = estimate_cost(10, positions_per_sequence=4, sequence_length=12, curvature=False, activations=False)
     assert with_path["reverse"] < with_path["forward"] < without["reverse"]
     assert with_path["forward"] == without["forward"]
-    tied = tiny_lm()
-    tied.head.weight = tied.tok.weight
-    for model, pick in ((tiny_lm(), "reverse"), (tied, "forward")):
+    class Scaled(nn.Module):  # the arithmetic transformer with a bare scale on its logits
+        def __init__(self):
+            super().__init__()
+            self.net, self.scale = tiny_lm(), nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+        def forward(self, ids):
+            return self.net(ids) * self.scale
+
+    for model, pick in ((tiny_lm(), "reverse"), (Scaled(), "forward")):
         space = ParameterSpace.from_module(model)
         dd = DirectionalDerivatives(model, causal_lm_token_loss, space)
         assert dd.choose(space.flatten(model), [addition_batch(2)], 10, False) == pick
@@ -315,8 +321,99 @@ def test_activation_based_reverse_mode_is_used_where_it_applies():
     scaled = _WithScale()
     assert ghost_plan(scaled, ParameterSpace.from_module(scaled).names) is None
     tied = tiny_lm()
-    tied.head.weight = tied.tok.weight  # a weight shared by two modules
-    assert ghost_plan(tied, ParameterSpace.from_module(tied).names) is None
+    tied.head.weight = tied.tok.weight  # a weight shared by two modules: both uses count
+    assert ghost_plan(tied, ParameterSpace.from_module(tied).names)["tok.weight"] == [("tok", "weight"), ("head", "weight")]
+
+
+class Conv1D(nn.Module):  # the name transformers gives it
+    """transformers.pytorch_utils.Conv1D as it is written there: y = x W + b with W [in, out]."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class _LlamaRMSNorm(nn.Module):
+    """transformers' LlamaRMSNorm as it is written there (float32 inside)."""
+
+    def __init__(self, hidden, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden) + 0.1 * torch.randn(hidden))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class _GemmaRMSNorm(_LlamaRMSNorm):
+    """Gemma's variant scales by 1 + w: the weight's gradient is the same."""
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return x * (1.0 + self.weight)
+
+
+class _NewLayersLM(nn.Module):
+    """Token and broadcast position embeddings, Conv1D, three RMSNorms, an output layer tied to the
+    token embedding: what GPT-2 and Llama need from the activation path, in float64 throughout."""
+
+    def __init__(self, vocab=12, d=6, length=7):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(length, d)
+        self.c_fc, self.c_proj = Conv1D(2 * d, d), Conv1D(d, 2 * d)
+        self.norm1, self.norm2, self.norm3 = _GemmaRMSNorm(d), nn.RMSNorm(d, eps=1e-5), _LlamaRMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1])[None]  # [1, L], broadcast over the batch as GPT-2 does
+        x = self.tok(ids) + self.pos(positions)
+        x = x + self.c_proj(torch.tanh(self.c_fc(self.norm1(x))))
+        return self.head(self.norm3(self.norm2(x)))
+
+
+def test_activation_path_for_conv1d_rms_norm_tied_and_broadcast_layers_equals_per_sample_jacobians():
+    from polca_lightning._ghost import ghost_plan, ghost_reverse
+    from polca_lightning._jacobians import PerSampleJacobians
+    from polca_lightning.functional import FunctionalTokenLoss, evaluation_mode
+
+    torch.manual_seed(0)
+    model = _NewLayersLM().double()
+    space = ParameterSpace.from_module(model)
+    plan = ghost_plan(model, space.names)
+    assert plan is not None and len(plan["tok.weight"]) == 2
+    fn = FunctionalTokenLoss(model, causal_lm_token_loss, space)
+    theta, V = space.flatten(model), _orthonormal(4, space.dim)
+    batch = torch.randint(0, 12, (5, 7))
+    with evaluation_mode(model):
+        loss, mask, g = ghost_reverse(fn, model, space, plan, theta, batch, V)
+        ref, _ = PerSampleJacobians(fn)._looped(theta, batch, loss, mask, V, False)  # real batches of one
+    # the Llama norm computes in float32 inside this float64 model: agreement to float32 rounding
+    assert (g[:, mask] - ref[:, mask]).abs().max() <= 1e-7 * ref[:, mask].abs().max()
+    from _families import own_per_token_grads
+
+    _, own = own_per_token_grads(model, causal_lm_token_loss, batch, space.names, V)
+    assert (g[:, mask] - own).abs().max() <= 1e-7 * own.abs().max()
+    model.norm3 = _GemmaRMSNorm(6).double()  # float64 throughout: agreement to float64 rounding
+    space = ParameterSpace.from_module(model)
+    fn = FunctionalTokenLoss(model, causal_lm_token_loss, space)
+    theta, V = space.flatten(model), _orthonormal(4, space.dim)
+    with evaluation_mode(model):
+        loss, mask, g = ghost_reverse(fn, model, space, ghost_plan(model, space.names), theta, batch, V)
+        ref, _ = PerSampleJacobians(fn)._looped(theta, batch, loss, mask, V, False)
+    assert (g[:, mask] - ref[:, mask]).abs().max() <= 1e-12 * ref[:, mask].abs().max()
+    dd = DirectionalDerivatives(model, causal_lm_token_loss, space, engine="reverse")
+    dd(theta, [batch], V)
+    assert dd._ghost is not None  # checked and kept
 
 
 @pytest.mark.parametrize("kind,batch_first,own_hidden", [("gru", True, False), ("lstm", False, True), ("gru", False, True)])
