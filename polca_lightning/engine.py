@@ -53,10 +53,11 @@ ENGINES = ("auto", "forward", "reverse")
 # with measured costs once calibrate() has run, as the callback does before training.
 FORWARD_PASSES_PER_DIRECTION = 3.0  # jvp: a forward pass carrying a tangent
 REVERSE_PASSES_PER_POSITION = 2.0  # one backward pass over the batch per loss-bearing position
-# Without the activation path (a module _ghost.py does not know, a shared weight) reverse
-# mode forms per-sample Jacobians: 7-20 forward passes per loss-bearing position measured
-# on 2 CPU cores (GPT-2 and Llama from transformers at d 64-128, the arithmetic transformer
-# at d 128; 200 sequences of 12 tokens, 4 loss-bearing, K 1-16).
+# Without the activation path (a parameter no module _ghost.py knows holds) reverse mode
+# forms per-sample Jacobians: 7-20 forward passes per loss-bearing position vmapped,
+# measured on 2 CPU cores (GPT-2 and Llama from transformers at d 64-128 before they had
+# the activation path, the arithmetic transformer at d 128; 200 sequences of 12 tokens,
+# 4 loss-bearing, K 1-16), and more on real batches of one (benchmarks/engine_families.py).
 JACOBIAN_PASSES_PER_POSITION = 10.0
 
 
@@ -318,7 +319,8 @@ class DirectionalDerivatives:
         first run twice on an eighth of the batch (two samples at least; a warm-up with its
         one-time checks, then timed); where that already costs, scaled to the batch, more
         than 4x forward mode with ``max_directions`` directions, the scaled time is kept
-        instead of timing the batch. An engine that fails here is dropped from the choice,
+        (plus forward mode's cost per direction, so that no K picks it) instead of timing
+        the batch. An engine that fails here is dropped from the choice,
         with one warning naming it; its cost is ``inf``.
 
         Returns:
@@ -364,7 +366,7 @@ class DirectionalDerivatives:
                 seconds("reverse", big[:1], part, repeat=1)  # warm-up: the one-time checks
                 estimate = seconds("reverse", big[:1], part, repeat=1) * n / m
                 if estimate > 4 * fwd * max_directions:  # hopeless at any K measured here
-                    base, per_dir = estimate, 0.0
+                    base, per_dir = estimate, fwd  # and at any K at all: never below forward mode
                 else:
                     r1, rk = seconds("reverse", big[:1]), seconds("reverse", big)
                     per_dir = max(rk - r1, 0.0) / max(max_directions - 1, 1)
