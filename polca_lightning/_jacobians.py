@@ -12,8 +12,9 @@ whole batch). Two ways to the same numbers:
   match the broadcast shape [32, 1, 32]"); so do ``.item()`` and data-dependent control
   flow. Fast where it runs.
 - **looped**: each sample as a real batch of one (``x[i:i+1]``) through plain autograd,
-  one backward per loss-bearing position. A forward pass per sample, so slow, but it
-  runs whatever the training step runs.
+  its loss-bearing positions in one backward pass vmapped over their cotangents (one
+  backward per position where the model's backward cannot be vmapped). A forward pass
+  per sample, so slow, but it runs whatever the training step runs.
 
 :class:`PerSampleJacobians` uses the vmapped way and switches to the looped one for good
 when it raises or, on the first sample with tokens (checked once), disagrees with it.
@@ -25,6 +26,7 @@ per-sample Jacobian, and :class:`BatchDependent` says so.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -81,6 +83,7 @@ class PerSampleJacobians:
         self.fn = fn
         self.vmapped = True  # False once the vmapped way failed or disagreed
         self.checked = False  # the vmapped way was compared with the looped one
+        self.batched_backward = True  # looped: every position of a sample in one vmapped backward pass
 
     def __call__(self, theta: Tensor, batch: Any, loss: Tensor, mask: Tensor, directions: Tensor, curvature: bool,
                  memory_cap: int) -> tuple[Tensor, Tensor | None]:
@@ -105,14 +108,15 @@ class PerSampleJacobians:
                     return out
                 self.checked = True
                 first = int(mask.any(1).nonzero()[0, 0])  # a sample with tokens
-                ref = self._looped(theta, batch, loss, mask, directions, curvature, samples=[first])
+                ref = self._looped(theta, batch, loss, mask, directions, curvature, samples=[first],
+                                   memory_cap=memory_cap)
                 if all(agree(o[:, first][:, mask[first]], r[:, first][:, mask[first]])
                        for o, r in zip(out, ref) if o is not None):
                     return out
                 log.info("POLCA: vmapped per-sample Jacobians disagree with a real batch of one; "
                          "samples one at a time from now on")
                 self.vmapped = False
-        return self._looped(theta, batch, loss, mask, directions, curvature)
+        return self._looped(theta, batch, loss, mask, directions, curvature, memory_cap=memory_cap)
 
     @staticmethod
     def _check_alone(alone: Tensor, loss: Tensor, mask: Tensor) -> None:
@@ -173,22 +177,27 @@ class PerSampleJacobians:
         self._check_alone(alone, loss, mask)
         return g, c
 
-    def _looped(self, theta, batch, loss, mask, directions, curvature, samples=None):
+    def _looped(self, theta, batch, loss, mask, directions, curvature, samples=None, memory_cap=1 << 30):
         fn = self.fn
         n, K = mask.shape[0], directions.shape[0]
         g = theta.new_zeros(K, n, mask.shape[1])
         c = torch.zeros_like(g) if curvature else None
         alone = torch.full_like(loss, float("nan"))
         samples = samples if samples is not None else mask.any(1).nonzero().squeeze(1).tolist()
+        rows_per_backward = max(1, memory_cap // max(1, theta.numel() * theta.element_size()))
         for i in samples:
             one = take(batch, n, slice(i, i + 1))  # a real batch of one
             with torch.enable_grad():
                 t = theta.detach().requires_grad_(True)
                 value = fn(t, one)[0][0]  # [P]
                 alone[i] = value.detach().to(alone.dtype)
-                for p in mask[i].nonzero().squeeze(1).tolist():
-                    if not value.requires_grad:  # no selected parameter reaches this loss
-                        break
+                if not value.requires_grad:  # no selected parameter reaches this sample's loss
+                    continue
+                positions = mask[i].nonzero().squeeze(1)
+                if not curvature and self._batched_backward(value, t, positions, directions, g[:, i],
+                                                            rows_per_backward):
+                    continue
+                for p in positions.tolist():
                     (grad,) = torch.autograd.grad(value[p], t, retain_graph=True, create_graph=curvature,
                                                   allow_unused=True)
                     if grad is None:
@@ -204,3 +213,25 @@ class PerSampleJacobians:
         rows[samples] = mask[samples]
         self._check_alone(alone, loss, rows)
         return g, c
+
+    def _batched_backward(self, value, t, positions, directions, out, rows) -> bool:
+        """One backward pass vmapped over the cotangents of ``positions`` (``rows`` at a time) into
+        ``out`` ``[K, P]``; False (and not tried again) where the model's backward cannot be vmapped."""
+        if not self.batched_backward:
+            return False
+        try:
+            for start in range(0, positions.numel(), rows):
+                chunk = positions[start : start + rows]
+                cotangents = value.new_zeros(chunk.numel(), value.shape[0])
+                cotangents[torch.arange(chunk.numel()), chunk] = 1.0
+                with warnings.catch_warnings():  # torch's notice of ops without a batching rule
+                    warnings.filterwarnings("ignore", message="There is a performance drop")
+                    (J,) = torch.autograd.grad(value, t, grad_outputs=cotangents, is_grads_batched=True,
+                                               retain_graph=True, allow_unused=True)
+                if J is not None:
+                    out[:, chunk] = directions @ J.detach().T  # [K, c]
+            return True
+        except RuntimeError as err:
+            log.info("POLCA: a vmapped backward pass failed (%s); one backward per position", err)
+            self.batched_backward = False
+            return False

@@ -403,13 +403,15 @@ class DirectionalDerivatives:
             if name in self._disabled and name != order[-1]:
                 continue
             try:
-                return self._compute(name, theta, batches, directions, curvature)
+                result = self._compute(name, theta, batches, directions, curvature)
             except _NoTokens:
                 raise
             except Exception as err:  # noqa: BLE001 - an engine that fails falls back to the other
                 errors[name] = err
-                if name != order[-1]:
-                    self._drop(name, err)
+                continue
+            for failed, err in errors.items():  # said once the other engine has run
+                self._drop(failed, err)
+            return result
         first = next(iter(errors.values()))
         if not any(_is_ad_gap(e) for e in errors.values()):
             raise first  # the same failure in every engine: the model's or the token loss's own error
