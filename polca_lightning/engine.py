@@ -27,8 +27,6 @@ the error names the op, where the model calls it, and what to change.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -37,12 +35,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
+from polca_lightning._engine_errors import EngineError, engine_error, first_line, is_ad_gap
 from polca_lightning._ghost import SKINNY_PRODUCT_PENALTY, Unsupported, ghost_plan, ghost_reverse
 from polca_lightning._jacobians import PerSampleJacobians, agree, take
 from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
 from polca_lightning.losses import TokenLoss
 
 __all__ = ["DirectionalDerivatives", "DerivativeResult", "EngineError", "estimate_cost"]
+
+EngineError.__module__ = __name__  # public here
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,6 @@ REVERSE_PASSES_PER_POSITION = 2.0  # one backward pass over the batch per loss-b
 # the activation path, the arithmetic transformer at d 128; 200 sequences of 12 tokens,
 # 4 loss-bearing, K 1-16), and more on real batches of one (benchmarks/engine_families.py).
 JACOBIAN_PASSES_PER_POSITION = 10.0
-
-
-class EngineError(RuntimeError):
-    """Neither engine could differentiate the model; the message says which op and what to change."""
 
 
 class _NoTokens(ValueError):
@@ -111,99 +108,6 @@ def estimate_cost(n_directions: int, positions_per_sequence: float, sequence_len
     if curvature:
         reverse = p * (6.0 + product) * (1.0 + k)
     return {"forward": forward, "reverse": reverse}
-
-
-def _is_ad_gap(err: BaseException) -> bool:
-    """Errors that mean "this engine cannot differentiate an op", not a user bug."""
-    text = str(err).lower()
-    return isinstance(err, NotImplementedError) or any(
-        s in text
-        for s in (
-            "forward ad",
-            "forward-mode",
-            "not implemented",
-            "batching rule",
-            "vmap",
-            "double backward",
-            "derivative for",
-            "does not support",
-            "setup_context",
-        )
-    )
-
-
-_OP_PATTERNS = (
-    r"derivative for '([\w.:]+)'",  # no derivative at all
-    r"forward AD with ([\w.:]+)",  # no forward-mode derivative
-    r"atching rule not implemented for ([\w.:]+)",
-)
-_LIBRARY_DIRS = tuple(
-    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (torch, __import__("polca_lightning"))
-)
-
-
-def _failing_op(err: BaseException) -> str | None:
-    """The op an AD error is about: named by torch's message, or the autograd.Function that raised."""
-    for pattern in _OP_PATTERNS:
-        match = re.search(pattern, str(err))
-        if match:
-            return match.group(1)
-    tb, name = err.__traceback__, None
-    while tb is not None:
-        frame = tb.tb_frame
-        cls = frame.f_locals.get("cls") if frame.f_code.co_name == "apply" else None
-        if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
-            name = f"{cls.__name__} (a torch.autograd.Function)"
-        tb = tb.tb_next
-    return name
-
-
-def _user_frame(err: BaseException) -> str | None:
-    """``file:line (function)`` of the innermost frame outside torch and polca_lightning."""
-    tb, where = err.__traceback__, None
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        path = os.path.abspath(code.co_filename)
-        if not path.startswith(_LIBRARY_DIRS) and not code.co_filename.startswith("<"):
-            where = f"{code.co_filename}:{tb.tb_lineno} ({code.co_name})"
-        tb = tb.tb_next
-    return where
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _engine_error(errors: dict[str, BaseException], fixed: str | None) -> EngineError:
-    """One error for every engine that failed: the op, where the model calls it, what to change."""
-    parts, advice = [], []
-    for name, err in errors.items():
-        op, where = _failing_op(err), _user_frame(err)
-        loc = ", ".join(x for x in (op and f"op {op}", where and f"called at {where}") if x)
-        parts.append(f"{name} mode: {_first_line(err)}" + (f" [{loc}]" if loc else ""))
-        text = str(err)
-        if "setup_context" in text:
-            advice.append("give the autograd.Function a setup_context and a jvp (torch.func support, "
-                          "https://pytorch.org/docs/stable/notes/extending.func.html)")
-        elif "forward AD" in text or "forward-mode" in text:
-            advice.append("write the op in plain torch for forward mode (fused attention: the math backend; "
-                          "Hugging Face models: attn_implementation=\"eager\")")
-        elif "derivative for" in text:
-            advice.append(f"replace {op or 'the op'}, which has no derivative in torch, by differentiable ops, or "
-                          "select only parameters after it with parameters=")
-    if not advice:
-        advice.append("fused attention kernels and some fused layers have no forward-mode AD or double backward: "
-                      "use attention on the math backend (Hugging Face models: attn_implementation=\"eager\"), "
-                      "or write the op in plain torch")
-    if fixed is not None:
-        advice.append(f"or pass engine='auto' instead of engine={fixed!r}")
-    unique = list(dict.fromkeys(advice))
-    return EngineError(
-        "cannot compute directional derivatives of this model (" + "; ".join(parts) + "). To change: "
-        + "; ".join(unique)
-    )
 
 
 class DirectionalDerivatives:
@@ -376,7 +280,7 @@ class DirectionalDerivatives:
             except Exception as err:  # noqa: BLE001
                 errors["reverse"] = err
         if len(errors) + len(self._disabled) >= 2:
-            raise _engine_error({**errors}, None) from next(iter(errors.values()), None)
+            raise engine_error({**errors}, None) from next(iter(errors.values()), None)
         for name, err in errors.items():
             self._drop(name, err, "while being calibrated")
         self.calibration = {"forward_per_direction": fwd, "reverse_base": base, "reverse_per_direction": per_dir}
@@ -387,7 +291,7 @@ class DirectionalDerivatives:
         """Take an engine out of ``auto``'s choice, with one warning that names it."""
         if name in self._disabled:
             return
-        self._disabled[name] = _first_line(err)
+        self._disabled[name] = first_line(err)
         other = "reverse" if name == "forward" else "forward"
         warnings.warn(
             f"POLCA: the {name} engine cannot differentiate this model{' ' + when if when else ''} "
@@ -413,9 +317,9 @@ class DirectionalDerivatives:
                 self._drop(failed, err)
             return result
         first = next(iter(errors.values()))
-        if not any(_is_ad_gap(e) for e in errors.values()):
+        if not any(is_ad_gap(e) for e in errors.values()):
             raise first  # the same failure in every engine: the model's or the token loss's own error
-        raise _engine_error(errors, None if self.engine == "auto" else self.engine) from first
+        raise engine_error(errors, None if self.engine == "auto" else self.engine) from first
 
     def _loss_only(self, theta: Tensor, batches) -> DerivativeResult:
         losses = []
@@ -480,7 +384,7 @@ class DirectionalDerivatives:
                 return vmap(f)(v)
             except Exception as err:  # noqa: BLE001 - the loop runs what the model runs, or raises
                 log.info("POLCA: forward mode vmapped over directions failed (%s); one direction at a time",
-                         _first_line(err))
+                         first_line(err))
                 self._vmap_directions = False
         try:
             outs = [f(row) for row in v]
