@@ -264,19 +264,55 @@ def write_results(store: Path, timings: dict | None = None) -> dict:
         alloc = ds[name].sum(("interval", "basis")).values
         out["coverage"][name] = {"allocated": float(alloc.mean()), "real": float(real.mean()),
                                  "ratio": float(alloc.sum() / real.sum())}
+    out["signal"] = carry_signal(ds)
     if "carry_homogeneity" in ds:
         table = appendix_g_table(ds)
         col = {name: i for i, name in enumerate(table.columns)}
         hidden = dict(zip(ds["trajectory_type"].values.tolist(), ds["hidden_fraction"].values.tolist()))
+        keys = [k for k in ("homogeneity", "chance", "recall", "f1", "unit", "size") if k in col]
         for row in table.rows:
             if row[col["label"]] == "carry" and row[col["value"]] == 1 and row[col["rank"]] == 0:
                 t = row[col["trajectory_type"]]
-                out["carry"][t] = {k: row[col[k]] for k in ("homogeneity", "recall", "f1", "unit", "size")}
+                out["carry"][t] = {k: row[col[k]] for k in keys} | {"share": row[col["size"]] / ds.sizes["token"]}
         for t, fraction in hidden.items():
             out["carry"].setdefault(t, {})["hidden_fraction"] = None if np.isnan(fraction) else fraction
         out["ablation"] = ablation_of_best_carry_vector(ds, out["carry"].get("polca", {}).get("unit"))
+        out["finding"] = finding(out["carry"])
     path = Path(store).parent / "results.json"
     path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+#: the bar a carry cluster must clear to count as the paper's finding: homogeneity, recall,
+#: share of all probe tokens, and margin over the exact-loss baseline's best carry cluster
+FINDING_BAR = {"homogeneity": 0.8, "recall": 0.3, "share": 0.03, "margin": 0.25}
+
+
+def finding(carry: dict) -> dict:
+    """Whether a POLCA or first-order POLCA carry cluster clears :data:`FINDING_BAR`."""
+    baseline = (carry.get("loss") or {}).get("homogeneity") or 0.0
+    met = {}
+    for t in ("polca", "polca_first"):
+        c = carry.get(t) or {}
+        met[t] = bool(c.get("homogeneity") is not None
+                      and c["homogeneity"] >= FINDING_BAR["homogeneity"] and c["recall"] >= FINDING_BAR["recall"]
+                      and c["share"] >= FINDING_BAR["share"]
+                      and c["homogeneity"] - baseline >= FINDING_BAR["margin"])
+    return {"bar": FINDING_BAR, "baseline": baseline, "met": met, "found": any(met.values())}
+
+
+def carry_signal(ds) -> dict:
+    """The signal check on the 10s/100s-place tokens, label ``carry``, for POLCA and first-order
+    POLCA: is the carry information in the trajectories at all (see ``signal_check``)?"""
+    from polca_lightning.analysis import signal_check
+
+    where = ds["place"].isin([1, 2])
+    out = {}
+    for name in ("polca", "polca_first"):
+        s = signal_check(ds, "carry", where=where, method=name)
+        out[name] = {k: float(s[k]) for k in ("majority", "accuracy_loss", "accuracy_all")}
+        out[name] |= {"accuracy": [float(v) for v in s["accuracy"].values],
+                      "auc": [float(v) for v in s["auc"].values], "tokens": int(s["n_tokens"])}
     return out
 
 
@@ -314,15 +350,38 @@ def print_results(r: dict) -> None:
         return
     print("\nbest cluster of carry tokens per trajectory type (appendix G: 10s/100s-place carry clusters,")
     print("outliers excluded), and the fraction of clusters with hidden breakthroughs; the paper's in brackets:")
-    print(f"  {'trajectory':<21} {'homogeneity':>14} {'recall':>14} {'F1':>14} {'hidden':>14} {'vector':>6} {'size':>5}")
+    print("'chance' is the homogeneity the same cluster would have if it knew the place of each digit but")
+    print("nothing of carries (the carry rate of its mix of places):")
+    print(f"  {'trajectory':<21} {'homogeneity':>14} {'chance':>6} {'recall':>14} {'F1':>14} {'hidden':>14} "
+          f"{'vector':>6} {'size':>5}")
     for t, name in TYPE_NAMES.items():
         if t not in r["carry"]:
             continue
         c, paper = r["carry"][t], PAPER[t]
         cells = [f"{_num(c.get(k))} ({v:.3f})" for k, v in zip(("homogeneity", "recall", "f1", "hidden_fraction"), paper)]
         unit = c.get("unit", -1)
-        print(f"  {name:<21} " + " ".join(f"{x:>14}" for x in cells)
+        print(f"  {name:<21} {cells[0]:>14} {_num(c.get('chance')):>6} " + " ".join(f"{x:>14}" for x in cells[1:])
               + f" {unit if unit is not None and unit >= 0 else '-':>6} {c.get('size', '-'):>5}")
+    f = r.get("finding")
+    if f:
+        bar = f["bar"]
+        verdict = ", ".join(f"{TYPE_NAMES[t]} {'yes' if v else 'no'}" for t, v in f["met"].items())
+        print(f"carry cluster with homogeneity >= {bar['homogeneity']}, recall >= {bar['recall']}, >= "
+              f"{bar['share']:.0%} of the tokens and >= {bar['margin']} above the exact loss "
+              f"({f['baseline']:.3f}): {verdict}")
+    signal = r.get("signal") or {}
+    if signal:
+        first = next(iter(signal.values()))
+        print(f"\nsignal check: is carry information in the trajectories at all? ({first['tokens']} tokens of the "
+              f"10s/100s places, majority rate {first['majority']:.3f})")
+        print("cross-validated accuracy of a linear classifier on the trajectories, and the best vector's AUC of "
+              "its final projected loss (0.5: none; shown as max(AUC, 1 - AUC)):")
+        print(f"  {'trajectory':<21} {'exact loss':>10} {'all vectors':>11} {'best vector':>13} {'best AUC':>13}")
+        for name, sc in signal.items():
+            acc, auc = np.array(sc["accuracy"]), np.array(sc["auc"])
+            sep = np.maximum(auc, 1 - auc)
+            print(f"  {TYPE_NAMES[name]:<21} {sc['accuracy_loss']:>10.3f} {sc['accuracy_all']:>11.3f} "
+                  f"{f'{acc.max():.3f} ({acc.argmax()})':>13} {f'{sep.max():.3f} ({sep.argmax()})':>13}")
     a = r.get("ablation")
     if a:
         print(f"\ncausal check: undo the final model's movement along POLCA vector {a['vector']} (its best carry "
@@ -347,12 +406,28 @@ def seeds_table(results: list[dict]) -> str:
             return "-"
         return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v[0]:.3f}"
 
-    lines = ["| trajectories clustered | carry homogeneity | recall | F1 | hidden-breakthrough fraction "
-             "| paper: homogeneity / recall / F1 / hidden |", "|---|---|---|---|---|---|"]
+    lines = ["| trajectories clustered | carry homogeneity | its chance level | recall | F1 "
+             "| hidden-breakthrough fraction | paper: homogeneity / recall / F1 / hidden |",
+             "|---|---|---|---|---|---|---|"]
     for t, name in TYPE_NAMES.items():
         paper = " / ".join(f"{v:.3f}" for v in PAPER[t])
-        lines.append(f"| {name} | " + " | ".join(cell(t, k) for k in ("homogeneity", "recall", "f1", "hidden_fraction"))
+        lines.append(f"| {name} | " + " | ".join(cell(t, k) for k in ("homogeneity", "chance", "recall", "f1",
+                                                                       "hidden_fraction"))
                      + f" | {paper} |")
+    found = [r for r in results if (r.get("finding") or {}).get("found")]
+    lines += ["", f"Runs with a POLCA or first-order POLCA carry cluster of homogeneity >= 0.8, recall >= 0.3, "
+                  f">= 3% of the tokens and >= 0.25 above the exact loss: {len(found)} of {len(results)}."]
+    signal = [r["signal"] for r in results if r.get("signal")]
+    if signal:
+        def mean(name, key):
+            v = np.array([s_[name][key] for s_ in signal])
+            return f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if v.size > 1 else "")
+        best_auc = np.array([max(max(a, 1 - a) for a in s_["polca"]["auc"]) for s_ in signal])
+        lines += ["", f"Signal check (10s/100s tokens, label carry): majority rate {mean('polca', 'majority')}; "
+                      f"linear-classifier accuracy on the exact-loss trajectories {mean('polca', 'accuracy_loss')}, "
+                      f"on all POLCA trajectories {mean('polca', 'accuracy_all')}, on all first-order POLCA "
+                      f"trajectories {mean('polca_first', 'accuracy_all')}; best single-vector AUC "
+                      f"{best_auc.mean():.3f}."]
     ablation = [r["ablation"] for r in results if r.get("ablation")]
     if ablation:
         carry = np.array([a["carry_tokens"] for a in ablation])

@@ -36,6 +36,19 @@ def test_arithmetic_tiny_mode_logs_the_report_to_an_offline_wandb_run(tmp_path, 
     hidden = ds["entry_hidden"].values[ds["entry_method"].values.astype(str) == "polca"]
     assert best["hidden_fraction"] == pytest.approx(hidden.mean())
     assert results["ablation"]["vector"] == best["unit"]
+    # every homogeneity beside its chance level: the carry rate of the cluster's mix of places
+    entry = int(ds["carry_best"].sel(trajectory_type="polca", carry_value=1, rank=0))
+    members = ds["cluster"].values[best["unit"]] == int(ds["entry_cluster"].values[entry])
+    place, label = ds["place"].values, ds["carry"].values
+    rate = {p: label[place == p].mean() for p in range(4)}
+    assert best["chance"] == pytest.approx(np.mean([rate[p] for p in place[members]]))
+    assert results["finding"]["found"] == any(results["finding"]["met"].values())
+    assert results["finding"]["baseline"] == results["carry"]["loss"]["homogeneity"]
+    mid = np.isin(place, (1, 2))
+    signal = results["signal"]["polca"]
+    assert signal["tokens"] == mid.sum() and len(signal["auc"]) == ds.sizes["basis"]
+    assert signal["majority"] == pytest.approx(max(label[mid].mean(), 1 - label[mid].mean()))
+    assert "signal check" in out and "chance" in out
     change = ds["ablation_loss_change"].values[best["unit"]]
     carry = (ds["carry"].values == 1) & np.isin(ds["place"].values, (1, 2))
     assert results["ablation"]["carry_tokens"] == pytest.approx(change[carry].mean(), rel=1e-5)
@@ -72,7 +85,7 @@ def test_arithmetic_seeds_table_is_mean_and_sample_spread():
 
     table = arithmetic.seeds_table([result(0.2, 0.1), result(0.4, 0.3), result(0.6, 0.2)])
     polca = next(line for line in table.splitlines() if line.startswith("| POLCA |"))
-    assert polca.split(" | ")[1:5] == ["0.400 ± 0.200", "0.500 ± 0.000", "-", "0.250 ± 0.000"]
+    assert polca.split(" | ")[1:6] == ["0.400 ± 0.200", "-", "0.500 ± 0.000", "-", "0.250 ± 0.000"]
     assert "0.973 / 0.736 / 0.838 / 0.355" in polca
     assert "+0.2000 (seeds: +0.1000, +0.3000, +0.2000)" in table
 
