@@ -20,6 +20,7 @@ engine ``auto`` picks for K after measuring both as the callback does.
 Usage:
     python benchmarks/engine_families.py            # K=16, about 10 minutes on 2 CPU cores
     python benchmarks/engine_families.py --quick    # smaller probe batches, K=4
+    python benchmarks/engine_families.py --no-activations --only GPT   # per-sample Jacobians instead
 """
 
 from __future__ import annotations
@@ -137,7 +138,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small probe batches and K=4 (a smoke run)")
     parser.add_argument("--only", default=None, help="families whose name contains this text")
+    parser.add_argument("--no-activations", action="store_true",
+                        help="reverse mode without the activation path: per-sample Jacobians for every model")
     args = parser.parse_args()
+    if args.no_activations:
+        import polca_lightning.engine
+
+        polca_lightning.engine.ghost_plan = lambda *a, **k: None
     k = 4 if args.quick else 16
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, K={k}")
     print()

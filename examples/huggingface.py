@@ -9,11 +9,11 @@ is: it calls the model with ``input_ids`` only and takes the per-token loss from
 and does its own next-token alignment (position p holds the loss of predicting token p),
 so Hugging Face's internal label shift never enters.
 
-Attention runs with ``attn_implementation="eager"``: forward-mode AD and double backward
-do not go through the fused SDPA kernels. GPT-2's projections are ``transformers``'
-``Conv1D`` and its output layer shares the embedding matrix, neither of which the
-activation-based reverse engine handles, so ``engine="auto"`` chooses between forward
-mode and vmapped per-sample Jacobians by their measured cost; the run prints its pick.
+Attention runs with ``attn_implementation="eager"`` (the callback would put SDPA on its
+math backend, which forward-mode AD and double backward go through, while it computes).
+GPT-2's ``Conv1D`` projections, its output layer tied to the embedding matrix and
+Llama's RMSNorm are all on the activation-based reverse path, so ``engine="auto"``
+chooses between forward mode and it by their measured cost; the run prints its pick.
 
 Needs the optional extra: ``pip install -e ".[transformers]"``.
 
