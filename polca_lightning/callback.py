@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -294,9 +295,11 @@ class POLCACallback(Callback):
         parameters'; autocast is off while it computes, so ``bf16-mixed`` training gives float32; the
         store holds float32 whatever it is), the training precision, and the parameters left out of the
         decomposition because they are frozen (``requires_grad=False``)."""
+        params = dict(pl_module.named_parameters())
+        dtype = functools.reduce(torch.promote_types, [params[n].dtype for n in space.names])  # flatten()'s
         return {
             **self.config,
-            "compute_dtype": str(space.flatten(pl_module).dtype).removeprefix("torch."),
+            "compute_dtype": str(dtype).removeprefix("torch."),
             "training_precision": str(trainer.precision),
             "frozen_parameters": [n for n, p in pl_module.named_parameters() if not p.requires_grad],
         }
