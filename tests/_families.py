@@ -60,7 +60,7 @@ class EncoderLM(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         L = input_ids.shape[1]
         x = self.emb(input_ids) + self.pos(torch.arange(L, device=input_ids.device))
-        causal = nn.Transformer.generate_square_subsequent_mask(L, device=input_ids.device, dtype=x.dtype)
+        causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).triu(1)  # True: not attended
         pad = None if attention_mask is None else attention_mask == 0
         return self.head(self.encoder(x, mask=causal, src_key_padding_mask=pad, is_causal=True))
 
@@ -79,7 +79,7 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         L = input_ids.shape[1]
         x = self.emb(input_ids) + self.pos(torch.arange(L, device=input_ids.device))
-        causal = nn.Transformer.generate_square_subsequent_mask(L, device=input_ids.device, dtype=x.dtype)
+        causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).triu(1)  # True: not attended
         pad = None if attention_mask is None else attention_mask == 0
         y = self.decoder(x, self.memory(x), tgt_mask=causal, memory_mask=causal, tgt_key_padding_mask=pad,
                          memory_key_padding_mask=pad, tgt_is_causal=True)

@@ -1,7 +1,8 @@
 """Conformance: the callback, unchanged, on the models and training set-ups people actually use.
 
 One case per family or set-up, tiny and on the CPU. Each trains a few steps with
-``POLCACallback`` and checks that
+``POLCACallback`` at its defaults (the analysis, the LCA baseline and the causal check run
+after fit) and checks that
 
 - the run finishes and the store is complete (no NaN in ``polca``, at least two basis vectors);
 - the stored per-token losses are the model's own loss, computed independently (its own
@@ -138,7 +139,7 @@ def own_classifier_loss(net, probe):
 def fit(tmp_path, module, train, probe, hessian=None, token_loss=None, trainer_kw=None, **cb_kw):
     cb = POLCACallback(
         store=tmp_path / "polca.zarr", probe_data=probe, hessian_data=hessian if hessian is not None else train[:1],
-        token_loss=token_loss, snapshot_every=2, basis_every=4, k=2, max_basis=2, analyze=False, progress=False,
+        token_loss=token_loss, snapshot_every=2, basis_every=4, k=2, max_basis=2, progress=False,
         **cb_kw,
     )
     kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
