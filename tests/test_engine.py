@@ -508,3 +508,45 @@ def test_a_token_loss_that_depends_on_the_batch_size_has_no_per_sample_jacobian(
     _, alone = own_per_token_grads(model, per_batch, batch, space.names, V)  # each sample as a batch of one
     ref = alone / 4  # ... is 4x its derivative in the batch of 4
     assert out.engine == "forward" and (out.g - ref).abs().max() <= 1e-12 * ref.abs().max()
+
+
+class _NoVmapRule(torch.autograd.Function):
+    """tanh with a backward and a jvp but no vmap rule: each engine runs it, neither under vmap."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (y,) = ctx.saved_tensors
+        return tangent * (1 - y * y)
+
+
+def test_an_op_without_a_vmap_rule_runs_one_direction_and_one_sample_at_a_time():
+    from _families import own_per_token_grads
+
+    model = _WithOp(_NoVmapRule).double()
+    space = ParameterSpace.from_module(model)
+    batch = (torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1]))
+    V = _orthonormal(3, space.dim)
+    _, ref = own_per_token_grads(model, classifier_token_loss, batch, space.names, V)
+    for engine in ("forward", "reverse"):
+        dd = DirectionalDerivatives(model, classifier_token_loss, space, engine=engine)
+        dd._ghost = None  # the per-sample Jacobians, not the activation path, in reverse mode
+        out = dd(space.flatten(model), [batch], V)
+        assert (out.g - ref).abs().max() <= 1e-12 * ref.abs().max(), engine
+    assert not dd._jacobians.vmapped
+    forward = DirectionalDerivatives(model, classifier_token_loss, space, engine="forward")
+    forward(space.flatten(model), [batch], V)
+    assert not forward._vmap_directions  # the vmap over directions failed, one at a time did not
