@@ -30,6 +30,7 @@ test: $(VENV)/.installed
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/engine_families.py
 	$(PY) benchmarks/callback.py
 	$(PY) benchmarks/analysis.py
 

@@ -1,0 +1,194 @@
+"""Where the carry signal is, per training regime: the signal check and the appendix G table over seeds.
+
+For every arithmetic store given (``examples/arithmetic.py --seeds ... --out runs/regimes/NAME``;
+the stores of one regime are the ``seed_*`` folders under one parent), prints and writes:
+
+1. **signal check** (:func:`polca_lightning.analysis.signal_check`) on the 10s/100s-place
+   tokens with label ``carry``: the majority rate, the cross-validated accuracy of a
+   linear classifier on the exact-loss trajectories, on all POLCA trajectories together,
+   the best single vector's accuracy and the best single vector's AUC of its final
+   projected loss (as ``max(auc, 1 - auc)``, so 0.5 is no signal whichever the sign);
+2. **appendix G** (the paper's protocol: the 85 % rule, outliers excluded) under several
+   clustering settings: the best carry cluster of POLCA, first-order POLCA and the exact
+   loss (homogeneity, its chance level from the cluster's place mix, recall, share of the
+   tokens), and whether the run meets the finding's bar: a POLCA or first-order POLCA
+   carry cluster with homogeneity >= 0.8, recall >= 0.3, at least 3 % of the tokens and at
+   least 0.25 above the exact-loss baseline;
+
+then the mean ± standard deviation over the seeds of each regime, as a markdown table.
+Nothing is written into the stores.
+
+Usage:
+    python examples/arithmetic.py --seeds 0 1 2 --out runs/regimes/default --no-wandb --lca-directions 0
+    python benchmarks/carry_regimes.py runs/regimes/*/seed_*/polca.zarr --out runs/regimes/table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from polca_lightning import open_store
+from polca_lightning.analysis import METHODS as SPECS
+from polca_lightning.analysis import analyze, complete_snapshots, reduce_trajectories, signal_check
+
+TRAINING = ("loss", "directional_grad", "delta", "polca", "polca_first", "eigenvalue", "basis_vectors")
+RESTRICT = {"carry": ("place", (1, 2))}
+#: clustering settings compared (analyze's keyword arguments)
+SETTINGS = {
+    "default": {},
+    "whole trajectories, no PCA": {"n_components": None, "time_points": None},
+    "paper's min_samples = tokens/15": {"min_samples": 1 / 15},
+    "min_cluster_size 1%, min_samples 5": {"min_cluster_size": 0.01, "min_samples": 5},
+}
+METHODS = ("polca", "polca_first", "loss")
+#: the bar the finding must clear (homogeneity, recall, share of tokens, margin over exact loss)
+BAR = {"homogeneity": 0.8, "recall": 0.3, "share": 0.03, "margin": 0.25}
+
+
+def signal_figures(ds) -> dict:
+    where = ds["place"].isin([1, 2])
+    out = {}
+    for method in ("polca", "polca_first"):
+        s = signal_check(ds, "carry", where=where, method=method)
+        auc = np.asarray(s["auc"].values, dtype=float)
+        out[method] = {"majority": float(s["majority"]), "accuracy_loss": float(s["accuracy_loss"]),
+                       "accuracy_all": float(s["accuracy_all"]),
+                       "accuracy_best": float(np.nanmax(s["accuracy"].values)),
+                       "auc_best": float(np.nanmax(np.maximum(auc, 1 - auc)))}
+    return out
+
+
+def neighbour_purity(ds, res, k: int = 10) -> dict:
+    """How carry-pure the neighbourhoods HDBSCAN sees are, per trajectory type.
+
+    For each clustering (vector; one for the exact loss), on the tokens it clustered, in
+    the space it clustered in (64 time blocks, 10 principal components): the mean fraction
+    of carry tokens among the ``k`` nearest neighbours of the 10s/100s carry tokens, beside
+    the carry rate of those tokens (what random neighbours give). A density cluster of
+    homogeneity h needs neighbourhoods about that pure; the best vector is reported.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    carry = ds["carry"].values == 1
+    target = carry & ds["place"].isin([1, 2]).values
+    out = {}
+    for m in METHODS:
+        spec = SPECS[m]
+        p = spec.prefix
+        labels = np.atleast_2d(res[p + "cluster"].values)  # [unit, token]
+        best = (np.nan, np.nan, -1)
+        for u in range(labels.shape[0]):
+            tok = labels[u] != -2  # clustered (outlier or cluster)
+            if (target & tok).sum() < k or tok.sum() <= k:
+                continue
+            traj = spec.trajectory(ds, u, complete_snapshots(ds))
+            x = reduce_trajectories(np.asarray(traj)[:, tok].T)
+            _, idx = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x[target[tok]])
+            purity = carry[tok][idx[:, 1:]].mean()
+            if not purity <= best[0]:
+                best = (float(purity), float(carry[tok].mean()), u)
+        out[m] = {"purity": best[0], "rate": best[1], "unit": best[2]}
+    return out
+
+
+def best_carry(res, method: str) -> dict:
+    """The best eligible carry cluster of ``method`` (rank 0 of ``carry_best``), or empty."""
+    e = int(res["carry_best"].sel(trajectory_type=method, carry_value=1, rank=0))
+    if e < 0:
+        return {}
+    n_tokens = res.sizes["token"]
+    out = {"homogeneity": float(res["carry_homogeneity"].sel(carry_value=1)[e]),
+           "recall": float(res["carry_recall"].sel(carry_value=1)[e]),
+           "share": float(res["entry_size"][e]) / n_tokens, "unit": int(res["entry_unit"][e]),
+           "size": int(res["entry_size"][e])}
+    if "carry_chance" in res:
+        out["chance"] = float(res["carry_chance"].sel(carry_value=1)[e])
+    return out
+
+
+def meets_bar(c: dict, baseline: float) -> bool:
+    return bool(c) and (c["homogeneity"] >= BAR["homogeneity"] and c["recall"] >= BAR["recall"]
+                        and c["share"] >= BAR["share"] and c["homogeneity"] - baseline >= BAR["margin"])
+
+
+def store_figures(path: str) -> dict:
+    store = open_store(path)
+    ds = store[[v for v in TRAINING if v in store]]
+    ds.attrs.update(store.attrs)
+    out = {"store": path, "signal": signal_figures(ds), "clusters": {}}
+    for name, kwargs in SETTINGS.items():
+        start = time.perf_counter()
+        res = analyze(ds, methods=list(METHODS), labels=["carry", "place"], restrict=RESTRICT,
+                      entropy_scores=False, **kwargs)
+        best = {m: best_carry(res, m) for m in METHODS}
+        baseline = best["loss"].get("homogeneity", 0.0)
+        best["found"] = any(meets_bar(best[m], baseline) for m in ("polca", "polca_first"))
+        best["seconds"] = time.perf_counter() - start
+        out["clusters"][name] = best
+        if name == "default":
+            out["purity"] = neighbour_purity(ds, res)
+    return out
+
+
+def _cell(values) -> str:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return "-"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if v.size > 1 else f"{v[0]:.2f}"
+
+
+def tables(figures: list[dict]) -> str:
+    by_regime = defaultdict(list)
+    for f in figures:
+        by_regime[Path(f["store"]).parent.parent.name].append(f)
+    lines = ["Signal check (10s/100s tokens, label carry; mean ± sd over seeds):", "",
+             "| regime | seeds | majority | exact-loss accuracy | POLCA all-vector accuracy | best vector accuracy "
+             "| best vector AUC | first-order all-vector accuracy |", "|---|---|---|---|---|---|---|---|"]
+    for regime, fs in by_regime.items():
+        s = [f["signal"]["polca"] for f in fs]
+        s1 = [f["signal"]["polca_first"] for f in fs]
+        lines.append(f"| {regime} | {len(fs)} | {_cell(x['majority'] for x in s)} | "
+                     f"{_cell(x['accuracy_loss'] for x in s)} | {_cell(x['accuracy_all'] for x in s)} | "
+                     f"{_cell(x['accuracy_best'] for x in s)} | {_cell(x['auc_best'] for x in s)} | "
+                     f"{_cell(x['accuracy_all'] for x in s1)} |")
+    lines += ["", "Best carry cluster (appendix G, 85 % rule; homogeneity / its chance level / recall / share "
+                  "of tokens; mean ± sd over seeds) and the runs meeting the bar:", "",
+              "| regime | clustering | exact loss | first-order POLCA | POLCA | runs meeting the bar |",
+              "|---|---|---|---|---|---|"]
+    for regime, fs in by_regime.items():
+        for name in SETTINGS:
+            cells = []
+            for m in ("loss", "polca_first", "polca"):
+                cs = [f["clusters"][name][m] for f in fs]
+                cells.append(" / ".join(_cell(c.get(k) for c in cs) for k in ("homogeneity", "chance", "recall", "share")))
+            found = sum(f["clusters"][name]["found"] for f in fs)
+            lines.append(f"| {regime} | {name} | " + " | ".join(cells) + f" | {found} of {len(fs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stores", nargs="+")
+    p.add_argument("--out", help="write the tables (markdown) here and the figures beside it as JSON")
+    args = p.parse_args(argv)
+    figures = []
+    for path in args.stores:
+        figures.append(store_figures(path))
+        print(json.dumps(figures[-1], indent=1))
+    text = tables(figures)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
