@@ -138,11 +138,15 @@ def store_figures(path: str) -> dict:
 
 
 def _cell(values) -> str:
-    v = np.array([x for x in values if x is not None], dtype=float)
+    """Mean ± sample sd of the finite values; ``(n of N)`` when some seeds have none (no
+    eligible cluster), ``-`` when none has one."""
+    values = list(values)
+    v = np.array([np.nan if x is None else x for x in values], dtype=float)
     v = v[np.isfinite(v)]
     if not v.size:
         return "-"
-    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if v.size > 1 else f"{v[0]:.2f}"
+    text = f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if v.size > 1 else f"{v[0]:.2f}"
+    return text + (f" ({v.size} of {len(values)})" if v.size < len(values) else "")
 
 
 def tables(figures: list[dict]) -> str:
@@ -171,23 +175,36 @@ def tables(figures: list[dict]) -> str:
                 cells.append(" / ".join(_cell(c.get(k) for c in cs) for k in ("homogeneity", "chance", "recall", "share")))
             found = sum(f["clusters"][name]["found"] for f in fs)
             lines.append(f"| {regime} | {name} | " + " | ".join(cells) + f" | {found} of {len(fs)} |")
+    lines += ["", "Neighbourhoods HDBSCAN clusters in (default reduction): the share of carries among the 10 nearest "
+                  "neighbours of the 10s/100s carry tokens, on the best vector, beside the carry rate of the tokens "
+                  "clustered (mean ± sd over seeds):", "",
+              "| regime | exact loss | first-order POLCA | POLCA |", "|---|---|---|---|"]
+    for regime, fs in by_regime.items():
+        cells = [" / ".join(_cell(f["purity"][m][k] for f in fs) for k in ("purity", "rate"))
+                 for m in ("loss", "polca_first", "polca")]
+        lines.append(f"| {regime} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stores", nargs="+")
-    p.add_argument("--out", help="write the tables (markdown) here and the figures beside it as JSON")
+    p.add_argument("--out", help="write the tables (markdown) here and the figures beside it as JSON "
+                                 "(stores already in that JSON are not measured again)")
     args = p.parse_args(argv)
+    done = {}
+    if args.out and Path(args.out).with_suffix(".json").exists():
+        done = {f["store"]: f for f in json.loads(Path(args.out).with_suffix(".json").read_text())}
     figures = []
     for path in args.stores:
-        figures.append(store_figures(path))
+        figures.append(done.get(path) or store_figures(path))
         print(json.dumps(figures[-1], indent=1))
+        if args.out:  # after every store: a long run keeps what it measured
+            Path(args.out).with_suffix(".json").write_text(json.dumps(list({**done, **{f["store"]: f for f in figures}}.values()), indent=1))
     text = tables(figures)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
