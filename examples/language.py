@@ -340,7 +340,8 @@ def summarize(store: Path, callback: POLCACallback, tokenizer: WordTokenizer, pr
 
     kept = kept_units(ds)
     tau = ds["cluster"].attrs.get("analysis_tau", float("nan"))
-    print(f"kept vectors: {kept} of {ds.sizes['basis']}; the mean loss is flat after step {tau:g} (tau); "
+    rule = ds["cluster"].attrs.get("analysis_tau_rule", "")
+    print(f"kept vectors: {kept} of {ds.sizes['basis']}; tau = step {tau:g} ({rule}); "
           "per cluster: size, onset (*: a hidden breakthrough, its tokens' mean onset is after tau), the most "
           "common targets with their share of the cluster (and of all probe tokens)")
     targets = cluster_targets_table(ds, top=top, decode_target=tokenizer.word)
