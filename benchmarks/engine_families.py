@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,6 +39,9 @@ from polca_lightning.engine import DirectionalDerivatives  # noqa: E402
 from polca_lightning.functional import ParameterSpace, evaluation_mode  # noqa: E402
 from polca_lightning.losses import causal_lm_token_loss, classifier_token_loss, masked_lm_token_loss  # noqa: E402
 from polca_lightning.toy import TinyTransformer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import timed  # noqa: E402  (benchmarks/engine.py: best of `repeat` wall times)
 
 VOCAB, D = 64, 64
 
@@ -93,15 +95,6 @@ def batch_for(kind: str, shape: str, n: int, seed: int = 0):
     return {"input_ids": ids}
 
 
-def best_of(fn, repeat: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def reverse_path(dd: DirectionalDerivatives) -> str:
     if dd._ghost is not None:
         return "activations"
@@ -120,12 +113,12 @@ def measure(name: str, shape: str, n: int, k: int) -> dict:
     engines = {e: DirectionalDerivatives(model, token_loss, space, engine=e) for e in ("forward", "reverse", "auto")}
     with evaluation_mode(model), torch.no_grad():
         loss, mask, _ = engines["forward"].fn(theta, batch)
-        plain = best_of(lambda: engines["forward"].fn(theta, batch), repeat=3)
+        plain = timed(lambda: engines["forward"].fn(theta, batch), repeat=3)
     positions = float(mask.sum(1).float().mean())
     row = {"family": name, "shape": shape, "params": space.dim, "positions": positions}
     for e in ("forward", "reverse"):
         engines[e](theta, [batch], V)  # warm-up: one-time checks and fallbacks
-        row[e] = best_of(lambda e=e: engines[e](theta, [batch], V)) / plain
+        row[e] = timed(lambda e=e: engines[e](theta, [batch], V), repeat=2) / plain
     row["forward_per_direction"] = row["forward"] / k
     row["reverse_per_position"] = row["reverse"] / positions
     row["reverse_path"] = reverse_path(engines["reverse"])
