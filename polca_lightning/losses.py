@@ -66,6 +66,18 @@ def _logits_of(output: Any) -> Tensor:
     return logits
 
 
+def _sequence_logits(module: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, who: str) -> Tensor:
+    """``module(input_ids[, attention_mask=...])``'s logits, checked to be ``[batch, length, vocab]``."""
+    output = module(input_ids) if attention_mask is None else module(input_ids, attention_mask=attention_mask)
+    logits = _logits_of(output)
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"{who}: expected logits of shape [batch, length, vocab] = [{input_ids.shape[0]}, "
+            f"{input_ids.shape[1]}, V], got {list(logits.shape)}"
+        )
+    return logits
+
+
 def causal_lm_token_loss(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token next-token cross-entropy of a causal language model.
 
@@ -102,16 +114,7 @@ def causal_lm_token_loss(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor,
             "causal_lm_token_loss: expected a batch that is a tensor of input_ids, an (input_ids, labels) "
             f"pair or a mapping with 'input_ids', got {type(batch).__name__}"
         )
-    if attention_mask is None:
-        output = module(input_ids)
-    else:
-        output = module(input_ids, attention_mask=attention_mask)
-    logits = _logits_of(output)  # [B, L, V]
-    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
-        raise ValueError(
-            f"causal_lm_token_loss: expected logits of shape [batch, length, vocab] = [{input_ids.shape[0]}, "
-            f"{input_ids.shape[1]}, V], got {list(logits.shape)}"
-        )
+    logits = _sequence_logits(module, input_ids, attention_mask, "causal_lm_token_loss")  # [B, L, V]
     target = labels[:, 1:]  # [B, L-1]: token p+1 is predicted at logit p
     valid = target != IGNORE_INDEX
     if attention_mask is not None:
@@ -162,13 +165,7 @@ def masked_lm_token_loss(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor,
             "masked_lm_token_loss: expected an (input_ids, labels) pair or a mapping with 'input_ids' and "
             f"'labels', got {type(batch).__name__}"
         )
-    output = module(input_ids) if attention_mask is None else module(input_ids, attention_mask=attention_mask)
-    logits = _logits_of(output)  # [B, L, V]
-    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
-        raise ValueError(
-            f"masked_lm_token_loss: expected logits of shape [batch, length, vocab] = [{input_ids.shape[0]}, "
-            f"{input_ids.shape[1]}, V], got {list(logits.shape)}"
-        )
+    logits = _sequence_logits(module, input_ids, attention_mask, "masked_lm_token_loss")  # [B, L, V]
     valid = labels != IGNORE_INDEX
     if attention_mask is not None:
         valid = valid & attention_mask.bool()

@@ -47,6 +47,16 @@ def rnn_token_loss(module, batch):
     return loss, mask, F.pad(ids[:, 1:], (1, 0), value=-1)
 
 
+def _embedded_with_masks(model, input_ids, attention_mask):
+    """Token plus position embeddings ``[B, L, d]``, the causal mask ``[L, L]`` (True: not
+    attended) and the key padding mask ``[B, L]`` (True: padding; None without a mask)."""
+    L = input_ids.shape[1]
+    x = model.emb(input_ids) + model.pos(torch.arange(L, device=input_ids.device))
+    causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).triu(1)
+    pad = None if attention_mask is None else attention_mask == 0
+    return x, causal, pad
+
+
 class EncoderLM(nn.Module):
     """``nn.TransformerEncoder`` with a causal mask and ``src_key_padding_mask``, padded batches."""
 
@@ -58,10 +68,7 @@ class EncoderLM(nn.Module):
         self.head = nn.Linear(d, vocab)
 
     def forward(self, input_ids, attention_mask=None):
-        L = input_ids.shape[1]
-        x = self.emb(input_ids) + self.pos(torch.arange(L, device=input_ids.device))
-        causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).triu(1)  # True: not attended
-        pad = None if attention_mask is None else attention_mask == 0
+        x, causal, pad = _embedded_with_masks(self, input_ids, attention_mask)
         return self.head(self.encoder(x, mask=causal, src_key_padding_mask=pad, is_causal=True))
 
 
@@ -77,10 +84,7 @@ class DecoderLM(nn.Module):
         self.head = nn.Linear(d, vocab)
 
     def forward(self, input_ids, attention_mask=None):
-        L = input_ids.shape[1]
-        x = self.emb(input_ids) + self.pos(torch.arange(L, device=input_ids.device))
-        causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).triu(1)  # True: not attended
-        pad = None if attention_mask is None else attention_mask == 0
+        x, causal, pad = _embedded_with_masks(self, input_ids, attention_mask)
         y = self.decoder(x, self.memory(x), tgt_mask=causal, memory_mask=causal, tgt_key_padding_mask=pad,
                          memory_key_padding_mask=pad, tgt_is_causal=True)
         return self.head(y)
