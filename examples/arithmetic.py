@@ -49,10 +49,17 @@ def batches(data: dict, size: int, keys=("input_ids", "labels", "place", "carry"
 
 
 def decode(data: dict, sequence: int, position: int) -> str:
-    """The problem of a probe token, its digit in brackets: ``123+456=0[5]79``."""
+    """The problem of a probe token, its digit in brackets: ``123+456=0[5]79`` (the digits-only
+    format shows the same, its ``+`` and ``=`` drawn where the numbers meet)."""
     chars = "0123456789+="
     ids = data["input_ids"][sequence].tolist()
-    return "".join(f"[{chars[t]}]" if i == position else chars[t] for i, t in enumerate(ids))
+    symbols = len(ids) == 12
+    out = []
+    for i, t in enumerate(ids):
+        if not symbols and i in (3, 6):
+            out.append("+" if i == 3 else "=")
+        out.append(f"[{chars[t]}]" if i == position else chars[t])
+    return "".join(out)
 
 
 def token_labels(batch: dict) -> dict:
@@ -106,6 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", metavar="S",
                    help="run these seeds (into OUT/seed_S; complete runs are reused unless --overwrite) "
                         "and print the table of their mean and spread")
+    p.add_argument("--format", default=None, choices=["symbols", "digits"],
+                   help="symbols (default): 'aaa+bbb=ssss' over 12 token ids, context 12; digits (--paper's "
+                        "default): 'aaabbbssss' over the 10 digits with a context of 14, the sizes the "
+                        "paper's parameter count implies")
     p.add_argument("--order", default="trapezoid", choices=["first", "second", "trapezoid", "exact"])
     p.add_argument("--engine", default="auto", choices=["auto", "forward", "reverse"])
     p.add_argument("--basis", default="hessian", choices=["hessian", "random"],
@@ -122,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help=f"(default {value:g}; --tiny: {PRESETS['tiny'][name]:g}; --paper: {PRESETS['paper'][name]:g})")
     args = p.parse_args(argv)
     preset = PRESETS["tiny" if args.tiny else "paper" if args.paper else "default"]
+    if args.format is None:
+        args.format = "digits" if args.paper else "symbols"
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -148,9 +161,10 @@ def analysis_settings(args) -> dict:
 
 def splits(args) -> tuple[dict, dict, dict]:
     """Training problems (fresh ones every step), held-out probe problems, a Hessian sample."""
-    return (addition_data(args.steps * args.batch, seed=args.seed),
-            addition_data(args.probe, seed=10_000 + args.seed),
-            addition_data(args.hessian, seed=20_000 + args.seed))
+    symbols = args.format == "symbols"
+    return (addition_data(args.steps * args.batch, seed=args.seed, symbols=symbols),
+            addition_data(args.probe, seed=10_000 + args.seed, symbols=symbols),
+            addition_data(args.hessian, seed=20_000 + args.seed, symbols=symbols))
 
 
 def addition_callback(store: Path, probe: dict, hessian: dict, args, **kwargs) -> POLCACallback:
@@ -202,7 +216,8 @@ def run(args, out: Path) -> dict:
 
         logger = WandbLogger(project=args.wandb_project, save_dir=str(out), offline=not args.online,
                              config={**vars(args), "seed": args.seed})
-    model = TinyCausalLM(ADDITION_VOCAB, 12, args.d_model, args.n_layers, args.n_heads,
+    vocab, context = (ADDITION_VOCAB, 12) if args.format == "symbols" else (10, 14)
+    model = TinyCausalLM(vocab, context, args.d_model, args.n_layers, args.n_heads,
                          d_mlp=2048 if args.paper else None, lr=args.lr, warmup=args.warmup,
                          betas=(0.9, args.beta2))
     trainer = L.Trainer(

@@ -26,19 +26,29 @@ ADDITION_VOCAB = 12
 PLACE_NAMES = ("1000s", "100s", "10s", "1s")
 
 
-def addition_data(n: int, seed: int = 0) -> dict[str, Tensor]:
+def addition_data(n: int, seed: int = 0, *, symbols: bool = True) -> dict[str, Tensor]:
     """``n`` random 3-digit additions.
 
+    Args:
+        n: problems.
+        seed: their random operands (the same problems for either ``symbols``).
+        symbols: ``a a a + b b b = s s s s`` (12 tokens over a vocabulary of 12, ``PLUS``
+            and ``EQUALS`` included); ``False``: the digits only, ``a a a b b b s s s s``
+            (10 tokens over a vocabulary of 10; the fixed positions say where each number is).
+
     Returns:
-        ``input_ids`` ``[n, 12]``; ``labels`` ``[n, 12]`` (-100 except the 4 sum digits);
-        ``place`` and ``carry`` ``[n, 12]`` (-1 except the sum digits): ``place`` 0..3 for
-        the 1000s, 100s, 10s, 1s digit; ``carry`` 1 where the digit receives a carry from
-        the place below (the 1000s digit is 1 exactly when the 100s column carries).
+        ``input_ids`` ``[n, L]`` (``L`` = 12, or 10 without symbols); ``labels`` ``[n, L]``
+        (-100 except the 4 sum digits); ``place`` and ``carry`` ``[n, L]`` (-1 except the sum
+        digits): ``place`` 0..3 for the 1000s, 100s, 10s, 1s digit; ``carry`` 1 where the
+        digit receives a carry from the place below (the 1000s digit is 1 exactly when the
+        100s column carries).
 
     Example:
         >>> data = addition_data(2, seed=0)
         >>> data["input_ids"].shape, (data["labels"] != -100).sum(1).tolist()
         (torch.Size([2, 12]), [4, 4])
+        >>> addition_data(2, seed=0, symbols=False)["input_ids"].shape
+        torch.Size([2, 10])
     """
     gen = torch.Generator().manual_seed(seed)
     a = torch.randint(0, 1000, (n,), generator=gen)
@@ -50,17 +60,19 @@ def addition_data(n: int, seed: int = 0) -> dict[str, Tensor]:
         return (x[:, None] // powers) % 10
 
     da, db, ds = digits(a, 3), digits(b, 3), digits(s, 4)
-    ids = torch.cat(
-        [da, torch.full((n, 1), PLUS), db, torch.full((n, 1), EQUALS), ds], dim=1
-    )  # [n, 12]
+    if symbols:
+        ids = torch.cat([da, torch.full((n, 1), PLUS), db, torch.full((n, 1), EQUALS), ds], dim=1)  # [n, 12]
+    else:
+        ids = torch.cat([da, db, ds], dim=1)  # [n, 10]
+    first = ids.shape[1] - 4  # the sum's first digit
     labels = torch.full_like(ids, -100)
-    labels[:, 8:] = ds
+    labels[:, first:] = ds
     place = torch.full_like(ids, -1)
-    place[:, 8:] = torch.arange(4)
+    place[:, first:] = torch.arange(4)
     # carry into column j (1s=0, 10s=1, 100s=2, 1000s=3): (a mod 10^j + b mod 10^j) >= 10^j
     carry_in = torch.stack([((a % 10**j) + (b % 10**j)) >= 10**j for j in (3, 2, 1, 0)], dim=1)  # [n, 4]
     carry = torch.full_like(ids, -1)
-    carry[:, 8:] = carry_in.long()
+    carry[:, first:] = carry_in.long()
     return {"input_ids": ids, "labels": labels, "place": place, "carry": carry}
 
 
