@@ -90,6 +90,33 @@ def test_arithmetic_seeds_table_is_mean_and_sample_spread():
     assert "+0.2000 (seeds: +0.1000, +0.3000, +0.2000)" in table
 
 
+
+@pytest.mark.parametrize("symbols", [True, False])
+def test_addition_data_digits_places_and_carries_are_the_schoolbook_sum(symbols):
+    import torch
+
+    from polca_lightning.toy import addition_data
+
+    data = addition_data(50, seed=7, symbols=symbols)
+    ids = data["input_ids"].tolist()
+    first = 8 if symbols else 6
+    assert data["input_ids"].shape == (50, first + 4) and data["input_ids"].max() < (12 if symbols else 10)
+    for i, row in enumerate(ids):
+        a = int("".join(map(str, row[0:3])))
+        b = int("".join(map(str, row[4:7] if symbols else row[3:6])))
+        assert int("".join(map(str, row[first:]))) == a + b
+        if symbols:
+            assert (row[3], row[7]) == (10, 11)
+        carries, c = [], 0
+        for da, db in zip(reversed(f"{a:03d}"), reversed(f"{b:03d}")):  # 1s column first
+            carries.append(c)
+            c = (int(da) + int(db) + c) >= 10
+        carries.append(int(c))  # into the 1000s digit
+        assert data["carry"][i, first:].tolist() == [int(x) for x in reversed(carries)]
+        assert data["place"][i, first:].tolist() == [0, 1, 2, 3]
+        assert data["labels"][i, first:].tolist() == row[first:] and set(data["labels"][i, :first].tolist()) == {-100}
+    other = addition_data(50, seed=7, symbols=not symbols)
+    assert torch.equal(other["carry"][:, -4:], data["carry"][:, -4:])  # the same problems either way
 def test_huggingface_tiny_mode_runs_a_transformers_model_through_the_callback(tmp_path, capsys):
     pytest.importorskip("transformers")
     import huggingface
