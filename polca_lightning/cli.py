@@ -2,7 +2,7 @@
 
 Usage::
 
-    polca info STORE
+    polca info STORE [--storage-option KEY=VALUE ...]
     polca analyze STORE [--min-cluster-size F] [--min-samples F] [--tau STEP|plateau]
                         [--delta STEPS|wide] [--restrict LABEL:COORD=V,V ...]
                         [--restrict-fraction F] [--group-by COORD] [--methods M ...]
@@ -20,6 +20,14 @@ Usage::
 already in the store (it runs the analysis with default settings first if there are none).
 ``ablate`` prints the causal check written after fit (``POLCACallback(ablate=True)``): each
 cluster's loss change when the final model's movement along its vector is undone.
+STORE is a directory or a URL that fsspec opens (``s3://bucket/run.zarr``, ``gs://...``):
+``--storage-option KEY=VALUE`` (repeatable, every command) passes options to its
+filesystem as ``xarray.open_zarr(storage_options=...)`` does, e.g. ``--storage-option
+endpoint_url=http://localhost:9000``; a dotted key nests (``client_kwargs.region_name=eu-west-1``)
+and a value that reads as JSON (``true``, ``3``) is taken as that. Without them the
+filesystem reads its environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_ENDPOINT_URL``, ...). The default report folder of a URL store is
+``./<name>.report`` in the working directory.
 ``signal`` is the signal check of a binary token label (``polca_lightning.analysis.signal_check``):
 per vector, the AUC of its final projected loss and the cross-validated accuracy of a linear
 classifier on its trajectory, beside all vectors together, the exact loss and the majority rate.
@@ -32,6 +40,7 @@ analysis that cannot run; all with a one-line message on stderr, no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -43,6 +52,16 @@ __all__ = ["main", "build_parser"]
 PROG = "polca"
 
 
+def _version() -> str:
+    """The installed package's version (without importing torch, as the package would)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("polca_lightning")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "unknown (not installed)"
+
+
 class CLIError(Exception):
     """An error to report on one line with exit code 2."""
 
@@ -50,16 +69,17 @@ class CLIError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Inspect, analyse and report POLCA stores written by POLCACallback.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="what a store holds: steps, basis, tokens, labels, analysis",
                        description="Print what a POLCA store holds. Works on stores still being written.")
-    p.add_argument("store", help="path of the store (a Zarr directory)")
+    _store_argument(p, "path of the store (a Zarr directory)")
 
     p = sub.add_parser("analyze", help="re-run the analysis with other settings and report it",
                        description="Run the analysis (filter, HDBSCAN, onsets, scores) on a store, write the "
                                    "results into it and report them (W&B run and/or PNG folder).")
-    p.add_argument("store", help="path of the store")
+    _store_argument(p, "path of the store")
     g = p.add_argument_group("analysis settings (see polca_lightning.analysis.analyze)")
     g.add_argument("--methods", nargs="+", metavar="M",
                    help="trajectory types: polca polca_first lca fisher loss loss_change (default: all available)")
@@ -93,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="draw the report folder (PNG figures, CSV tables) of a store",
                        description="Write the PNG/CSV report of the analysis held in a store (analysing it "
                                    "with default settings first if it holds none).")
-    p.add_argument("store", help="path of the store")
+    _store_argument(p, "path of the store")
     p.add_argument("--out", metavar="DIR", help="report folder (default: STORE.report beside the store)")
     _common(p)
 
@@ -103,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(theta_end - <theta_end - theta_0, b> b), beside the loss change POLCA "
                                    "allocated to the vector. The store needs the ablation "
                                    "(POLCACallback(ablate=True), the default) and an analysis.")
-    p.add_argument("store", help="path of the store")
+    _store_argument(p, "path of the store")
     p.add_argument("--vectors", nargs="+", type=int, metavar="N", help="basis vectors (default: the kept ones)")
     p.add_argument("--method", default="polca", choices=["polca", "polca_first"],
                    help="whose clusters and allocation (default polca)")
@@ -116,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "accuracy of a linear classifier on its whole projected-loss trajectory; "
                                    "beside them all vectors together, the exact loss and the majority rate. "
                                    "Tokens with a negative label are left out. Uses the store's complete part.")
-    p.add_argument("store", help="path of the store")
+    _store_argument(p, "path of the store")
     p.add_argument("--label", required=True, metavar="L", help="binary token label (a coordinate), e.g. carry")
     p.add_argument("--where", type=_where, action="append", metavar="COORD=V,V",
                    help="use only tokens whose coordinate takes one of these values, e.g. place=1,2; "
@@ -173,6 +193,40 @@ def _restriction(text: str) -> tuple[str, tuple[str, tuple[int, ...]]]:
     return label, (coord, parsed)
 
 
+def _storage_option(text: str) -> tuple[list[str], object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. endpoint_url=http://localhost:9000), got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def storage_options_from(pairs: list[tuple[list[str], object]] | None) -> dict | None:
+    """``--storage-option`` pairs as a (nested) dict: ``client_kwargs.endpoint_url=URL`` ->
+    ``{"client_kwargs": {"endpoint_url": URL}}``; None without any."""
+    if not pairs:
+        return None
+    options: dict = {}
+    for keys, value in pairs:
+        node = options
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise CLIError(f"--storage-option: {'.'.join(keys)} nests under a key that has a value")
+        node[keys[-1]] = value
+    return options
+
+
+def _store_argument(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("store", help=help + " (or a URL: s3://bucket/run.zarr, gs://..., memory://...)")
+    p.add_argument("--storage-option", dest="storage_options", type=_storage_option, action="append",
+                   metavar="KEY=VALUE", help="an option of the URL's filesystem (repeatable), e.g. "
+                                             "endpoint_url=http://localhost:9000, key=..., anon=true")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="work on a store that is still being written (or left by a crash): its complete part")
@@ -180,21 +234,29 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
+def _resolve(store: str, storage_options: dict | None):
+    """STORE as a StoreLocation (a local path, or a URL with its storage options)."""
+    from polca_lightning._store_location import resolve_store
+
+    try:
+        return resolve_store(store, storage_options, argument="STORE")
+    except (TypeError, ValueError, ImportError) as error:
+        raise CLIError(str(error)) from None
+
+
 def _open(path: str):
     from polca_lightning.report.pipeline import open_analysed_store
     from polca_lightning.store import StoreError
 
     try:
         return open_analysed_store(path)
-    except FileNotFoundError as error:
-        raise CLIError(str(error)) from None
-    except StoreError as error:
+    except (OSError, StoreError) as error:  # FileNotFoundError, PermissionError (a URL's credentials)
         raise CLIError(str(error)) from None
 
 
 def _require_complete(ds, path: str, force: bool) -> None:
     if not ds.attrs.get("complete", False) and not force:
-        raise CLIError(f"the store {path!r} is not complete (still being written, or its run stopped early) "
+        raise CLIError(f"the store {str(path)!r} is not complete (still being written, or its run stopped early) "
                        f"with {ds.sizes.get('snapshot', 0)} committed snapshots; pass --force to use that part")
 
 
@@ -313,11 +375,13 @@ def _log_wandb(args, ds) -> None:
 
     from polca_lightning.report.wandb_report import log_report
 
-    save_dir = args.wandb_dir or str(Path(args.store).resolve().parent)
+    location = args.store
+    store = str(location) if location.remote else str(location.target.resolve())
+    save_dir = args.wandb_dir or ("." if location.remote else str(location.target.resolve().parent))
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(project=args.wandb_project, offline=not args.online, save_dir=save_dir,
-                         name=f"polca analyze {Path(args.store).name}", job_type="polca-analysis",
-                         config={"store": str(Path(args.store).resolve()), **_analysis_kwargs(args)})
+                         name=f"polca analyze {location.name}", job_type="polca-analysis",
+                         config={"store": store, **_analysis_kwargs(args)})
     try:
         keys = log_report(logger, ds, progress=not args.quiet)
         run_dir = logger.experiment.dir
@@ -353,7 +417,7 @@ def _fmt(value, signed: bool = True) -> str:
 
 
 def cmd_ablate(args) -> int:
-    from polca_lightning.ablation import ablation_summary, ablation_table
+    from polca_lightning.analysis.ablation import ablation_summary, ablation_table
 
     ds = _open(args.store)
     try:
@@ -433,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
+        args.store = _resolve(args.store, storage_options_from(args.storage_options))
         return COMMANDS[args.command](args)
     except CLIError as error:
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)

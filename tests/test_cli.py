@@ -194,3 +194,14 @@ def test_signal_prints_each_vectors_auc_and_accuracy_and_writes_csv(tmp_path, ca
     assert code == 2 and "expected COORD=V,V" in err
     code, _, err = run(capsys, "signal", tmp_path / "nothing.zarr", "--label", "carry")
     assert code == 2 and err.startswith("polca signal: error:")
+
+
+def test_version_is_the_installed_package_version(capsys):
+    import tomllib
+
+    import polca_lightning
+
+    assert main(["--version"]) == 0
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert capsys.readouterr().out.strip() == f"polca {polca_lightning.__version__}"
+    assert polca_lightning.__version__ == pyproject["project"]["version"]
