@@ -77,10 +77,13 @@ class PerSampleJacobians:
 
     Args:
         fn: the :class:`~polca_lightning.functional.FunctionalTokenLoss`.
+        rtol: relative tolerance of the checks (a sample alone against the batch, vmapped against
+            looped); ``atol`` is a tenth of it, relative to the largest value.
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn, rtol: float = 1e-4):
         self.fn = fn
+        self.rtol = rtol
         self.vmapped = True  # False once the vmapped way failed or disagreed
         self.checked = False  # the vmapped way was compared with the looped one
         self.batched_backward = True  # looped: every position of a sample in one vmapped backward pass
@@ -110,7 +113,7 @@ class PerSampleJacobians:
                 first = int(mask.any(1).nonzero()[0, 0])  # a sample with tokens
                 ref = self._looped(theta, batch, loss, mask, directions, curvature, samples=[first],
                                    memory_cap=memory_cap)
-                if all(agree(o[:, first][:, mask[first]], r[:, first][:, mask[first]])
+                if all(agree(o[:, first][:, mask[first]], r[:, first][:, mask[first]], self.rtol, self.rtol / 10)
                        for o, r in zip(out, ref) if o is not None):
                     return out
                 log.info("POLCA: vmapped per-sample Jacobians disagree with a real batch of one; "
@@ -118,10 +121,9 @@ class PerSampleJacobians:
                 self.vmapped = False
         return self._looped(theta, batch, loss, mask, directions, curvature, memory_cap=memory_cap)
 
-    @staticmethod
-    def _check_alone(alone: Tensor, loss: Tensor, mask: Tensor) -> None:
+    def _check_alone(self, alone: Tensor, loss: Tensor, mask: Tensor) -> None:
         """Raise :class:`BatchDependent` where a sample's losses alone (``[B, P]``) are not its batch losses."""
-        if not agree(alone[mask], loss[mask], rtol=1e-4):
+        if not agree(alone[mask], loss[mask], rtol=self.rtol):
             raise BatchDependent(
                 "token_loss: a sample's per-token loss alone (a batch of one) differs from its loss in the batch, "
                 "so it has no per-sample gradient; make the per-token loss independent of the rest of the batch "
@@ -169,10 +171,10 @@ class PerSampleJacobians:
             part = [leaves[i][start : start + chunk] for i in batched]
             if curvature:
                 gp, cp, value = vmap(project_curvature, out_dims=(1, 1, 0))(*part)  # [K, bc, p], [K, bc, p], [bc, p]
-                c[:, start : start + chunk, cols] = cp
+                c[:, start : start + chunk, cols] = cp.to(c.dtype)  # bfloat16 under autocast
             else:
                 gp, value = vmap(project, out_dims=(1, 0))(*part)  # [K, bc, p], [bc, p]
-            g[:, start : start + chunk, cols] = gp
+            g[:, start : start + chunk, cols] = gp.to(g.dtype)
             alone[start : start + chunk, cols] = value.to(alone.dtype)
         self._check_alone(alone, loss, mask)
         return g, c

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
 from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning._precision import check_compute_precision
 from polca_lightning.losses import resolve_token_loss
 from polca_lightning.polca import ORDERS, needs_curvature
 from polca_lightning.store import StoreWriter, TokenIndex
@@ -95,8 +96,15 @@ class POLCACallback(Callback):
         mode: ``"w-"`` refuses an existing store, ``"a"`` resumes (with ``ckpt_path``),
             ``"w"`` overwrites.
         engine: ``"auto"``, ``"forward"`` or ``"reverse"``.
-        memory_cap: bytes one chunk of derivative work may use.
-        basis_on_device: keep the basis on the model's device (else on the CPU).
+        memory_cap: bytes one chunk of derivative work, of the eigensolver's products and of the
+            orthonormalisation may use on the model's device.
+        basis_on_device: keep the basis and the eigensolver's Krylov vectors on the model's
+            device (fastest); ``False``: in host memory (pinned with CUDA), streamed to the device
+            in chunks of at most ``memory_cap`` bytes, for models whose basis does not fit there.
+        compute_precision: ``"float32"`` (default), ``"tf32"`` (CUDA matmuls in TF32; a no-op
+            without CUDA) or ``"bf16"`` (bfloat16 autocast, CUDA or CPU): the arithmetic of the
+            directional derivatives ``g`` and ``c``; losses, HVPs and ``delta`` stay float32.
+            Recorded in the store's config, so a resume must use the same.
         lanczos_tol: relative residual at which the eigensolver stops.
         seed: seed of the eigensolver's start vectors and of random bases.
         analyze: run the analysis and reports after fit (:func:`polca_lightning.report.report_after_fit`).
@@ -141,6 +149,7 @@ class POLCACallback(Callback):
         engine: str = "auto",
         memory_cap: int = 1 << 30,
         basis_on_device: bool = True,
+        compute_precision: str = "float32",
         lanczos_tol: float = 1e-3,
         seed: int = 0,
         analyze: bool = True,
@@ -188,6 +197,7 @@ class POLCACallback(Callback):
         self.token_loss, self.token_labels = token_loss, token_labels
         self.parameters, self.engine, self.memory_cap = parameters, engine, memory_cap
         self.basis_on_device, self.lanczos_tol, self.seed = bool(basis_on_device), lanczos_tol, int(seed)
+        self.compute_precision = check_compute_precision(compute_precision)
         self.analyze, self.progress = bool(analyze), bool(progress)
         if analysis_kwargs is not None and not isinstance(analysis_kwargs, Mapping):
             raise TypeError(f"analysis_kwargs: expected a dict of analyze() settings, got {type(analysis_kwargs).__name__}")
@@ -223,6 +233,7 @@ class POLCACallback(Callback):
             "parameters": self.parameters,
             "lanczos_tol": self.lanczos_tol,
             "seed": self.seed,
+            "compute_precision": self.compute_precision,
             "n_probe_batches": len(self.probe_batches),
             "n_hessian_batches": len(self.hessian_batches),
         }
@@ -275,7 +286,8 @@ class POLCACallback(Callback):
         self.tracker = POLCATracker(
             pl_module, token_loss, space, probe, hessian, order=self.order, k=self.k, max_basis=self.max_basis,
             basis=self.basis, writer=None, collective=collective, engine=self.engine,
-            memory_cap=self.memory_cap, basis_on_device=self.basis_on_device, lanczos_tol=self.lanczos_tol,
+            memory_cap=self.memory_cap, basis_on_device=self.basis_on_device,
+            compute_precision=self.compute_precision, lanczos_tol=self.lanczos_tol,
             seed=self.seed, log_metrics=lambda m, step: self._log(trainer, m, step), progress=self.progress,
         )
         with self.tracker._timed("setup"):  # the engine check and its cost calibration

@@ -38,10 +38,11 @@ from torch.func import jvp, vmap
 from polca_lightning._engine_errors import EngineError, engine_error, first_line, is_ad_gap
 from polca_lightning._ghost import SKINNY_PRODUCT_PENALTY, Unsupported, ghost_plan, ghost_reverse
 from polca_lightning._jacobians import PerSampleJacobians, agree, take
+from polca_lightning._precision import PRECISIONS, check_compute_precision, is_reduced, precision_scope
 from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
 from polca_lightning.losses import TokenLoss
 
-__all__ = ["DirectionalDerivatives", "DerivativeResult", "EngineError", "estimate_cost"]
+__all__ = ["DirectionalDerivatives", "DerivativeResult", "EngineError", "estimate_cost", "PRECISIONS"]
 
 EngineError.__module__ = __name__  # public here
 
@@ -60,6 +61,12 @@ REVERSE_PASSES_PER_POSITION = 2.0  # one backward pass over the batch per loss-b
 # the activation path, the arithmetic transformer at d 128; 200 sequences of 12 tokens,
 # 4 loss-bearing, K 1-16), and more on real batches of one (benchmarks/engine_families.py).
 JACOBIAN_PASSES_PER_POSITION = 10.0
+
+
+# Relative tolerance of the engines' self-checks (two computations of the same numbers, e.g.
+# the activation path against per-sample Jacobians): float32 rounding, or bfloat16's
+# (8-bit mantissa, ~4e-3 per op) under autocast, where the two differ by ~1e-2 of the scale.
+_CHECK_RTOL = {"float32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
 
 
 class _NoTokens(ValueError):
@@ -119,7 +126,14 @@ class DirectionalDerivatives:
         space: which parameters ``theta`` stands for.
         engine: ``"auto"`` (cost model), ``"forward"`` or ``"reverse"``.
         memory_cap: bytes of intermediate results one chunk may use (directions in forward
-            mode, samples in reverse mode are chunked to fit).
+            mode, samples in reverse mode are chunked to fit). Directions given on another
+            device than ``theta`` (a basis in host memory) are copied to ``theta``'s device a
+            chunk of rows at a time, at most half of ``memory_cap`` (one row at least), and the
+            work on each chunk gets what is left of the cap.
+        compute_precision: ``"float32"`` (default), ``"tf32"`` (CUDA only; a no-op elsewhere)
+            or ``"bf16"`` (autocast, CUDA and CPU): the arithmetic of ``g`` and ``c``
+            (:mod:`polca_lightning._precision`). The loss is always computed in full float32,
+            by a plain forward pass of its own when the precision is reduced.
 
     Example:
         >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
@@ -140,6 +154,7 @@ class DirectionalDerivatives:
         *,
         engine: str = "auto",
         memory_cap: int = 1 << 30,
+        compute_precision: str = "float32",
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
@@ -149,6 +164,8 @@ class DirectionalDerivatives:
         self.space = space
         self.engine = engine
         self.memory_cap = memory_cap
+        self._work_cap = memory_cap  # what the engines' chunks may use (less while directions are streamed)
+        self.compute_precision = check_compute_precision(compute_precision)
         self.fn = FunctionalTokenLoss(module, token_loss, space)
         self._disabled: dict[str, str] = {}  # engine -> why it cannot run this model
         self.calibration: dict | None = None  # measured costs, see calibrate()
@@ -157,7 +174,9 @@ class DirectionalDerivatives:
         # against per-sample Jacobians on the first batch before it is trusted
         self._ghost = ghost_plan(module, space.names)
         self._ghost_checked = False
-        self._jacobians = PerSampleJacobians(self.fn)  # reverse mode where the activation path does not apply
+        # reverse mode where the activation path does not apply; its consistency checks compare two
+        # computations of the same numbers, which differ by bfloat16 rounding under autocast
+        self._jacobians = PerSampleJacobians(self.fn, rtol=_CHECK_RTOL[self.compute_precision])
         self._vmap_directions = True  # forward mode: False once the model failed under a vmap over directions
 
     # ------------------------------------------------------------------ public
@@ -190,9 +209,36 @@ class DirectionalDerivatives:
         with evaluation_mode(self.module, second_order=curvature):
             if directions is None:
                 return self._loss_only(theta, batches)
-            directions = directions.to(device=theta.device, dtype=theta.dtype)
             engine = self.choose(theta, batches, directions.shape[0], curvature)
-            return self._run(engine, theta, batches, directions, curvature)
+            with precision_scope(self.compute_precision, theta.device.type):
+                result = self._streamed(engine, theta, batches, directions, curvature)
+            if is_reduced(self.compute_precision, theta.device.type):
+                result.loss = self._loss_only(theta, batches).loss  # the loss itself in full float32
+            return result
+
+    def _streamed(self, engine: str, theta: Tensor, batches, directions: Tensor, curvature: bool) -> DerivativeResult:
+        """:meth:`_run` on directions already on ``theta``'s device, else on a chunk of rows at a time.
+
+        A chunk of streamed rows takes at most half of ``memory_cap`` on the device (one row at
+        least); the engines' own chunks get the rest while it is there.
+        """
+        if directions.device == theta.device:
+            return self._run(engine, theta, batches, directions.to(dtype=theta.dtype), curvature)
+        row_bytes = self.space.dim * theta.element_size()
+        rows = max(1, (self.memory_cap // 2) // row_bytes)
+        self._work_cap = max(1, self.memory_cap - rows * row_bytes)
+        try:
+            parts = []
+            for start in range(0, directions.shape[0], rows):
+                v = directions[start : start + rows].to(device=theta.device, dtype=theta.dtype, non_blocking=True)
+                parts.append(self._run(engine, theta, batches, v, curvature))  # [kc, T] each
+                del v
+        finally:
+            self._work_cap = self.memory_cap
+        return DerivativeResult(
+            parts[0].loss, torch.cat([p.g for p in parts]),
+            torch.cat([p.c for p in parts]) if curvature else None, parts[-1].engine,
+        )
 
     def choose(self, theta: Tensor, batches: Sequence[Any], n_directions: int, curvature: bool) -> str:
         """The engine to use for this workload (the fixed one, or the cost model's pick).
@@ -243,7 +289,7 @@ class DirectionalDerivatives:
             best = float("inf")
             for _ in range(repeat):
                 start = time.perf_counter()
-                with evaluation_mode(self.module):
+                with evaluation_mode(self.module), precision_scope(self.compute_precision, theta.device.type):
                     self._compute(engine, theta.detach(), [part], v, False)
                 if theta.is_cuda:
                     torch.cuda.synchronize(theta.device)
@@ -343,9 +389,9 @@ class DirectionalDerivatives:
         loss = torch.cat(losses)
         if loss.numel() == 0:
             raise _NoTokens("probe data: every token is masked; there is no loss-bearing token to decompose")
-        return DerivativeResult(
-            loss.detach(), torch.cat(gs, 1).detach(), torch.cat(cs, 1).detach() if curvature else None, engine
-        )
+        g = torch.cat(gs, 1).detach().to(theta.dtype)  # autocast may leave bfloat16 tangents
+        c = torch.cat(cs, 1).detach().to(theta.dtype) if curvature else None
+        return DerivativeResult(loss.detach().to(theta.dtype), g, c, engine)
 
     def _activation_bytes(self, theta: Tensor, batch) -> int:
         """Bytes of every submodule's output in one plain forward pass (a memory estimate).
@@ -414,7 +460,7 @@ class DirectionalDerivatives:
             return loss, g, c, mask
 
         act = self._activation_bytes(theta, batch) * (6 if curvature else 3)
-        chunk = max(1, min(directions.shape[0], self.memory_cap // act))
+        chunk = max(1, min(directions.shape[0], self._work_cap // act))
         gs, cs = [], []
         for start in range(0, directions.shape[0], chunk):
             v = directions[start : start + chunk]  # [kc, d]
@@ -452,9 +498,10 @@ class DirectionalDerivatives:
         sub = take(batch, mask.shape[0], rows)
         with torch.no_grad():
             loss, sub_mask, _ = self.fn(theta, sub)  # [r, P]
-        ref, _ = self._jacobians(theta, sub, loss, sub_mask, directions, False, self.memory_cap)  # [K, r, P]
+        ref, _ = self._jacobians(theta, sub, loss, sub_mask, directions, False, self._work_cap)  # [K, r, P]
         ok = torch.isfinite(loss) & sub_mask
-        return agree(g[: directions.shape[0]][:, rows][:, ok], ref[:, ok])
+        rtol = _CHECK_RTOL[self.compute_precision]
+        return agree(g[: directions.shape[0]][:, rows][:, ok], ref[:, ok], rtol=rtol, atol=rtol / 10)
 
     def _jacobian_batch(self, theta, batch, directions, curvature):
         """Reverse mode: per-sample Jacobians of the loss-bearing positions, projected at once."""
@@ -463,5 +510,5 @@ class DirectionalDerivatives:
         if not mask.any():  # no loss-bearing token in this batch
             empty = theta.new_empty(directions.shape[0], 0)
             return loss[mask], empty, empty if curvature else None
-        g, c = self._jacobians(theta, batch, loss, mask, directions, curvature, self.memory_cap)  # [K, B, P]
+        g, c = self._jacobians(theta, batch, loss, mask, directions, curvature, self._work_cap)  # [K, B, P]
         return loss[mask], g[:, mask], c[:, mask] if curvature else None

@@ -5,7 +5,10 @@ Given a symmetric operator ``H`` known only through ``v -> H v`` and an orthonor
 *algebraic* eigenvalue first) of ``P H P`` with ``P = I - Bᵀ B``, restricted to the
 complement of ``B``. It runs thick-restart Lanczos (Wu & Simon, 2000) with full
 reorthogonalisation against the Krylov basis and against ``B``; memory is
-``(krylov_dim + 1 + K + k) * d`` numbers, never a d×d matrix.
+``(krylov_dim + 1 + k) * d`` numbers besides ``B`` (never a d×d matrix, nor a copy of
+``B``), which may be in host memory: every product with them is formed a column chunk at
+a time on the working device (:mod:`polca_lightning._streaming`).
+:func:`orthonormalize_rows` orthonormalises new rows against a basis the same way.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["EigenResult", "projected_hessian_eigs", "hvp_of"]
+from polca_lightning._streaming import RowStream, host_rows
+
+__all__ = ["EigenResult", "projected_hessian_eigs", "orthonormalize_rows", "hvp_of"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,8 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
-def _check_basis(basis: Tensor | None, dim: int) -> Tensor | None:
-    """Validate that ``basis`` is [K, dim] with orthonormal rows (checked via ||B Bᵀ - I||)."""
+def _check_basis(basis: Tensor | None, dim: int, stream: RowStream) -> Tensor | None:
+    """Validate that ``basis`` is [K, dim] with orthonormal rows (checked via ||B Bᵀ - I||, chunked)."""
     if basis is None:
         return None
     if not isinstance(basis, Tensor):
@@ -58,12 +63,87 @@ def _check_basis(basis: Tensor | None, dim: int) -> Tensor | None:
         raise TypeError(f"`basis` must be floating point, got dtype {basis.dtype}")
     if basis.shape[0] == 0:
         return None
-    gram = (basis @ basis.T).double()  # [K, K], in the basis dtype: no float64 copy of B
+    gram = stream.gram(basis, [basis])  # [K, K] in float64, a chunk of B at a time: no float64 copy of B
     err = (gram - torch.eye(basis.shape[0], dtype=gram.dtype, device=gram.device)).abs().max().item()
     limit = 1e-8 if basis.dtype == torch.float64 else 1e-4
     if not math.isfinite(err) or err > limit:
         raise ValueError(f"`basis` rows must be orthonormal: max |B Bᵀ - I| = {err:.3g} exceeds {limit:g}")
     return basis
+
+
+def _check_cap(memory_cap) -> int | None:
+    if memory_cap is not None and (isinstance(memory_cap, bool) or not isinstance(memory_cap, int) or memory_cap < 1):
+        raise ValueError(f"`memory_cap` must be a positive int (bytes) or None, got {memory_cap!r}")
+    return memory_cap
+
+
+def _rows_on(storage: torch.device, device: torch.device, n_rows: int, dim: int, dtype: torch.dtype) -> Tensor:
+    """``[n_rows, dim]`` on ``storage``: pinned host memory when the work is on a CUDA device."""
+    if storage.type == "cpu":
+        return host_rows(n_rows, dim, dtype, pin=device.type == "cuda")
+    return torch.empty(n_rows, dim, dtype=dtype, device=storage)
+
+
+def orthonormalize_rows(
+    vectors: Tensor,
+    basis: Tensor | None = None,
+    *,
+    memory_cap: int | None = None,
+    device=None,
+    what: str = "new",
+) -> Tensor:
+    """Make the rows of ``vectors`` orthonormal to each other and to the rows of ``basis``, in place.
+
+    Block Gram-Schmidt against ``basis`` (twice: the basis is orthonormal only to its own
+    precision), then Cholesky QR of the Gram matrix (twice where once falls short of the
+    storage precision). Every inner product is accumulated in float64 a column chunk at a
+    time (:class:`~polca_lightning._streaming.RowStream`), and the rows are updated a chunk at
+    a time, so nothing of size ``[k, d]`` or ``[K, d]`` is ever copied, in float64 or at all:
+    ``vectors`` and ``basis`` may live in host memory while the chunks are multiplied on
+    ``device``. The result equals ``Q`` of the QR factorisation ``vectorsᵀ = Q R`` (after
+    projecting out the basis) with ``R``'s diagonal positive, so each row keeps its orientation.
+
+    Args:
+        vectors: ``[k, d]``, overwritten with the result.
+        basis: ``[K, d]`` orthonormal rows, or ``None``.
+        memory_cap: bytes of one chunk's copies on ``device`` (``None``: one chunk).
+        device: where the chunks are multiplied (default: ``vectors``' device).
+        what: names the vectors in the error.
+
+    Returns:
+        ``vectors``.
+
+    Raises:
+        ValueError: a row (nearly) in the span of the basis and of the rows before it.
+
+    Example:
+        >>> v = torch.tensor([[3.0, 4.0, 0.0], [1.0, 1.0, 1.0]])
+        >>> orthonormalize_rows(v, torch.tensor([[0.0, 0.0, 1.0]])).round(decimals=4)
+        tensor([[ 0.6000,  0.8000,  0.0000],
+                [ 0.8000, -0.6000,  0.0000]])
+    """
+    k, dim = vectors.shape
+    stream = RowStream(dim, vectors.device if device is None else device, _check_cap(memory_cap))
+    blocks = [basis] if basis is not None and basis.shape[0] else []
+    first = stream.gram(vectors, [vectors, *blocks])  # [k, k + K]
+    scale = first[:, :k].diagonal().max().clamp_min(1e-300).sqrt()  # largest row norm before projection
+    gram = first[:, :k]
+    if blocks:
+        c = first[:, k:]  # [k, K]
+        c = stream.update_rows(vectors, minus=c, blocks=blocks, gram_with=blocks)  # [k, K] of the result
+        gram = stream.update_rows(vectors, minus=c, blocks=blocks, gram_with=[vectors])  # [k, k]
+    eps = torch.finfo(vectors.dtype).eps
+    for attempt in range(2):
+        L, info = torch.linalg.cholesky_ex(gram)  # gram = L Lᵀ, L's diagonal = |R|'s
+        if attempt == 0 and (info.item() != 0 or (L.diagonal() < 1e-4 * scale).any()):
+            raise ValueError(f"basis: the {what} directions are linearly dependent on each other or on the basis")
+        if info.item() != 0:  # only reachable on a second pass: the first one left the rows orthonormal
+            break
+        inv = torch.linalg.solve_triangular(L, torch.eye(k, dtype=L.dtype, device=L.device), upper=False)
+        gram = stream.update_rows(vectors, transform=inv, gram_with=[vectors])  # rows <- L⁻¹ rows
+        if (gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max().item() <= 1e3 * eps:
+            break
+    return vectors
 
 
 def projected_hessian_eigs(
@@ -78,6 +158,8 @@ def projected_hessian_eigs(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device=None,
+    storage_device=None,
+    memory_cap: int | None = None,
     progress: Callable[[int, Tensor], None] | None = None,
 ) -> EigenResult:
     """Top-k eigenpairs (largest algebraic first) of ``P H P``, ``P = I - Bᵀ B``, matrix-free.
@@ -90,12 +172,20 @@ def projected_hessian_eigs(
     further copy of an eigenvalue above the k-th is left. Like any single-vector Krylov
     method it can otherwise miss copies of a repeated eigenvalue.
 
+    Memory: the Krylov vectors ``[krylov_dim + 1, d]`` and the result ``[k, d]`` live on
+    ``storage_device``; ``basis`` stays where it is, in its own dtype. Every product with
+    them (Gram-Schmidt, the projections ``P``, restarts) is formed a column chunk at a time on
+    ``device``, in float64, each chunk's copies taking at most ``memory_cap`` bytes there;
+    besides them ``device`` holds the few d-vectors an iteration works on (the vector ``H``
+    is applied to, its image, a start vector). With ``storage_device="cpu"`` and a CUDA
+    ``device`` the Krylov vectors are in pinned host memory and the GPU holds only those.
+
     Args:
         hvp: ``v [d] -> H v [d]``; H symmetric. Called with vectors of the working dtype on
             ``device``; its output is cast to them.
         dim: d, the length of the vectors.
         k: number of eigenpairs, ``1 <= k <= dim - K``.
-        basis: [K, d] with orthonormal rows, or None (K = 0).
+        basis: [K, d] with orthonormal rows, or None (K = 0). Any device and float dtype.
         tol: stop when every residual <= ``tol * max(|eigenvalues|)`` (with a floor of
             ``100 eps ||PHP||`` so that an all-zero spectrum terminates).
         max_hvp: budget of ``hvp`` calls (default ``max(1000, 40 k)``); if exhausted, the
@@ -106,10 +196,12 @@ def projected_hessian_eigs(
             so every process of a distributed run gets the same result.
         dtype: working dtype, float32 or float64 (default: basis dtype, else float32).
         device: working device (default: basis device, else CPU).
+        storage_device: where the Krylov vectors and the eigenvectors are kept (default ``device``).
+        memory_cap: bytes of one chunk's copies on ``device`` (default ``None``: one chunk).
         progress: called after each restart and at the end with ``(n_hvp, residuals [k])``.
 
     Returns:
-        :class:`EigenResult` with tensors on ``device`` in ``dtype``.
+        :class:`EigenResult`; eigenvectors on ``storage_device``, the rest on ``device``, in ``dtype``.
 
     Raises:
         TypeError, ValueError: on invalid arguments (the message names the argument).
@@ -125,7 +217,13 @@ def projected_hessian_eigs(
         raise TypeError(f"`hvp` must be callable (v [d] -> H v [d]), got {type(hvp).__name__}")
     dim = _check_int("dim", dim, 1)
     k = _check_int("k", k, 1)
-    basis = _check_basis(basis, dim)
+    memory_cap = _check_cap(memory_cap)
+    if basis is not None and not isinstance(basis, Tensor):
+        raise TypeError(f"`basis` must be a Tensor of shape [K, {dim}] or None, got {type(basis).__name__}")
+    device = torch.device(device) if device is not None else (basis.device if basis is not None else torch.device("cpu"))
+    storage = device if storage_device is None else torch.device(storage_device)
+    stream = RowStream(dim, device, memory_cap)
+    basis = _check_basis(basis, dim, stream)
     n_basis = 0 if basis is None else basis.shape[0]
     n_avail = dim - n_basis  # dimension of the complement of span(B)
     if k > n_avail:
@@ -143,50 +241,57 @@ def projected_hessian_eigs(
         dtype = basis.dtype if basis is not None and basis.dtype in (torch.float32, torch.float64) else torch.float32
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}")
-    device = torch.device(device) if device is not None else (basis.device if basis is not None else torch.device("cpu"))
-    B = None if basis is None else basis.to(device=device, dtype=dtype)  # [K, d]
+    B = [] if basis is None else [basis]  # [K, d], used a chunk at a time, never copied whole
     eps = torch.finfo(dtype).eps
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
 
-    def orthogonalize(w: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-        """Classical Gram-Schmidt of w [d] against rows of V [j, d] and B, twice."""
-        h = torch.zeros(V.shape[0], dtype=dtype, device=device)  # [j]
-        for _ in range(2):  # "twice is enough" (Kahan-Parlett)
-            c = V @ w  # [j]
-            w = w - c @ V
-            h = h + c
-            if B is not None:
-                w = w - (B @ w) @ B
-        return w, h
+    def orthogonalize(w: Tensor, V: Tensor) -> tuple[Tensor, Tensor, float]:
+        """Classical Gram-Schmidt of w [d] (in place) against the rows of V [j, d] and B, twice.
+
+        Returns w, its coefficients on V (summed over both passes, float64 [j]) and its norm.
+        Three passes over [V; B]: the coefficients; the update with the next coefficients;
+        the update with the norm.
+        """
+        blocks = [V, *B]
+        c = stream.inner(blocks, w)  # [j + K]
+        c2, _ = stream.subtract(w, blocks, c, then_inner=True)  # "twice is enough" (Kahan-Parlett)
+        _, norm2 = stream.subtract(w, blocks, c2, then_norm=True)
+        j = V.shape[0]
+        return w, (c[:j] + c2[:j]).cpu(), math.sqrt(max(norm2, 0.0))
+
+    def project(v: Tensor) -> Tensor:
+        """P v in place, for v [d] on ``device``."""
+        if B:
+            stream.subtract(v, B, stream.inner(B, v))
+        return v
 
     n_hvp = 0
 
-    def apply(v: Tensor) -> Tensor:
-        """P H P v for v [d]."""
+    def apply(row: Tensor) -> Tensor:
+        """P H P v for the Krylov row v [d]: a new vector on ``device``."""
         nonlocal n_hvp
-        if B is not None:
-            v = v - (B @ v) @ B
+        v = project(row.to(device=device, dtype=dtype, copy=True))
         n_hvp += 1
         out = hvp(v)
         if not isinstance(out, Tensor) or out.shape != (dim,):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"`hvp` must return a Tensor of shape ({dim},), got {got} on call {n_hvp}")
-        out = out.detach().to(device=device, dtype=dtype)
+        out = out.detach().to(device=device, dtype=dtype, copy=True)
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"`hvp` returned non-finite values on call {n_hvp} (of this solve)")
-        return out if B is None else out - (B @ out) @ B
+        return project(out)
 
     def random_unit(V: Tensor) -> Tensor | None:
         """A seeded random unit vector orthogonal to V and B (None if none is left)."""
         for _ in range(3):  # a draw almost inside span(V, B) is retried, deterministically
             r = torch.randn(dim, generator=gen, dtype=dtype).to(device)  # [d], same on every process
-            r0 = r.norm()
-            r, _ = orthogonalize(r, V)
-            if r.norm() > 100 * eps * r0:
-                return r / r.norm()
+            r0 = r.norm().item()
+            r, _, norm = orthogonalize(r, V)
+            if norm > 100 * eps * r0:
+                return r / norm
         return None
 
-    V = torch.empty(m + 1, dim, dtype=dtype, device=device)  # Lanczos vectors, rows
+    V = _rows_on(storage, device, m + 1, dim, dtype)  # Lanczos vectors, rows
     T = torch.zeros(m + 1, m + 1, dtype=torch.float64)  # projected matrix Vᵀ (PHP) V
     start = random_unit(V[:0])
     if start is None:  # only possible when n_avail is ~0 numerically
@@ -198,11 +303,9 @@ def projected_hessian_eigs(
     while True:
         w = apply(V[j])  # [d]
         anorm = max(anorm, w.norm().item())
-        w, h = orthogonalize(w, V[: j + 1])
-        h64 = h.double().cpu()
+        w, h64, beta = orthogonalize(w, V[: j + 1])
         T[: j + 1, j] = h64  # symmetric Arnoldi: column and row j from the same projections
         T[j, : j + 1] = h64
-        beta = w.norm().item()
         j += 1
         if j >= n_avail:  # Krylov space is the whole complement: T is exact
             beta, exhausted = 0.0, True
@@ -221,6 +324,7 @@ def projected_hessian_eigs(
                     V[j] = nxt
             else:
                 V[j] = w / beta
+        del w
         if j < k and not exhausted and n_hvp < max_hvp:
             continue
         if j < k:  # only if random draws kept landing in span(V, B): a badly scaled basis
@@ -239,8 +343,7 @@ def projected_hessian_eigs(
         if converged or exhausted or n_hvp >= max_hvp:
             break
         if j == m:  # thick restart: keep the top `keep` Ritz vectors, then the residual vector
-            Yk = Y[:, :keep].to(device=device, dtype=dtype)  # [m, keep]
-            V[:keep] = Yk.T @ V[:m]  # [keep, d]
+            stream.combine(Y[:, :keep].T, V[:m], V[:keep])  # V[:keep] <- Ykᵀ V[:m], chunk by chunk
             V[keep] = V[m]
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[:keep])
@@ -248,11 +351,15 @@ def projected_hessian_eigs(
             j, seq_start = keep, 0
             if progress is not None:
                 progress(n_hvp, res[:k].to(dtype))
-    vecs = Y[:, :k].to(device=device, dtype=dtype).T @ V[:j]  # [k, d]
-    if B is not None:  # re-orthogonalise against B (twice) so orthogonality holds to roundoff
-        for _ in range(2):
-            vecs = vecs - (vecs @ B.T) @ B
-    vecs = vecs / vecs.norm(dim=1, keepdim=True)
+    vecs = stream.combine(Y[:, :k].T, V[:j], _rows_on(storage, device, k, dim, dtype))  # [k, d] Ritz vectors
+    del V
+    if B:  # re-orthogonalise against B (twice) so orthogonality holds to roundoff
+        c = stream.gram(vecs, B)
+        c = stream.update_rows(vecs, minus=c, blocks=B, gram_with=B)
+        gram = stream.update_rows(vecs, minus=c, blocks=B, gram_with=[vecs])
+    else:
+        gram = stream.gram(vecs, [vecs])
+    stream.update_rows(vecs, transform=torch.diag(gram.diagonal().rsqrt()))  # unit rows
     residuals = res[:k].to(device=device, dtype=dtype)
     if progress is not None:
         progress(n_hvp, residuals)

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from polca_lightning.engine import DirectionalDerivatives
 from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
-from polca_lightning.hessian import projected_hessian_eigs
+from polca_lightning._streaming import RowStream, host_rows
+from polca_lightning.hessian import orthonormalize_rows, projected_hessian_eigs
 from polca_lightning.polca import coverage, needs_curvature, polca_interval
 
 __all__ = ["POLCATracker", "Collective"]
@@ -87,23 +88,16 @@ class TorchDistributed(Collective):
         return tensor
 
 
-def _orthonormalize(vectors: Tensor, basis: Tensor | None, what: str) -> Tensor:
-    """Rows of ``vectors`` made orthonormal to each other and to ``basis``, in float64.
+def _orthonormalize(vectors: Tensor, basis: Tensor | None, what: str, memory_cap: int | None = None,
+                    device=None) -> Tensor:
+    """Rows of ``vectors`` made orthonormal to each other and to ``basis``, in place, with float64
+    inner products formed a chunk of ``memory_cap`` bytes at a time on ``device``
+    (:func:`~polca_lightning.hessian.orthonormalize_rows`: no float64 copy of either).
 
     Raises:
         ValueError: a row (nearly) in the span of the basis and the rows before it.
     """
-    v = vectors.double()
-    scale = v.norm(dim=1).max().clamp_min(1e-300)
-    if basis is not None and basis.shape[0]:
-        b = basis.double()
-        for _ in range(2):  # twice is enough (Kahan): b is orthonormal only to float32 accuracy
-            v = v - (v @ b.T) @ b
-    q, r = torch.linalg.qr(v.T)  # [d, k], [k, k]
-    diag = r.diagonal()
-    if (diag.abs() < 1e-4 * scale).any():
-        raise ValueError(f"basis: the {what} directions are linearly dependent on each other or on the basis")
-    return (q * diag.sign()).T.to(vectors.dtype)  # keep each row's orientation
+    return orthonormalize_rows(vectors, basis, memory_cap=memory_cap, device=device, what=what)
 
 
 class POLCATracker:
@@ -119,8 +113,12 @@ class POLCATracker:
         basis: ``"hessian"``, ``"random"`` or ``callable(module, step, basis [K, d]) -> [k, d]``.
         writer: the :class:`~polca_lightning.store.StoreWriter` (``None`` on ranks > 0).
         collective: :class:`Collective` (single process) or :class:`TorchDistributed`.
-        engine, memory_cap: passed to :class:`~polca_lightning.engine.DirectionalDerivatives`.
-        basis_on_device: keep the basis on the model's device (else on the CPU between uses).
+        engine, memory_cap, compute_precision: passed to
+            :class:`~polca_lightning.engine.DirectionalDerivatives`; ``memory_cap`` also bounds
+            the chunks of the eigensolver's and the orthonormalisation's products.
+        basis_on_device: keep the basis and the eigensolver's Krylov vectors on the model's
+            device; else in host memory (pinned where CUDA is available), streamed to the
+            device a chunk of at most ``memory_cap`` bytes at a time.
         lanczos_tol, seed: eigensolver tolerance and seed (deterministic across ranks).
         log_metrics: ``callable(dict, step)`` for scalars; progress: show bars on long work.
     """
@@ -142,6 +140,7 @@ class POLCATracker:
         engine: str = "auto",
         memory_cap: int = 1 << 30,
         basis_on_device: bool = True,
+        compute_precision: str = "float32",
         lanczos_tol: float = 1e-3,
         seed: int = 0,
         log_metrics: Callable[[dict, int], None] | None = None,
@@ -156,7 +155,8 @@ class POLCATracker:
         self.progress = progress
         self.curvature = needs_curvature(order)
         self.token_loss = token_loss
-        self.dd = DirectionalDerivatives(module, token_loss, space, engine=engine, memory_cap=memory_cap)
+        self.dd = DirectionalDerivatives(module, token_loss, space, engine=engine, memory_cap=memory_cap,
+                                         compute_precision=compute_precision)
         r, w = self.coll.rank, self.coll.world_size
         self.probe = list(probe_batches)
         self.my_probe = self.probe[r::w]
@@ -166,7 +166,8 @@ class POLCATracker:
         self.guarded = 0  # second-order denominators clamped so far
         self._warned_nonfinite = False
         # state: the basis and the last snapshot
-        self.basis: Tensor | None = None  # [K, d]
+        self.basis: Tensor | None = None  # [K, d], the first K rows of _rows
+        self._rows: Tensor | None = None  # [max_basis, d], allocated at the first basis step
         self.eigenvalues: list[float] = []
         self.basis_steps: list[int] = []
         self.n_snapshots = 0
@@ -193,9 +194,27 @@ class POLCATracker:
     def _theta(self) -> Tensor:
         return self.space.flatten(self.module)
 
-    def _device_basis(self) -> Tensor | None:
-        """The basis on the model's device (a copy when it is kept on the host)."""
-        return None if self.basis is None else self.basis.to(self._theta_device)
+    def _stream(self, device) -> RowStream:
+        """Products with the basis, a chunk of ``memory_cap`` bytes at a time on ``device``."""
+        return RowStream(self.space.dim, device, self.dd.memory_cap)
+
+    def _storage(self, like: Tensor) -> torch.device:
+        """Where the basis lives: the model's device, or the host."""
+        return like.device if self.basis_on_device else torch.device("cpu")
+
+    def _new_rows(self, n: int, like: Tensor) -> Tensor:
+        """``[n, d]`` where the basis lives (pinned host memory when it is off a CUDA device)."""
+        if self.basis_on_device:
+            return torch.empty(n, self.space.dim, dtype=like.dtype, device=like.device)
+        return host_rows(n, self.space.dim, like.dtype, pin=like.device.type == "cuda")
+
+    def _append_basis(self, vecs: Tensor, like: Tensor) -> None:
+        """Rows ``vecs`` after the basis, in storage allocated once for ``max_basis`` rows."""
+        if self._rows is None:
+            self._rows = self._new_rows(self.max_basis, like)
+        K0 = self.n_basis
+        self._rows[K0 : K0 + vecs.shape[0]] = vecs
+        self.basis = self._rows[: K0 + vecs.shape[0]]
 
     def derivatives(self, theta: Tensor, directions: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Loss ``[T]``, ``g`` and ``c`` ``[K, T]`` over all probe tokens (gathered in probe order)."""
@@ -225,8 +244,8 @@ class POLCATracker:
 
     def _interval(self, index: int, start: dict, end: dict, rows: slice, local: slice, eigen: Tensor) -> dict:
         """POLCA of interval ``index`` for basis ``rows`` (``local``: those rows in ``start``/``end``'s g); writes it."""
-        b = self.basis[rows].to(end["theta"])
-        delta = (b.double() @ (end["theta"] - start["theta"]).double()).to(end["theta"].dtype)  # [kb]
+        theta = end["theta"]
+        delta = self._stream(theta.device).inner([self.basis[rows]], theta, minus=start["theta"]).to(theta.dtype)  # [kb]
         out = polca_interval(
             self.order,
             start["g"][local],
@@ -248,7 +267,7 @@ class POLCATracker:
             theta = self._theta()
             self._theta_device = theta.device
         with self._timed("interval"), evaluation_mode(self.module):
-            loss, g, c = self.derivatives(theta, self._device_basis())
+            loss, g, c = self.derivatives(theta, self.basis)
         now = {"theta": theta, "loss": loss, "g": g, "c": c}
         metrics = {}
         j = self.n_snapshots
@@ -286,7 +305,7 @@ class POLCATracker:
 
     def _new_directions(self, step: int, k: int) -> tuple[Tensor, Tensor, dict]:
         theta = self.prev["theta"]
-        existing = self._device_basis()
+        existing = self.basis
         if self.basis_kind == "hessian":
             fn = FunctionalTokenLoss(self.module, self.token_loss, self.space)
             with evaluation_mode(self.module):
@@ -304,8 +323,8 @@ class POLCATracker:
                 work = theta.dtype if theta.dtype in (torch.float32, torch.float64) else torch.float32
                 res = projected_hessian_eigs(
                     lambda v: hvp(v.to(theta.dtype)).to(work), self.space.dim, k,
-                    None if existing is None else existing.to(work), tol=self.lanczos_tol,
-                    seed=self.seed + self.n_basis, dtype=work, device=theta.device,
+                    existing, tol=self.lanczos_tol, seed=self.seed + self.n_basis, dtype=work, device=theta.device,
+                    storage_device=self._storage(theta), memory_cap=self.dd.memory_cap,
                     progress=(lambda n, r: bar.set_postfix(hvps=n, residual=f"{r.max().item():.2e}")) if bar is not None else None,
                 )
                 if bar is not None:
@@ -314,8 +333,10 @@ class POLCATracker:
             return res.eigenvectors.to(theta.dtype), res.eigenvalues, info
         if self.basis_kind == "random":
             gen = torch.Generator().manual_seed(self.seed + self.n_basis)
-            raw = torch.randn(k, self.space.dim, generator=gen, dtype=torch.float64).to(theta.device)
-            vecs = _orthonormalize(raw, existing, "random")
+            vecs = self._new_rows(k, theta)
+            for i in range(k):  # a row at a time: no [k, d] float64 draw
+                vecs[i] = torch.randn(self.space.dim, generator=gen, dtype=torch.float64)
+            vecs = _orthonormalize(vecs, existing, "random", self.dd.memory_cap, theta.device)
         else:
             raw = self.basis_kind(self.module, step, existing)
             if not isinstance(raw, Tensor) or raw.dim() != 2 or raw.shape[1] != self.space.dim:
@@ -323,7 +344,9 @@ class POLCATracker:
                     f"basis: expected the callable to return a tensor [k, {self.space.dim}], got "
                     f"{type(raw).__name__}{list(raw.shape) if isinstance(raw, Tensor) else ''}"
                 )
-            vecs = _orthonormalize(raw.to(theta), existing, "returned")
+            vecs = self._new_rows(raw.shape[0], theta)
+            vecs.copy_(raw.detach())  # a copy: the callable's tensor is left as it was
+            vecs = _orthonormalize(vecs, existing, "returned", self.dd.memory_cap, theta.device)
         return vecs.to(theta.dtype), torch.full((vecs.shape[0],), float("nan"), dtype=torch.float64), {}
 
     def _bar(self, desc: str, total: int | None):
@@ -348,12 +371,11 @@ class POLCATracker:
             if self.basis_kind == "hessian":
                 # Lanczos vectors are orthogonal to the basis only to the working precision,
                 # and float32 errors accumulate over basis steps: re-orthonormalise in float64
-                vecs = _orthonormalize(vecs, self._device_basis(), "eigen")
+                vecs = _orthonormalize(vecs, self.basis, "eigen", self.dd.memory_cap, self.prev["theta"].device)
         solve_time = time.perf_counter() - start_time
         K0 = self.n_basis
         rows = slice(K0, K0 + vecs.shape[0])
-        store_vecs = vecs if self.basis_on_device else vecs.cpu()
-        self.basis = store_vecs if self.basis is None else torch.cat([self.basis, store_vecs])
+        self._append_basis(vecs, self.prev["theta"])
         self.eigenvalues += eigen.tolist()
         self.basis_steps += [step] * vecs.shape[0]
         if self.writer is not None:
@@ -426,18 +448,21 @@ class POLCATracker:
             K = len(eigen)
         K = int(self.coll.broadcast(torch.tensor([K], device=like.device)).item())
         if K:
-            vecs = torch.zeros(K, self.space.dim, dtype=like.dtype, device=like.device)
+            self._rows, self.basis = None, None
+            row = torch.zeros(self.space.dim, dtype=like.dtype, device=like.device)
+            for i in range(K):  # a row at a time through the model's device (NCCL broadcasts CUDA tensors only)
+                if self.writer is not None:
+                    row.copy_(torch.from_numpy(np.asarray(vectors[i])).to(row))
+                self._append_basis(self.coll.broadcast(row)[None], like)
             meta = torch.zeros(2, K, dtype=torch.float64, device=like.device)
             if self.writer is not None:
-                vecs.copy_(torch.from_numpy(np.asarray(vectors)).to(vecs))
                 meta[0] = torch.from_numpy(np.asarray(eigen, dtype=np.float64))
                 meta[1] = torch.from_numpy(np.asarray(steps, dtype=np.float64))
-            vecs, meta = self.coll.broadcast(vecs), self.coll.broadcast(meta)
-            self.basis = vecs if self.basis_on_device else vecs.cpu()
+            meta = self.coll.broadcast(meta)
             self.eigenvalues = meta[0].tolist()
             self.basis_steps = [int(s) for s in meta[1].tolist()]
         self.n_snapshots = n_snapshots
         theta = self._weights(n_snapshots - 1, like)
         with evaluation_mode(self.module):
-            loss, g, c = self.derivatives(theta, self._device_basis())
+            loss, g, c = self.derivatives(theta, self.basis)
         self.prev = {"theta": theta, "loss": loss, "g": g, "c": c}
