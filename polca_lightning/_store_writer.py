@@ -16,17 +16,17 @@ import threading
 import warnings
 import weakref
 from importlib import metadata
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import zarr
 
+from polca_lightning._store_location import resolve_store
 from polca_lightning.store import (
-    BUILTIN_TOKEN_COORDS, FORMAT_KEY, FORMAT_VERSION, TRAINING_SPECS, StoreError,
+    BUILTIN_TOKEN_COORDS, FORMAT_KEY, FORMAT_VERSION, TRAINING_SPECS, WEIGHTS_COMPRESSORS, StoreError,
     StoreWriteError, TokenIndex, _as_float32, _as_index, _as_int64, _chunk_plan, check_store_path,
     _consolidate, _fill_value_for, _jsonable, _n_params, _open_polca_group, _remove_store, _same_json,
-    _shrink_array, _to_numpy,
+    _shrink_array, _to_numpy, _weights_compressors,
 )
 
 
@@ -145,7 +145,8 @@ class StoreWriter:
     """Writes one training run into a POLCA store, in the background.
 
     Args:
-        path: directory of the Zarr v3 store (local).
+        path: directory of the Zarr v3 store, or a URL that fsspec opens
+            (``s3://bucket/run.zarr``; see :func:`~polca_lightning.store.open_store`).
         mode: ``'w-'`` create, refusing if anything (but an empty directory) is at
             `path`; ``'w'`` overwrite a previous POLCA store (never anything else);
             ``'a'`` resume an existing store after checking it was written with the same
@@ -159,11 +160,19 @@ class StoreWriter:
         with_curvature: create the ``curvature`` variable.
         store_weights: create the ``weights`` variable (needed for backfill).
         background: write on a background thread (``False``: inline, for debugging).
+        storage_options: options of a URL's filesystem (``key``, ``secret``,
+            ``endpoint_url``, ... for S3), as ``xarray.open_zarr`` takes them.
+        weights_compressors: zarr 3 compressors of the ``weights`` snapshots (a codec, a
+            list of codecs, or ``None`` for raw bytes); default
+            :data:`~polca_lightning.store.WEIGHTS_COMPRESSORS`. A resumed store keeps the
+            codecs it was created with (zarr records them per array).
 
     Raises:
         StoreExistsError: mode ``'w-'`` and something is at `path`.
         StoreError: mode ``'a'`` and a setting differs, or `path` is not a POLCA store.
         PermissionError, NotADirectoryError: `path` cannot be written.
+        FileNotFoundError: the bucket of a URL does not exist.
+        ValueError, ImportError: a URL fsspec cannot open (the message names a missing package).
 
     Example:
         >>> w = StoreWriter("run.zarr", tokens=tokens, parameters=[("w", (3, 4))], order="first",
@@ -174,14 +183,17 @@ class StoreWriter:
     def __init__(self, path: Any, *, mode: str = "w-", tokens: TokenIndex,
                  parameters: list[tuple[str, tuple[int, ...]]], order: str, config: dict,
                  max_basis: int, with_curvature: bool, store_weights: bool = True,
-                 background: bool = True):
+                 background: bool = True, storage_options: dict | None = None,
+                 weights_compressors: Any = WEIGHTS_COMPRESSORS):
         if mode not in ("w-", "w", "a"):
             raise ValueError(f"mode must be 'w-', 'w' or 'a', got {mode!r}")
         if not isinstance(tokens, TokenIndex):
             raise TypeError(f"tokens must be a TokenIndex, got {type(tokens).__name__}")
         if len(tokens) == 0:
             raise ValueError("tokens: the probe data has no loss-bearing token")
-        self.path = Path(path)
+        self.location = resolve_store(path, storage_options)
+        self.path = self.location.target  # a Path, or the URL of a remote store
+        self.weights_compressors = _weights_compressors(weights_compressors)
         self.tokens = tokens
         self.parameters = [(str(name), tuple(_as_index(s, f"shape of {name}") for s in shape))
                            for name, shape in parameters]
@@ -196,11 +208,11 @@ class StoreWriter:
             "max_basis": self.max_basis, "parameters": _jsonable(self.parameters, "parameters"),
             "config": _jsonable(dict(config), "config"), "token_labels": list(tokens.labels),
         }
-        exists = check_store_path(self.path, mode)
+        exists = check_store_path(self.location, mode)
         if mode == "w":
-            _remove_store(self.path)
+            _remove_store(self.location)
         if mode == "a" and exists:
-            self._group = _open_polca_group(self.path, mode="r+")
+            self._group = _open_polca_group(self.location, mode="r+")
             self._verify_resume()
         else:
             self._group = self._create()
@@ -223,7 +235,7 @@ class StoreWriter:
             version = getattr(sys.modules.get("polca_lightning"), "__version__", "unknown")
         labels = list(self.tokens.labels)
         coords = [*BUILTIN_TOKEN_COORDS, *labels] + [n for n, s in TRAINING_SPECS.items() if s.coordinate]
-        group = zarr.open_group(self.path, mode="w", zarr_format=3, attributes={
+        group = zarr.open_group(self.location.zarr_store(), mode="w", zarr_format=3, attributes={
             FORMAT_KEY: FORMAT_VERSION, "polca_lightning_version": version, **self._settings,
             "committed_snapshots": 0, "committed_basis": 0, "complete": False,
             "coordinates": " ".join(coords),
@@ -236,12 +248,14 @@ class StoreWriter:
             attributes = {"description": spec.description}
             if name == "polca":
                 attributes["order"] = self.order
-            # The big float arrays are stored raw: zstd saved ~8% on float32 data here and
-            # made writing 2.5x slower (and held the GIL away from training).
+            # The big float arrays other than the weights are stored raw: zstd saved ~8% on
+            # float32 data here and made writing 2.5x slower (and held the GIL away from
+            # training). The weights get WEIGHTS_COMPRESSORS (see its comment for the figures).
             big = "token" in spec.dims or "param" in spec.dims
+            compressors = self.weights_compressors if name == "weights" else (None if big else "auto")
             group.create_array(name, shape=tuple(sizes[d] for d in spec.dims), chunks=chunks[name],
                                dtype=spec.dtype, fill_value=_fill_value_for(np.dtype(spec.dtype)),
-                               compressors=None if big else "auto", dimension_names=spec.dims,
+                               compressors=compressors, dimension_names=spec.dims,
                                attributes=attributes)
         for name, values in self.tokens.coordinates().items():
             arr = group.create_array(name, shape=(self.n_tokens,), chunks=chunks["token_coord"], dtype="int64",
@@ -421,7 +435,7 @@ class StoreWriter:
         if complete:
             self._truncate_now(*self._committed)
             self._group.update_attributes({"complete": True})
-            _consolidate(self.path)
+            _consolidate(self.location)
 
     def __enter__(self) -> "StoreWriter":
         return self

@@ -41,6 +41,7 @@ __all__ = ["ablate_directions", "ablated_parameters", "ablated_units", "ablation
 #: the store variables written by :func:`ablate_directions`
 ABLATION_VARIABLES = ("ablation_loss_change", "ablation_coefficient", "ablation_end_loss")
 
+from polca_lightning._store_location import resolve_store
 
 def ablated_parameters(theta_0: torch.Tensor, theta_end: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``θ_end - <θ_end - θ_0, b> b``: the final parameters with the movement along ``b`` undone.
@@ -81,6 +82,7 @@ def ablate_directions(
     only supplies the architecture (its own parameter values are not used).
 
     Args:
+    storage_options: dict | None = None,
         store: path of a store with ``weights`` and ``basis_vectors``.
         module: the model the store was written from (same selected parameters).
         token_loss: the token loss the store was written with.
@@ -95,6 +97,7 @@ def ablate_directions(
 
     Raises:
         ValueError: a store without weights or basis, parameters that are not the
+        storage_options: options of a URL store's filesystem (see :func:`~polca_lightning.open_store`).
             module's, bad vector indices, or probe batches with another token count.
 
     Example:
@@ -108,6 +111,7 @@ def ablate_directions(
                          f"{ds.sizes.get('basis', 0)} basis vectors; the ablation needs a basis, a first and a last")
     K, T = ds.sizes["basis"], ds.sizes["token"]
     chosen = list(range(K)) if vectors is None else [int(v) for v in vectors]
+    store = resolve_store(store, storage_options)
     bad = [v for v in chosen if not 0 <= v < K]
     if bad:
         raise ValueError(f"vectors: {bad} are not basis indices of a store with {K} vectors")

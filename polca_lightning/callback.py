@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -17,7 +16,8 @@ from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, eval
 from polca_lightning._precision import check_compute_precision
 from polca_lightning.losses import resolve_token_loss
 from polca_lightning.polca import ORDERS, needs_curvature
-from polca_lightning.store import StoreWriter, TokenIndex
+from polca_lightning._store_location import resolve_store
+from polca_lightning.store import WEIGHTS_COMPRESSORS, StoreWriter, TokenIndex, _weights_compressors
 from polca_lightning.tracker import Collective, POLCATracker, TorchDistributed
 
 __all__ = ["POLCACallback"]
@@ -77,7 +77,8 @@ class POLCACallback(Callback):
     :func:`polca_lightning.open_store` reads back.
 
     Args:
-        store: path of the Zarr store (a directory).
+        store: path of the Zarr store (a directory), or a URL that fsspec opens
+            (``s3://bucket/run.zarr``, ``gs://...``; see :func:`polca_lightning.open_store`).
         probe_data: DataLoader or iterable of batches: the held-out tokens to decompose.
         hessian_data: DataLoader or iterable of batches: the training sample whose mean
             loss defines the Hessian (needed for ``basis="hessian"``).
@@ -95,6 +96,11 @@ class POLCACallback(Callback):
         parameters: names or shell patterns of the parameters to decompose (default all).
         mode: ``"w-"`` refuses an existing store, ``"a"`` resumes (with ``ckpt_path``),
             ``"w"`` overwrites.
+        storage_options: options of a URL store's filesystem, as ``xarray.open_zarr`` takes
+            them (S3: ``key``, ``secret``, ``endpoint_url``, ...); used for every read and
+            write of the store, the analysis after fit included.
+        weights_compressors: zarr 3 compressors of the ``weights`` snapshots (``None``: raw);
+            default :data:`polca_lightning.store.WEIGHTS_COMPRESSORS`.
         engine: ``"auto"``, ``"forward"`` or ``"reverse"``.
         memory_cap: bytes one chunk of derivative work, of the eigensolver's products and of the
             orthonormalisation may use on the model's device.
@@ -146,6 +152,8 @@ class POLCACallback(Callback):
         basis: str | Callable = "hessian",
         parameters: list[str] | None = None,
         mode: str = "w-",
+        storage_options: dict | None = None,
+        weights_compressors: Any = WEIGHTS_COMPRESSORS,
         engine: str = "auto",
         memory_cap: int = 1 << 30,
         basis_on_device: bool = True,
@@ -160,9 +168,9 @@ class POLCACallback(Callback):
         ablate: bool = True,
         progress: bool = True,
     ):
-        if not isinstance(store, (str, os.PathLike)):
-            raise TypeError(f"store: expected a path, got {type(store).__name__}")
-        self.store = Path(store)
+        location = resolve_store(store, storage_options)  # a URL fsspec cannot open fails here
+        self.store, self.storage_options = location.target, location.storage_options  # Path, or a URL
+        self.weights_compressors = _weights_compressors(weights_compressors)
         self.snapshot_every = _positive_int("snapshot_every", snapshot_every)
         self.basis_every = _positive_int("basis_every", basis_every)
         if self.basis_every % self.snapshot_every:
@@ -273,7 +281,7 @@ class POLCACallback(Callback):
     def _check_store(self) -> None:
         from polca_lightning.store import check_store_path
 
-        check_store_path(self.store, self.mode)
+        check_store_path(self.store, self.mode, self.storage_options)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         token_loss = resolve_token_loss(pl_module, self.token_loss)
@@ -297,7 +305,8 @@ class POLCACallback(Callback):
             lambda: StoreWriter(
                 self.store, mode=self.mode, tokens=tokens, parameters=list(zip(space.names, space.shapes)),
                 order=self.order, config=self._run_config(trainer, pl_module, space), max_basis=self.max_basis,
-                with_curvature=needs_curvature(self.order),
+                with_curvature=needs_curvature(self.order), storage_options=self.storage_options,
+                weights_compressors=self.weights_compressors,
             ),
         )
         self._resume(trainer)
@@ -434,14 +443,16 @@ class POLCACallback(Callback):
             from polca_lightning.lca import lca_baseline
 
             lca_baseline(self.store, t.module, t.token_loss, t.probe, self.lca_directions,
-                         engine=self.engine, progress=self.progress)
+                         engine=self.engine, progress=self.progress, storage_options=self.storage_options)
         if self.ablate:
             from polca_lightning.ablation import ablate_directions
 
-            ablate_directions(self.store, t.module, t.token_loss, t.probe, progress=self.progress)
+            ablate_directions(self.store, t.module, t.token_loss, t.probe, progress=self.progress,
+                              storage_options=self.storage_options)
 
-        report_after_fit(self.store, trainer, decode=self.decode, decode_target=self.decode_target,
-                         analysis_kwargs=self.analysis_kwargs)
+        report_after_fit(self.store, trainer, loggers=trainer.loggers, decode=self.decode,
+                         decode_target=self.decode_target, analysis_kwargs=self.analysis_kwargs,
+                         progress=self.progress, storage_options=self.storage_options)
 
     @staticmethod
     def _log(trainer: Trainer, metrics: dict, step: int) -> None:

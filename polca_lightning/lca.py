@@ -25,6 +25,7 @@ from polca_lightning.engine import DirectionalDerivatives
 from polca_lightning.functional import ParameterSpace, evaluation_mode
 from polca_lightning.losses import TokenLoss
 from polca_lightning.polca import polca_interval
+from polca_lightning._store_location import resolve_store
 from polca_lightning.store import open_store, write_analysis
 
 __all__ = ["lca_baseline"]
@@ -39,6 +40,7 @@ def lca_baseline(
     *,
     engine: str = "auto",
     progress: bool = False,
+    storage_options: dict | None = None,
 ) -> np.ndarray:
     """Compute LCA along the ``n_directions`` largest-magnitude parameters and write it.
 
@@ -50,6 +52,7 @@ def lca_baseline(
         n_directions: how many parameters (largest ``|θ|`` at the last snapshot).
         engine: the engine to use (``auto`` picks by the cost model).
         progress: show a progress bar over snapshots.
+        storage_options: options of a URL store's filesystem (see :func:`~polca_lightning.open_store`).
 
     Returns:
         The chosen parameter indices ``[n_directions]``.
@@ -57,6 +60,7 @@ def lca_baseline(
     Raises:
         ValueError: a store without weights, or one whose parameters are not the module's.
     """
+    store = resolve_store(store, storage_options)
     ds = open_store(store)
     space = ParameterSpace.of_store(module, ds, "the LCA baseline")
     order = ds.attrs["order"]

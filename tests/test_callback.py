@@ -35,7 +35,8 @@ def polca(tmp_path, name="polca.zarr", **kw):
     kw.setdefault("max_basis", 5)
     kw.setdefault("analyze", False)
     kw.setdefault("progress", False)
-    return POLCACallback(store=tmp_path / name, **kw)
+    kw.setdefault("store", tmp_path / name)  # or a URL
+    return POLCACallback(**kw)
 
 
 TRAIN = DataLoader(batches(80, 16, seed=0), batch_size=None)  # 5 batches per epoch

@@ -116,15 +116,16 @@ def result_variables(res, store) -> dict[str, tuple[tuple[str, ...], np.ndarray,
 def _drop_stale_results(path, keep) -> None:
     """Delete results of an earlier ``analyze_store`` that the new one does not replace
     (e.g. a baseline left out this time), so that their sizes cannot clash."""
-    import zarr
+    from polca_lightning.store import _open_polca_group
 
-    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    group = _open_polca_group(path, mode="r+")
     for name, arr in list(group.arrays()):
         if name not in keep and RESULT_MARK in arr.attrs:
             del group[name]
 
 
-def analyze_store(path, *, write: bool = True, progress: bool = False, **analysis_kwargs):
+def analyze_store(path, *, write: bool = True, progress: bool = False, storage_options: dict | None = None,
+                  **analysis_kwargs):
     """Analyse a store and (by default) write the results into it.
 
     Args:
@@ -132,6 +133,7 @@ def analyze_store(path, *, write: bool = True, progress: bool = False, **analysi
         write: write the results into the store (replacing an earlier analysis);
             with ``False`` the store is left untouched.
         progress: progress bar over clusterings.
+        storage_options: options of a URL store's filesystem (see :func:`polca_lightning.open_store`).
         **analysis_kwargs: passed to :func:`polca_lightning.analysis.analyze`
             (``min_cluster_size``, ``min_samples``, ``tau``, ``group_by``, ...).
 
@@ -149,8 +151,10 @@ def analyze_store(path, *, write: bool = True, progress: bool = False, **analysi
     import xarray as xr
 
     from polca_lightning.analysis import analyze
+    from polca_lightning._store_location import resolve_store
     from polca_lightning.store import open_store, write_analysis
 
+    path = resolve_store(path, storage_options)
     store = open_store(path)
     res = analyze(store, progress=progress, **analysis_kwargs)
     variables = result_variables(res, store)
@@ -177,17 +181,26 @@ def has_results(ds) -> bool:
     return "cluster" in ds.variables and RESULT_MARK in ds["cluster"].attrs
 
 
-def open_analysed_store(path):
+def open_analysed_store(path, *, storage_options: dict | None = None):
     """``open_store(path)`` plus the scalar results (``tau``, ``onset_delta``) of an
     analysis written by :func:`analyze_store` (without one: ``open_store(path)``)."""
     from polca_lightning.store import open_store
 
-    return _with_scalars(open_store(path))
+    return _with_scalars(open_store(path, storage_options=storage_options))
 
 
 def default_report_dir(store_path) -> Path:
-    """``<store>.report`` beside the store: ``runs/polca.zarr`` -> ``runs/polca.zarr.report``."""
-    store_path = Path(store_path)
+    """``<store>.report`` beside a local store: ``runs/polca.zarr`` -> ``runs/polca.zarr.report``.
+
+    A URL store (``s3://bucket/runs/polca.zarr``) gets a local folder named after its last
+    component in the working directory: ``./polca.zarr.report``.
+    """
+    from polca_lightning._store_location import resolve_store
+
+    location = resolve_store(store_path)
+    if location.remote:
+        return Path(location.name + ".report")
+    store_path = location.target
     return store_path.with_name(store_path.name + ".report")
 
 
@@ -532,18 +545,30 @@ def signal_table(ds, method: str = "polca", *, folds: int = 5, seed: int = 0) ->
 
 
 # ---------------------------------------------------------------------- after fit
+def _store_key(store):
+    """A local store's absolute path, a URL as it is; None for anything else."""
+    from polca_lightning._store_location import resolve_store
+
+    try:
+        location = resolve_store(store)
+    except (TypeError, ValueError, ImportError):
+        return None
+    return location.target if location.remote else location.target.resolve()
+
+
 def _find_callback(trainer, store_path):
-    target = Path(store_path).resolve()
+    target = _store_key(store_path)
     for cb in getattr(trainer, "callbacks", []):
         store = getattr(cb, "store", None)
-        if store is not None and isinstance(store, (str, os.PathLike)) and Path(store).resolve() == target:
+        if store is not None and isinstance(store, (str, os.PathLike)) and _store_key(store) == target:
             return cb
     return None
 
 
 def report_after_fit(store_path, trainer, *, decode: Callable[[int, int], str] | None = None,
                      decode_target: Callable[[int], str] | None = None,
-                     analysis_kwargs: dict | None = None, report_dir=None) -> None:
+                     analysis_kwargs: dict | None = None, report_dir=None,
+                     storage_options: dict | None = None) -> None:
     """Analyse the store of a finished run and report it (called by ``POLCACallback``).
 
     Runs :func:`analyze_store` (results written into the store), then logs the report to
@@ -551,12 +576,13 @@ def report_after_fit(store_path, trainer, *, decode: Callable[[int, int], str] |
     :func:`~polca_lightning.report.wandb_report.log_report`; with no W&B logger, or when
     ``report_dir`` is given, writes the PNG/CSV folder
     :func:`~polca_lightning.report.folder.write_report_folder` at ``report_dir`` (default
-    ``<store>.report`` beside the store).
+    :func:`default_report_dir`: ``<store>.report`` beside a local store, ``./<name>.report``
+    in the working directory for a URL store).
 
     ``decode`` (``(sequence, position) -> str``, the medoid contexts' text),
     ``decode_target`` (``token_id -> str``, the text of the clusters' most common
-    targets) and ``analysis_kwargs`` default to the callback's attributes of the same
-    names when it has them.
+    targets), ``analysis_kwargs`` and ``storage_options`` (of a URL store) default to the
+    callback's attributes of the same names when it has them.
 
     Raises:
         ReportError: the analysis or the report failed. The store is already complete
@@ -572,8 +598,10 @@ def report_after_fit(store_path, trainer, *, decode: Callable[[int, int], str] |
         analysis_kwargs = getattr(cb, "analysis_kwargs", None)
     analysis_kwargs = dict(analysis_kwargs or {})
     progress = bool(getattr(cb, "progress", True))
+    if storage_options is None:
+        storage_options = getattr(cb, "storage_options", None) or None
     try:
-        ds = analyze_store(store_path, progress=progress, **analysis_kwargs)
+        ds = analyze_store(store_path, progress=progress, storage_options=storage_options, **analysis_kwargs)
     except Exception as error:
         raise ReportError(
             f"POLCA: the analysis after fit failed ({type(error).__name__}: {error}). The store "
