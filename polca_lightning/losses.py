@@ -71,9 +71,15 @@ def _sequence_logits(module: nn.Module, input_ids: Tensor, attention_mask: Tenso
     output = module(input_ids) if attention_mask is None else module(input_ids, attention_mask=attention_mask)
     logits = _logits_of(output)
     if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        hint = ""
+        if logits.dim() == 2:  # [batch, classes]: a classifier under a language-model loss
+            hint = (". The model returns one row of logits per example, as a classifier does: pass "
+                    "token_loss=classifier_token_loss (POLCACallback's default token loss is "
+                    "causal_lm_token_loss, the next-token cross-entropy of a language model), "
+                    "or your own token_loss(module, batch) -> (loss [B, P], mask [B, P])")
         raise ValueError(
             f"{who}: expected logits of shape [batch, length, vocab] = [{input_ids.shape[0]}, "
-            f"{input_ids.shape[1]}, V], got {list(logits.shape)}"
+            f"{', '.join(map(str, input_ids.shape[1:]))}, V], got {list(logits.shape)}{hint}"
         )
     return logits
 

@@ -89,6 +89,17 @@ def test_wrong_model_outputs_are_errors():
         classifier_token_loss(TinyMLP(), torch.zeros(2, 3))
 
 
+def test_a_classifier_under_the_default_language_model_loss_is_told_to_use_classifier_token_loss():
+    model = TinyMLP()
+    batch = (torch.randn(4, 3), torch.randint(0, 4, (4,)))  # 3 features, 4 classes
+    assert resolve_token_loss(model, None) is causal_lm_token_loss
+    with pytest.raises(ValueError, match="pass token_loss=classifier_token_loss") as error:
+        resolve_token_loss(model, None)(model, batch)
+    assert "[4, 3, V], got [4, 4]" in str(error.value)
+    loss, mask, _ = classifier_token_loss(model, batch)  # what the message suggests works
+    assert loss.shape == mask.shape == (4, 1)
+
+
 def test_all_masked_batch_is_an_error():
     model = tiny_lm()
     space = ParameterSpace.from_module(model)
