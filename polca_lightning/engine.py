@@ -216,13 +216,17 @@ class DirectionalDerivatives:
                 result.loss = self._loss_only(theta, batches).loss  # the loss itself in full float32
             return result
 
+    @staticmethod
+    def _on_other_device(directions: Tensor, theta: Tensor) -> bool:
+        return directions.device != theta.device
+
     def _streamed(self, engine: str, theta: Tensor, batches, directions: Tensor, curvature: bool) -> DerivativeResult:
         """:meth:`_run` on directions already on ``theta``'s device, else on a chunk of rows at a time.
 
         A chunk of streamed rows takes at most half of ``memory_cap`` on the device (one row at
         least); the engines' own chunks get the rest while it is there.
         """
-        if directions.device == theta.device:
+        if not self._on_other_device(directions, theta):
             return self._run(engine, theta, batches, directions.to(dtype=theta.dtype), curvature)
         row_bytes = self.space.dim * theta.element_size()
         rows = max(1, (self.memory_cap // 2) // row_bytes)
