@@ -33,6 +33,7 @@ benchmark: $(VENV)/.installed
 	$(PY) benchmarks/engine_families.py
 	$(PY) benchmarks/callback.py
 	$(PY) benchmarks/analysis.py
+	$(PY) benchmarks/snapshot_compression.py
 
 clean:
 	rm -rf $(VENV) runs wandb

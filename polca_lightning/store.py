@@ -4,6 +4,10 @@ Written during training by one process (:class:`StoreWriter`, used by the callba
 read lazily with :func:`open_store` or, as it is, with ``xarray.open_zarr(path)``
 (every array carries ``dimension_names``). Names are stable; analysis code relies on them.
 
+A store is a local directory or a URL that fsspec opens (``s3://bucket/run.zarr``,
+``gs://...``, ``memory://...``), with ``storage_options`` for its filesystem as
+``xarray.open_zarr`` takes them; both behave the same (docs/store.md, "Remote stores").
+
 Dimensions: ``snapshot`` (grows), ``interval`` (= snapshot - 1: interval ``i`` runs from
 snapshot ``i`` to ``i+1``), ``basis`` (grows up to ``max_basis``), ``token``, ``param``.
 

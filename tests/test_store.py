@@ -445,3 +445,40 @@ def test_reader_sees_only_complete_snapshots_while_writing(tmp_path):
         np.testing.assert_array_equal(ds["polca"].values[:, 0, 0], expected[1:])
     writer.close()
     assert open_store(path).sizes["snapshot"] == 30
+
+
+def test_weights_are_compressed_and_uncompressed_stores_still_open_and_resume(tmp_path):
+    """Stores written before the weights were compressed (every big array raw) open and
+    resume; a resumed store keeps each array's codecs, whatever the writer's default."""
+    import zarr
+
+    from polca_lightning.store import WEIGHTS_COMPRESSORS
+
+    def codecs(path, name):
+        return [type(c).__name__ for c in zarr.open_group(path, mode="r")[name].compressors]
+
+    new = tmp_path / "new.zarr"
+    with make_writer(new) as writer:
+        ref = fill_run(writer)
+    assert codecs(new, "weights") == [type(c).__name__ for c in WEIGHTS_COMPRESSORS] == ["BloscCodec"]
+    assert codecs(new, "loss") == codecs(new, "basis_vectors") == []
+    np.testing.assert_array_equal(open_store(new)["weights"].values, ref["weights"])  # lossless, bit for bit
+
+    old = tmp_path / "old.zarr"  # the earlier layout: no compressor on any array with a token or param axis
+    writer = make_writer(old, weights_compressors=None)
+    part = fill_run(writer, n_snapshots=3)
+    writer.close(complete=False)
+    assert codecs(old, "weights") == []
+    assert_matches(open_store(old), part, 3, 3)
+    assert_matches(xr.open_zarr(old), part, 3, 3)
+    writer = make_writer(old, mode="a")  # the default compressors now; the store keeps its own
+    writer.write_snapshot(3, int(ref["step"][3]), ref["loss"][3], ref["weights"][3])
+    writer.write_directional_grad(3, 0, ref["directional_grad"][3])
+    writer.write_curvature(3, 0, ref["curvature"][3])
+    writer.write_interval(2, 0, ref["delta"][2], ref["polca"][2], ref["polca_first"][2])
+    writer.commit(4, 3)
+    writer.close()
+    assert codecs(old, "weights") == []
+    assert_matches(open_store(old), ref, 4, 3)
+    with pytest.raises(TypeError, match="weights_compressors: expected zarr 3 compressors"):
+        make_writer(tmp_path / "bad.zarr", weights_compressors="zstd")
