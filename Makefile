@@ -34,6 +34,7 @@ benchmark: $(VENV)/.installed
 	$(PY) benchmarks/callback.py
 	$(PY) benchmarks/analysis.py
 	$(PY) benchmarks/snapshot_compression.py
+	$(PY) benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) runs wandb

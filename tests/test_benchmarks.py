@@ -1,0 +1,53 @@
+"""The scaling benchmark in its smoke mode, so it cannot rot (no timing is asserted)."""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCALE = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+
+
+def _scale_module():
+    spec = importlib.util.spec_from_file_location("scale_benchmark", SCALE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_power_fit_recovers_a_known_law_and_parameter_count_matches_the_model():
+    scale = _scale_module()
+    xs = [1e5, 1e6, 1e7]
+    c, a = scale.fit_power(xs, [3.0 * x**0.5 for x in xs])
+    assert c == pytest.approx(3.0, rel=1e-9) and a == pytest.approx(0.5, rel=1e-9)
+    assert scale.fit_power([1e6], [1.0]) is None
+
+    from polca_lightning.toy import TinyTransformer
+
+    model = TinyTransformer(vocab=scale.VOCAB, d_model=64, n_layers=2, n_heads=1, max_len=scale.CONTEXT)
+    assert scale.n_params(64, 2) == sum(p.numel() for p in model.parameters())
+
+
+def test_scale_quick_prints_every_table(tmp_path):
+    out = tmp_path / "table.md"
+    proc = subprocess.run(
+        [sys.executable, str(SCALE), "--quick", "--sizes", "32:1", "--k", "1", "--probe", "2", "--snapshots", "2",
+         "--repeat", "1", "--max-hvp", "3", "--converge-below", "0", "--out", str(out)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    assert out.read_text().strip() == text.strip()
+    for header in ("| size | params | d_model x layers | forward pass |", "1st order s/snap/dir", "s/HVP",
+                   "| size | setup | snapshot | interval | eigensolve | backfill | io |",
+                   "| size | model meas. | model comp. | basis comp. | eigensolve meas. | Krylov comp. |",
+                   "writer queue meas.", "| size | weights/snapshot |", "Fits need at least two sizes"):
+        assert header in text, header
+    row = next(line for line in text.splitlines() if line.startswith("| 0.15M | 146,912 | 32 x 1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[11] == "3 (capped at 3)"  # HVPs: the cap was honoured and counted
+    assert all(math.isfinite(float(cells[i].removesuffix(" s"))) for i in (3, 4, 6, 7, 8, 9, 10))
