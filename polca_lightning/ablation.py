@@ -33,6 +33,7 @@ from torch import nn
 
 from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
 from polca_lightning.losses import TokenLoss
+from polca_lightning._store_location import resolve_store
 from polca_lightning.store import open_store, write_analysis
 
 __all__ = ["ablate_directions", "ablated_parameters", "ablated_units", "ablation_table", "ablation_summary",
@@ -41,7 +42,6 @@ __all__ = ["ablate_directions", "ablated_parameters", "ablated_units", "ablation
 #: the store variables written by :func:`ablate_directions`
 ABLATION_VARIABLES = ("ablation_loss_change", "ablation_coefficient", "ablation_end_loss")
 
-from polca_lightning._store_location import resolve_store
 
 def ablated_parameters(theta_0: torch.Tensor, theta_end: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``θ_end - <θ_end - θ_0, b> b``: the final parameters with the movement along ``b`` undone.
@@ -75,6 +75,7 @@ def ablate_directions(
     *,
     write: bool = True,
     progress: bool = False,
+    storage_options: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Undo the movement along each of ``vectors`` and measure every probe token's loss change.
 
@@ -82,7 +83,6 @@ def ablate_directions(
     only supplies the architecture (its own parameter values are not used).
 
     Args:
-    storage_options: dict | None = None,
         store: path of a store with ``weights`` and ``basis_vectors``.
         module: the model the store was written from (same selected parameters).
         token_loss: the token loss the store was written with.
@@ -90,6 +90,7 @@ def ablate_directions(
         vectors: basis indices to ablate (default: all).
         write: write the results into the store (``ablation_*`` variables).
         progress: a progress bar over vectors.
+        storage_options: options of a URL store's filesystem (see :func:`~polca_lightning.open_store`).
 
     Returns:
         ``{"loss_change": [K, T] (NaN rows for vectors not ablated), "coefficient": [K],
@@ -97,13 +98,13 @@ def ablate_directions(
 
     Raises:
         ValueError: a store without weights or basis, parameters that are not the
-        storage_options: options of a URL store's filesystem (see :func:`~polca_lightning.open_store`).
             module's, bad vector indices, or probe batches with another token count.
 
     Example:
         >>> out = ablate_directions("runs/polca.zarr", model, causal_lm_token_loss, probe)
         >>> out["loss_change"][3].mean()  # mean loss change when vector 3 is undone
     """
+    store = resolve_store(store, storage_options)
     ds = open_store(store)
     space = ParameterSpace.of_store(module, ds, "the ablation")
     if "basis_vectors" not in ds or ds.sizes["snapshot"] < 2:
@@ -111,7 +112,6 @@ def ablate_directions(
                          f"{ds.sizes.get('basis', 0)} basis vectors; the ablation needs a basis, a first and a last")
     K, T = ds.sizes["basis"], ds.sizes["token"]
     chosen = list(range(K)) if vectors is None else [int(v) for v in vectors]
-    store = resolve_store(store, storage_options)
     bad = [v for v in chosen if not 0 <= v < K]
     if bad:
         raise ValueError(f"vectors: {bad} are not basis indices of a store with {K} vectors")
