@@ -38,6 +38,7 @@ Usage:
     python benchmarks/scale.py --sizes 1M,5M,256:2 --k 8    # presets or d_model:n_layers
     python benchmarks/scale.py --host-basis                 # basis_on_device=False
     python benchmarks/scale.py --out scaling_table.md       # also write the tables to a file
+    python benchmarks/scale.py --results runs/scale.json    # keep the measurements; a rerun only prints
 """
 
 from __future__ import annotations
@@ -550,20 +551,26 @@ def tables(results: list[dict], args) -> str:
          f"loss tokens as here, basis steps of {args.goal_k_step} vectors (Krylov m = {m}), HVPs per vector "
          f"{h_vec:.1f} (mean of the sizes that converged), fp32 AdamW training.")
     emit("")
-    emit("GPU memory (GB): model 16 d; basis 4 K d; Krylov 4 (m+1) d; two parameter snapshots 8 d (the "
-         "tracker's last snapshot and the current one); working set: the larger of the eigensolve's (less its "
-         "Krylov vectors) and the first-order derivatives', each extrapolated with its fit (host figures, "
-         "assumed to carry over to the device).")
+    emit("Memory (GB): model 16 d (fp32 AdamW); basis 4 K d; Krylov 4 (m+1) d; two parameter snapshots 8 d "
+         "(the tracker's last snapshot and the current one); working set: the larger of the eigensolve's (less "
+         "its Krylov vectors) and the first-order derivatives', each extrapolated with its fit (host figures, "
+         "assumed to carry over to the device). With `basis_on_device=False` the basis and the Krylov vectors "
+         "are in (pinned) host memory and the device holds chunks of `memory_cap` (1 GiB by default) instead.")
     emit("")
-    head = ("size", "model", "basis K=30", "Krylov", "snapshots", "working set", "total", "80 GB budget")
+    head = ("size", "basis kept", "model", "basis K=30", "Krylov", "snapshots", "working set", "device total",
+            "vs 80 GB", "host: basis + Krylov")
     emit("| " + " | ".join(head) + " |")
     emit("|" + "---|" * len(head))
+    cap = float(1 << 30)
     for name, x in TARGETS.items():
-        ws = max(at(key, x) for key in ("hvp_ws", "first_ws") if fits[key] is not None)
-        parts = [16 * x, 4 * GOAL_K * x, 4 * (m + 1) * x, 8 * x, ws]
-        total = sum(parts)
-        verdict = "fits" if total <= GOAL_GPU_BYTES else f"over by {gb(total - GOAL_GPU_BYTES)}"
-        emit(f"| {name} | " + " | ".join(gb(p) for p in parts) + f" | {gb(total)} | {verdict} |")
+        ws = max([at(key, x) for key in ("hvp_ws", "first_ws") if fits[key] is not None], default=0.0)
+        model, basis, krylov, snaps = 16 * x, 4 * GOAL_K * x, 4 * (m + 1) * x, 8 * x
+        for kept, parts, host in (("on the device", [model, basis, krylov, snaps, ws], 0.0),
+                                  ("on the host", [model, cap, cap, snaps, ws], basis + krylov)):
+            total = sum(parts)
+            verdict = "fits" if total <= GOAL_GPU_BYTES else f"over by {gb(total - GOAL_GPU_BYTES)}"
+            emit(f"| {name} | {kept} | " + " | ".join(gb(v) for v in parts) + f" | {gb(total)} | {verdict} | "
+                 f"{gb(host)} |")
     tflops = args.gpu_tflops
     emit("")
     emit(f"POLCA time for K = {GOAL_K}, {GOAL_SNAPSHOTS} snapshots: derivatives {GOAL_SNAPSHOTS} x {GOAL_K} "
@@ -592,6 +599,36 @@ def tables(results: list[dict], args) -> str:
             der_gpu = GOAL_SNAPSHOTS * GOAL_K * passes * fwd_gpu
             emit(f"| {name} | {order} | {seconds(der_cpu)} | {seconds(eig_cpu)} | {seconds(der_cpu + eig_cpu)} | "
                  f"{seconds(der_gpu)} | {seconds(eig_gpu)} | {seconds(der_gpu + eig_gpu)} | {gb(store)} GB |")
+    # ------------------------------------------------------------ data movement the FLOP estimate leaves out
+    step = args.goal_k_step
+    n_steps = math.ceil(GOAL_K / step)
+    keep = max(step, min(m - 1, step + (m - step) // 2))
+    mean_krylov = (keep + m) / 2 + 1  # Krylov rows an iteration works against, between thick restarts
+    mean_basis = sum(min(i * step, GOAL_K) for i in range(n_steps)) / n_steps  # basis rows an eigensolve projects out
+    rows_per_hvp = 3 * (mean_krylov + mean_basis) + 4 * mean_basis  # Gram-Schmidt: 3 passes; P before and after H
+    # basis steps evenly spread over the snapshots: the one at snapshot s backfills s - 1 earlier ones
+    reads = sum(round(GOAL_SNAPSHOTS * (i + 1) / n_steps) - 1 for i in range(n_steps))
+    weights_per_param = largest["weights_bytes"] / results[-1]["d"]
+    emit("")
+    emit(f"Data movement (computed, not measured). With the basis on the host, every product with the basis "
+         f"and the Krylov vectors streams them to the device: per HVP about 3 (Krylov rows + basis rows) + 4 "
+         f"basis rows = {rows_per_hvp:.0f} rows of 4 d bytes (Gram-Schmidt in three passes, the projection P "
+         f"before and after H; {mean_krylov:.0f} Krylov rows and {mean_basis:.1f} basis rows on average over "
+         f"{n_steps} basis steps of {step}), and each snapshot-direction one row; at {args.pcie_gbs:g} GB/s "
+         f"(an assumed host-to-device rate). Backfill reads {reads} earlier snapshots' weights from the store "
+         f"({weights_per_param:.2f} bytes per parameter as stored here) with the basis steps spread evenly "
+         f"over the {GOAL_SNAPSHOTS} snapshots.")
+    emit("")
+    head = ("size", "host-basis HVP transfers", "time", "host-basis direction transfers", "time",
+            "backfill weight reads")
+    emit("| " + " | ".join(head) + " |")
+    emit("|" + "---|" * len(head))
+    rate = args.pcie_gbs * 1e9
+    for name, x in TARGETS.items():
+        hvp_bytes = GOAL_K * h_vec * rows_per_hvp * 4 * x
+        dir_bytes = GOAL_SNAPSHOTS * GOAL_K * 4 * x
+        emit(f"| {name} | {gb(hvp_bytes)} GB | {seconds(hvp_bytes / rate)} | {gb(dir_bytes)} GB | "
+             f"{seconds(dir_bytes / rate)} | {gb(reads * weights_per_param * x)} GB |")
     return "\n".join(lines)
 
 
@@ -599,7 +636,11 @@ def code_version() -> str:
     """The commit measured, and the package files that differ from it (a shared working tree)."""
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout  # noqa: E731
-        dirty = [line[3:] for line in git("status", "--porcelain", "--", "polca_lightning").splitlines()]
+        # the modules a measurement runs through
+        core = [f"polca_lightning/{m}.py" for m in ("callback", "tracker", "engine", "hessian", "_streaming", "_ghost",
+                                                    "_jacobians", "functional", "polca", "losses", "store",
+                                                    "_store_writer", "toy")]
+        dirty = [line[3:] for line in git("status", "--porcelain", "--", *core).splitlines()]
         return f"commit {git('rev-parse', '--short', 'HEAD').strip()}" + (
             f", with uncommitted changes in {', '.join(dirty)}" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -643,7 +684,11 @@ def main():
     p.add_argument("--goal-k-step", type=int, default=5, help="vectors per basis step assumed for the goal's Krylov size")
     p.add_argument("--gpu-tflops", type=float, default=50.0,
                    help="assumed effective GPU FLOP rate for the GPU time estimate (default 50 TFLOP/s)")
+    p.add_argument("--pcie-gbs", type=float, default=25.0,
+                   help="assumed host-to-device rate for the host-basis transfer estimate (default 25 GB/s)")
     p.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
+    p.add_argument("--results", type=Path, default=None,
+                   help="keep each size's measurements in this JSON file; sizes already in it are not rerun")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -656,18 +701,25 @@ def main():
         p.error(f"--snapshots: expected at least 2 (one interval), got {args.snapshots}")
     sizes = args.sizes[:2] if args.quick else args.sizes
     results = []
+    cache = json.loads(args.results.read_text()) if args.results and args.results.exists() else {}
     wall = time.perf_counter()
     for i, (name, d_model, n_layers) in enumerate(sizes):
         cfg = {"name": name, "d_model": d_model, "n_layers": n_layers, "k": args.k, "probe": args.probe,
                "snapshots": args.snapshots, "repeat": args.repeat, "max_hvp": args.max_hvp,
                "converge_below": args.converge_below, "host_basis": args.host_basis, "threads": args.threads,
                "token_sweep": i == min(1, len(sizes) - 1)}
-        start = time.perf_counter()
-        results.append({**run_child(cfg), "name": name})
-        print(f"# {name}: {results[-1]['d']:,} parameters in {time.perf_counter() - start:.0f} s", file=sys.stderr,
-              flush=True)
+        key = json.dumps(cfg, sort_keys=True)
+        if key not in cache:
+            start = time.perf_counter()
+            cache[key] = {**run_child(cfg), "name": name, "code": code_version()}
+            print(f"# {name}: {cache[key]['d']:,} parameters in {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr, flush=True)
+            if args.results:
+                args.results.write_text(json.dumps(cache, indent=1))
+        results.append(cache[key])
     text = tables(results, args)
-    text += f"\n\nbenchmark wall time {time.perf_counter() - wall:.0f} s; {code_version()}"
+    codes = sorted({r.get("code", "") for r in results})
+    text += f"\n\nbenchmark wall time {time.perf_counter() - wall:.0f} s; measured at " + "; ".join(codes)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
