@@ -164,3 +164,78 @@ class RowStream:
         for cols in self.chunks([block, out]):
             out[:, cols] = (coef @ self.load(block, cols)).to(out.dtype)
         return out
+
+
+def check_memory_cap(memory_cap) -> int | None:
+    if memory_cap is not None and (isinstance(memory_cap, bool) or not isinstance(memory_cap, int) or memory_cap < 1):
+        raise ValueError(f"`memory_cap` must be a positive int (bytes) or None, got {memory_cap!r}")
+    return memory_cap
+
+
+def rows_on(storage: torch.device, device: torch.device, n_rows: int, dim: int, dtype: torch.dtype) -> Tensor:
+    """``[n_rows, dim]`` on ``storage``: pinned host memory when the work is on a CUDA device."""
+    if storage.type == "cpu":
+        return host_rows(n_rows, dim, dtype, pin=device.type == "cuda")
+    return torch.empty(n_rows, dim, dtype=dtype, device=storage)
+
+
+def orthonormalize_rows(
+    vectors: Tensor,
+    basis: Tensor | None = None,
+    *,
+    memory_cap: int | None = None,
+    device=None,
+    what: str = "new",
+) -> Tensor:
+    """Make the rows of ``vectors`` orthonormal to each other and to the rows of ``basis``, in place.
+
+    Block Gram-Schmidt against ``basis`` (twice: the basis is orthonormal only to its own
+    precision), then Cholesky QR of the Gram matrix (twice where once falls short of the
+    storage precision). Every inner product is accumulated in float64 a column chunk at a
+    time (:class:`~polca_lightning._streaming.RowStream`), and the rows are updated a chunk at
+    a time, so nothing of size ``[k, d]`` or ``[K, d]`` is ever copied, in float64 or at all:
+    ``vectors`` and ``basis`` may live in host memory while the chunks are multiplied on
+    ``device``. The result equals ``Q`` of the QR factorisation ``vectorsᵀ = Q R`` (after
+    projecting out the basis) with ``R``'s diagonal positive, so each row keeps its orientation.
+
+    Args:
+        vectors: ``[k, d]``, overwritten with the result.
+        basis: ``[K, d]`` orthonormal rows, or ``None``.
+        memory_cap: bytes of one chunk's copies on ``device`` (``None``: one chunk).
+        device: where the chunks are multiplied (default: ``vectors``' device).
+        what: names the vectors in the error.
+
+    Returns:
+        ``vectors``.
+
+    Raises:
+        ValueError: a row (nearly) in the span of the basis and of the rows before it.
+
+    Example:
+        >>> v = torch.tensor([[3.0, 4.0, 0.0], [1.0, 1.0, 1.0]])
+        >>> orthonormalize_rows(v, torch.tensor([[0.0, 0.0, 1.0]])).round(decimals=4)
+        tensor([[ 0.6000,  0.8000,  0.0000],
+                [ 0.8000, -0.6000,  0.0000]])
+    """
+    k, dim = vectors.shape
+    stream = RowStream(dim, vectors.device if device is None else device, check_memory_cap(memory_cap))
+    blocks = [basis] if basis is not None and basis.shape[0] else []
+    first = stream.gram(vectors, [vectors, *blocks])  # [k, k + K]
+    scale = first[:, :k].diagonal().max().clamp_min(1e-300).sqrt()  # largest row norm before projection
+    gram = first[:, :k]
+    if blocks:
+        c = first[:, k:]  # [k, K]
+        c = stream.update_rows(vectors, minus=c, blocks=blocks, gram_with=blocks)  # [k, K] of the result
+        gram = stream.update_rows(vectors, minus=c, blocks=blocks, gram_with=[vectors])  # [k, k]
+    eps = torch.finfo(vectors.dtype).eps
+    for attempt in range(2):
+        L, info = torch.linalg.cholesky_ex(gram)  # gram = L Lᵀ, L's diagonal = |R|'s
+        if attempt == 0 and (info.item() != 0 or (L.diagonal() < 1e-4 * scale).any()):
+            raise ValueError(f"basis: the {what} directions are linearly dependent on each other or on the basis")
+        if info.item() != 0:  # only reachable on a second pass: the first one left the rows orthonormal
+            break
+        inv = torch.linalg.solve_triangular(L, torch.eye(k, dtype=L.dtype, device=L.device), upper=False)
+        gram = stream.update_rows(vectors, transform=inv, gram_with=[vectors])  # rows <- L⁻¹ rows
+        if (gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max().item() <= 1e3 * eps:
+            break
+    return vectors

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from polca_lightning._streaming import RowStream, host_rows
+from polca_lightning._streaming import RowStream, check_memory_cap, rows_on, orthonormalize_rows
 
 __all__ = ["EigenResult", "projected_hessian_eigs", "orthonormalize_rows", "hvp_of"]
 
@@ -69,81 +69,6 @@ def _check_basis(basis: Tensor | None, dim: int, stream: RowStream) -> Tensor | 
     if not math.isfinite(err) or err > limit:
         raise ValueError(f"`basis` rows must be orthonormal: max |B Bᵀ - I| = {err:.3g} exceeds {limit:g}")
     return basis
-
-
-def _check_cap(memory_cap) -> int | None:
-    if memory_cap is not None and (isinstance(memory_cap, bool) or not isinstance(memory_cap, int) or memory_cap < 1):
-        raise ValueError(f"`memory_cap` must be a positive int (bytes) or None, got {memory_cap!r}")
-    return memory_cap
-
-
-def _rows_on(storage: torch.device, device: torch.device, n_rows: int, dim: int, dtype: torch.dtype) -> Tensor:
-    """``[n_rows, dim]`` on ``storage``: pinned host memory when the work is on a CUDA device."""
-    if storage.type == "cpu":
-        return host_rows(n_rows, dim, dtype, pin=device.type == "cuda")
-    return torch.empty(n_rows, dim, dtype=dtype, device=storage)
-
-
-def orthonormalize_rows(
-    vectors: Tensor,
-    basis: Tensor | None = None,
-    *,
-    memory_cap: int | None = None,
-    device=None,
-    what: str = "new",
-) -> Tensor:
-    """Make the rows of ``vectors`` orthonormal to each other and to the rows of ``basis``, in place.
-
-    Block Gram-Schmidt against ``basis`` (twice: the basis is orthonormal only to its own
-    precision), then Cholesky QR of the Gram matrix (twice where once falls short of the
-    storage precision). Every inner product is accumulated in float64 a column chunk at a
-    time (:class:`~polca_lightning._streaming.RowStream`), and the rows are updated a chunk at
-    a time, so nothing of size ``[k, d]`` or ``[K, d]`` is ever copied, in float64 or at all:
-    ``vectors`` and ``basis`` may live in host memory while the chunks are multiplied on
-    ``device``. The result equals ``Q`` of the QR factorisation ``vectorsᵀ = Q R`` (after
-    projecting out the basis) with ``R``'s diagonal positive, so each row keeps its orientation.
-
-    Args:
-        vectors: ``[k, d]``, overwritten with the result.
-        basis: ``[K, d]`` orthonormal rows, or ``None``.
-        memory_cap: bytes of one chunk's copies on ``device`` (``None``: one chunk).
-        device: where the chunks are multiplied (default: ``vectors``' device).
-        what: names the vectors in the error.
-
-    Returns:
-        ``vectors``.
-
-    Raises:
-        ValueError: a row (nearly) in the span of the basis and of the rows before it.
-
-    Example:
-        >>> v = torch.tensor([[3.0, 4.0, 0.0], [1.0, 1.0, 1.0]])
-        >>> orthonormalize_rows(v, torch.tensor([[0.0, 0.0, 1.0]])).round(decimals=4)
-        tensor([[ 0.6000,  0.8000,  0.0000],
-                [ 0.8000, -0.6000,  0.0000]])
-    """
-    k, dim = vectors.shape
-    stream = RowStream(dim, vectors.device if device is None else device, _check_cap(memory_cap))
-    blocks = [basis] if basis is not None and basis.shape[0] else []
-    first = stream.gram(vectors, [vectors, *blocks])  # [k, k + K]
-    scale = first[:, :k].diagonal().max().clamp_min(1e-300).sqrt()  # largest row norm before projection
-    gram = first[:, :k]
-    if blocks:
-        c = first[:, k:]  # [k, K]
-        c = stream.update_rows(vectors, minus=c, blocks=blocks, gram_with=blocks)  # [k, K] of the result
-        gram = stream.update_rows(vectors, minus=c, blocks=blocks, gram_with=[vectors])  # [k, k]
-    eps = torch.finfo(vectors.dtype).eps
-    for attempt in range(2):
-        L, info = torch.linalg.cholesky_ex(gram)  # gram = L Lᵀ, L's diagonal = |R|'s
-        if attempt == 0 and (info.item() != 0 or (L.diagonal() < 1e-4 * scale).any()):
-            raise ValueError(f"basis: the {what} directions are linearly dependent on each other or on the basis")
-        if info.item() != 0:  # only reachable on a second pass: the first one left the rows orthonormal
-            break
-        inv = torch.linalg.solve_triangular(L, torch.eye(k, dtype=L.dtype, device=L.device), upper=False)
-        gram = stream.update_rows(vectors, transform=inv, gram_with=[vectors])  # rows <- L⁻¹ rows
-        if (gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max().item() <= 1e3 * eps:
-            break
-    return vectors
 
 
 def projected_hessian_eigs(
@@ -217,7 +142,7 @@ def projected_hessian_eigs(
         raise TypeError(f"`hvp` must be callable (v [d] -> H v [d]), got {type(hvp).__name__}")
     dim = _check_int("dim", dim, 1)
     k = _check_int("k", k, 1)
-    memory_cap = _check_cap(memory_cap)
+    memory_cap = check_memory_cap(memory_cap)
     if basis is not None and not isinstance(basis, Tensor):
         raise TypeError(f"`basis` must be a Tensor of shape [K, {dim}] or None, got {type(basis).__name__}")
     device = torch.device(device) if device is not None else (basis.device if basis is not None else torch.device("cpu"))
@@ -291,7 +216,7 @@ def projected_hessian_eigs(
                 return r / norm
         return None
 
-    V = _rows_on(storage, device, m + 1, dim, dtype)  # Lanczos vectors, rows
+    V = rows_on(storage, device, m + 1, dim, dtype)  # Lanczos vectors, rows
     T = torch.zeros(m + 1, m + 1, dtype=torch.float64)  # projected matrix Vᵀ (PHP) V
     start = random_unit(V[:0])
     if start is None:  # only possible when n_avail is ~0 numerically
@@ -351,7 +276,7 @@ def projected_hessian_eigs(
             j, seq_start = keep, 0
             if progress is not None:
                 progress(n_hvp, res[:k].to(dtype))
-    vecs = stream.combine(Y[:, :k].T, V[:j], _rows_on(storage, device, k, dim, dtype))  # [k, d] Ritz vectors
+    vecs = stream.combine(Y[:, :k].T, V[:j], rows_on(storage, device, k, dim, dtype))  # [k, d] Ritz vectors
     del V
     if B:  # re-orthogonalise against B (twice) so orthogonality holds to roundoff
         c = stream.gram(vecs, B)
