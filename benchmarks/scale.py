@@ -215,9 +215,10 @@ def child(cfg: dict) -> dict:
         """The tracker's eigensolve as it calls it, with its HVPs counted and timed (and capped where asked)."""
         def counted(v):
             start_ = clock()
-            result = hvp(v)
-            if result.is_cuda:
-                torch.cuda.synchronize()
+            with mem.phase("hvp"):
+                result = hvp(v)
+                if result.is_cuda:
+                    torch.cuda.synchronize()
             hvp_stats["hvp_seconds"] += clock() - start_
             return result
 
@@ -394,8 +395,8 @@ def derived(r: dict) -> dict:
         "basis_computed": 4 * k * d,
         "krylov_computed": 4 * (r.get("krylov_dim", krylov_dim(k)) + 1) * d,
         "eigensolve_measured": peaks.get("eigensolve", 0),
-        # the eigensolve's working set besides its Krylov vectors: the HVP's graph, parameter copies
-        "hvp_ws": max(peaks.get("eigensolve", 0) - 4 * (r.get("krylov_dim", krylov_dim(k)) + 1) * d, 0),
+        "hvp_ws": peaks.get("hvp", 0),  # one HVP call: the double-backward graph
+        "setup_ws": peaks.get("setup", 0),  # the engine check and calibration
         "first_ws": peaks.get("first_order", 0),
         "second_ws": peaks.get("second_order", 0),
         "interval_ws": max(peaks.get("interval", 0), peaks.get("backfill", 0)),
@@ -456,17 +457,21 @@ def tables(results: list[dict], args) -> str:
     emit("")
     emit("Host memory (MiB). `meas.`: peak RSS during the phase less RSS at its start, sampled every 2 ms; "
          "`comp.`: computed from sizes. Model: AdamW training, 16 bytes per parameter computed; basis K d 4; "
-         f"eigensolver: the eigensolve phase measured, Krylov (m+1) d 4 with m = {krylov_dim(args.k)} computed; "
+         f"eigensolver: the eigensolve phase measured (Krylov vectors, the chunked float64 products with them, of "
+         f"at most `memory_cap` bytes, and the HVPs), Krylov (m+1) d 4 with m = {krylov_dim(args.k)} computed, "
+         "one HVP call measured; setup: the engine check and calibration before training; "
          "derivatives: the first- and second-order calls, and the callback's interval/backfill phases; "
          "writer queue: bytes the store writer held queued (sampled). Process peak: ru_maxrss.")
     emit("")
-    head = ("size", "model meas.", "model comp.", "basis comp.", "eigensolve meas.", "Krylov comp.",
-            "1st order meas.", "2nd order meas.", "interval/backfill meas.", "writer queue meas.", "process peak")
+    head = ("size", "model meas.", "model comp.", "basis comp.", "eigensolve meas.", "Krylov comp.", "one HVP meas.",
+            "setup meas.", "1st order meas.", "2nd order meas.", "interval/backfill meas.", "writer queue meas.",
+            "process peak")
     emit("| " + " | ".join(head) + " |")
     emit("|" + "---|" * len(head))
     for r, q in rows:
         emit(f"| {r['name']} | {mib(q['model_measured'])} | {mib(q['model_computed'])} | {mib(q['basis_computed'])} | "
-             f"{mib(q['eigensolve_measured'])} | {mib(q['krylov_computed'])} | {mib(q['first_ws'])} | "
+             f"{mib(q['eigensolve_measured'])} | {mib(q['krylov_computed'])} | {mib(q['hvp_ws'])} | "
+             f"{mib(q['setup_ws'])} | {mib(q['first_ws'])} | "
              f"{mib(q['second_ws'])} | {mib(q['interval_ws'])} | {mib(q['queue'])} | {mib(r['peak_rss'])} |")
     if any(r["device_peak"] is not None for r in results):
         emit("")
@@ -506,7 +511,8 @@ def tables(results: list[dict], args) -> str:
         ("hvp", "s/HVP", "s"),
         ("forward", "forward pass s", "s"),
         ("eigensolve_measured", "eigensolve working set", "B"),
-        ("hvp_ws", "eigensolve working set less Krylov", "B"),
+        ("hvp_ws", "one HVP's working set", "B"),
+        ("setup_ws", "setup (engine check, calibration) working set", "B"),
         ("first_ws", "1st order working set", "B"),
         ("second_ws", "2nd order working set", "B"),
         ("model_measured", "model (AdamW training) measured", "B"),
@@ -552,18 +558,24 @@ def tables(results: list[dict], args) -> str:
          f"{h_vec:.1f} (mean of the sizes that converged), fp32 AdamW training.")
     emit("")
     emit("Memory (GB): model 16 d (fp32 AdamW); basis 4 K d; Krylov 4 (m+1) d; two parameter snapshots 8 d "
-         "(the tracker's last snapshot and the current one); working set: the larger of the eigensolve's (less "
-         "its Krylov vectors) and the first-order derivatives', each extrapolated with its fit (host figures, "
-         "assumed to carry over to the device). With `basis_on_device=False` the basis and the Krylov vectors "
-         "are in (pinned) host memory and the device holds chunks of `memory_cap` (1 GiB by default) instead.")
+         "(the tracker's last snapshot and the current one); working set: the largest of one HVP's plus "
+         "`memory_cap` (1 GiB by default: the eigensolver's chunked float64 products), the setup's and the "
+         "first-order derivatives', each measured working set extrapolated with its fit (host figures, assumed "
+         "to carry over to the device); the total adds them all, as if every part peaked at once (an upper "
+         "bound). With `basis_on_device=False` the basis and the Krylov vectors are in (pinned) host memory and "
+         "the device holds chunks of `memory_cap` of them instead.")
     emit("")
     head = ("size", "basis kept", "model", "basis K=30", "Krylov", "snapshots", "working set", "device total",
             "vs 80 GB", "host: basis + Krylov")
     emit("| " + " | ".join(head) + " |")
     emit("|" + "---|" * len(head))
     cap = float(1 << 30)
+
+    def fitted(key: str, x: float) -> float:
+        return at(key, x) if fits[key] is not None else 0.0
+
     for name, x in TARGETS.items():
-        ws = max([at(key, x) for key in ("hvp_ws", "first_ws") if fits[key] is not None], default=0.0)
+        ws = max(fitted("hvp_ws", x) + cap, fitted("setup_ws", x), fitted("first_ws", x))
         model, basis, krylov, snaps = 16 * x, 4 * GOAL_K * x, 4 * (m + 1) * x, 8 * x
         for kept, parts, host in (("on the device", [model, basis, krylov, snaps, ws], 0.0),
                                   ("on the host", [model, cap, cap, snaps, ws], basis + krylov)):
