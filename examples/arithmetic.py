@@ -336,7 +336,7 @@ def ablation_of_best_carry_vector(ds, unit) -> dict | None:
     movement along the vector is undone, with the cluster's share of 10s/100s carries."""
     if unit is None or unit < 0 or "ablation_loss_change" not in ds:
         return None
-    from polca_lightning.ablation import ablation_table
+    from polca_lightning.analysis.ablation import ablation_table
 
     table = ablation_table(ds, [unit])
     col = {name: i for i, name in enumerate(table.columns)}

@@ -450,8 +450,9 @@ class POLCACallback(Callback):
             ablate_directions(self.store, t.module, t.token_loss, t.probe, progress=self.progress,
                               storage_options=self.storage_options)
 
-        report_after_fit(self.store, trainer, decode=self.decode, decode_target=self.decode_target,
-                         analysis_kwargs=self.analysis_kwargs, storage_options=self.storage_options)
+        report_after_fit(self.store, trainer, loggers=trainer.loggers, decode=self.decode,
+                         decode_target=self.decode_target, analysis_kwargs=self.analysis_kwargs,
+                         progress=self.progress, storage_options=self.storage_options)
 
     @staticmethod
     def _log(trainer: Trainer, metrics: dict, step: int) -> None:

@@ -52,3 +52,16 @@ def media_files(run_dir: Path, kind: str) -> set[str]:
     """Paths under `files/media/<kind>/` of a run folder, relative to it."""
     root = Path(run_dir) / "files" / "media" / kind
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def wandb_summary(run_dir: Path) -> dict:
+    """The run summary as the ``.wandb`` log's summary records leave it (updates in order)."""
+    (log,) = glob.glob(str(run_dir / "run-*.wandb"))
+    summary = {}
+    for r in wandb_records(log):
+        if r.WhichOneof("record_type") == "summary":
+            for i in r.summary.update:
+                summary[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+            for i in r.summary.remove:
+                summary.pop(i.key or "/".join(i.nested_key), None)
+    return summary

@@ -41,13 +41,16 @@ from polca_lightning.report import (
 
 
 # ------------------------------------------------------------------ a tiny real run
-def tiny_fit(root: Path, logger=False, max_steps=12, analyze=True) -> POLCACallback:
+def tiny_fit(root: Path, logger=False, max_steps=12, analyze=True, analysis_kwargs=None) -> POLCACallback:
     """3-digit addition, TinyTransformer(d=8, 1 layer, 2 heads), snapshots every 2 steps,
-    2 Hessian vectors every 4 steps up to 4, labels place/carry."""
+    2 Hessian vectors every 4 steps up to 4, labels place/carry. With the default analysis
+    settings the kept vectors have no clusters; ``analysis_kwargs={"min_samples": 3}``
+    gives clusters on vectors 0 and 3 and none on the kept vector 1."""
     cb = POLCACallback(
         store=root / "polca.zarr", probe_data=batches(24, 12, seed=1, labels=True),
         hessian_data=batches(16, 16, seed=2), token_labels=lambda b: {"carry": b["carry"], "place": b["place"]},
         snapshot_every=2, basis_every=4, k=2, max_basis=4, analyze=analyze, progress=False,
+        analysis_kwargs=analysis_kwargs,
     )
     trainer = L.Trainer(default_root_dir=root, max_steps=max_steps, callbacks=[cb], logger=logger,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -79,7 +82,7 @@ def test_fit_with_offline_wandb_logger_logs_the_report(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(save_dir=tmp_path, offline=True, project="polca-test")
-    cb = tiny_fit(tmp_path, logger=logger)
+    cb = tiny_fit(tmp_path, logger=logger, analysis_kwargs={"min_samples": 3})
     run_dir = Path(logger.experiment.dir).parent
     wandb.finish()
 
@@ -89,13 +92,17 @@ def test_fit_with_offline_wandb_logger_logs_the_report(tmp_path):
     assert not (tmp_path / "polca.zarr.report").exists()
     kept = kept_units(ds)
     assert kept, "the tiny run should keep at least one vector"
+    clustered = [u for u in kept if (ds["cluster_size"].sel(basis=u).values > 0).any()]
+    assert clustered and clustered != kept, "the tiny run should have kept vectors with and without clusters"
 
     media = run_dir / "files" / "media"
     images = {str(p.relative_to(media / "images")) for p in (media / "images").rglob("*.png")}
-    for u in kept:
+    for u in clustered:
         for name in ("projected_loss", "exact_loss", "labels"):
             assert any(i.startswith(f"polca_report/vector_{u:02d}/{name}_") for i in images), (u, name, images)
-    assert not any(i.startswith(f"polca_report/vector_{u:02d}/") for u in set(range(4)) - set(kept) for i in images)
+    # no blank figures: neither for vectors the filter dropped nor for kept ones without clusters
+    assert not any(i.startswith(f"polca_report/vector_{u:02d}/") for u in set(range(4)) - set(clustered)
+                   for i in images)
     assert any(i.startswith("polca_report/coverage_plot_") for i in images)
     assert any(i.startswith("polca_report/appendix_g_carry_") for i in images)
 
@@ -132,7 +139,7 @@ def test_fit_with_offline_wandb_logger_logs_the_report(tmp_path):
         assert share == pytest.approx(count / size)
     app_g = by_key["polca_report/appendix_g"]
     assert {"carry", "place"} == {row[0] for row in app_g["data"]}
-    assert set(row[2] for row in app_g["data"]) <= {"polca", "polca_first", "fisher", "loss", "loss_change"}
+    assert set(row[2] for row in app_g["data"]) <= {"polca", "polca_first", "fisher", "lca", "loss", "loss_change"}
 
     # scalars: per-interval coverage at each interval's end step, totals at the last step
     history = wandb_history(run_dir)
@@ -158,9 +165,14 @@ def test_fit_without_wandb_writes_the_png_folder(tmp_path_factory):
     signal = (out / "signal_check.csv").read_text().splitlines()
     assert signal[0] == "label,where,basis,auc,accuracy,n_tokens,n_positive" and len(signal) == 1 + 4 + 3
     assert "## Signal check" in (out / "index.md").read_text()
-    for u in kept:
+    clustered = [u for u in kept if (ds["cluster_size"].sel(basis=u).values > 0).any()]
+    for u in clustered:
         assert {f"vector_{u:02d}_{n}.png" for n in ("projected_loss", "exact_loss", "labels", "targets")} <= files
-    assert not any(f.startswith(f"vector_{u:02d}") for u in set(range(4)) - set(kept) for f in files)
+    # no blank figures: neither for vectors the filter dropped nor for kept ones without clusters
+    assert not any(f.startswith(f"vector_{u:02d}") for u in set(range(4)) - set(clustered) for f in files)
+    if set(kept) - set(clustered):
+        assert (f"Kept vectors without clusters (no per-vector figures): "
+                f"{', '.join(str(u) for u in kept if u not in clustered)}.") in (out / "index.md").read_text()
     for f in files:
         if f.endswith(".png"):
             assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,12 +1,17 @@
-"""Reports of an analysed POLCA store: figures, W&B logging, a PNG folder.
+"""Reports of an analysed POLCA store: figures, W&B and TensorBoard logging, a PNG folder.
 
 - :func:`report_after_fit` (``pipeline``): what ``POLCACallback`` runs after ``fit`` when
   ``analyze=True``: the analysis, written into the store, then the report to every
-  ``WandbLogger`` of the trainer, or, with none, to the folder ``<store>.report``.
+  ``WandbLogger`` and ``TensorBoardLogger`` of the trainer, or, with neither, to the
+  folder ``<store>.report``.
 - :func:`analyze_store`: analyse a store and write the results into it; returns the
   store Dataset with them, which every figure and table below reads.
+- ``content``: :func:`report_items`, the report's items (name, kind, caption, value),
+  once for every sink, and :func:`send_report`, which sends them and closes each figure.
 - ``figures``: matplotlib figures (returned, never logged).
 - ``wandb_report``: :func:`log_report` to a Lightning ``WandbLogger`` (keys in its docstring).
+- ``tensorboard_report``: :func:`log_report_tensorboard` to a ``TensorBoardLogger`` (tags
+  in its docstring).
 - ``folder``: :func:`write_report_folder` (layout in its docstring).
 - Tables: :func:`summary_table`, :func:`medoid_contexts_table`,
   :func:`cluster_targets_table` (the target tokens most common in each cluster),
@@ -19,7 +24,9 @@ Example:
     >>> write_report_folder(ds, "runs/polca.zarr.report")
 """
 
+from polca_lightning.report.content import ReportItem, Series, report_items, send_report
 from polca_lightning.report.figures import (
+    ablation_figure,
     appendix_g_figure,
     cluster_targets_figure,
     coverage_figure,
@@ -45,6 +52,7 @@ from polca_lightning.report.pipeline import (
     store_coverage,
     summary_table,
 )
+from polca_lightning.report.tensorboard_report import log_report_tensorboard, tensorboard_loggers
 from polca_lightning.report.wandb_report import log_report, wandb_loggers
 
 __all__ = [
@@ -69,7 +77,14 @@ __all__ = [
     "cluster_targets_figure",
     "coverage_figure",
     "appendix_g_figure",
+    "ablation_figure",
+    "report_items",
+    "send_report",
+    "ReportItem",
+    "Series",
     "log_report",
     "wandb_loggers",
+    "log_report_tensorboard",
+    "tensorboard_loggers",
     "write_report_folder",
 ]

@@ -8,7 +8,7 @@ Every function takes ``ds``: a store Dataset that also holds the analysis result
 
 Artists carry a ``gid`` so that tests (and users) can find them:
 ``"cluster_mean"``, ``"onset"``, ``"tau"``, ``"mean_loss"``, ``"allocated"``, ``"real"``,
-``"base_share"``.
+``"base_share"``, ``"ablation"``.
 Bars of the label-composition and App. G figures are ``BarContainer``\\ s, one per label
 value (composition) or per rank (App. G).
 """
@@ -26,6 +26,7 @@ __all__ = [
     "cluster_targets_figure",
     "coverage_figure",
     "appendix_g_figure",
+    "ablation_figure",
     "cluster_members",
     "unit_trajectories",
 ]
@@ -309,13 +310,15 @@ def coverage_figure(coverage: dict):
     """How much of the real loss change the basis explains, per interval.
 
     Args:
-        coverage: the dict of :func:`polca_lightning.report.coverage_table` (per-interval
+        coverage: the dict of :func:`polca_lightning.report.store_coverage` (per-interval
             arrays ``step``, ``allocated``, ``real``, ``explained``, optional
-            ``first_allocated``).
+            ``first_allocated``; ``summary``).
 
     Returns:
         Figure: left, the mean allocated change ``Σ_b POLCA`` (``gid="allocated"``) and the
-        real change (``gid="real"``) per interval; right, the fraction explained.
+        real change (``gid="real"``) per interval, titled with the run's ``ratio`` (the
+        share of the real loss change that Σ_b POLCA allocates); right, the fraction
+        explained.
     """
     fig, axes = new_figure(1, 2, width=5.0)
     ax, ax2 = axes[0]
@@ -328,7 +331,8 @@ def coverage_figure(coverage: dict):
     ax.axhline(0, color="gray", linewidth=0.5)
     ax.set_xlabel("interval end step")
     ax.set_ylabel("mean change over tokens")
-    ax.set_title(f"coverage: total ratio {coverage['summary']['ratio']:.3g}", fontsize=9)
+    ax.set_title(f"coverage: Σ_b POLCA allocates {coverage['summary']['ratio']:.3g} of the real loss change "
+                 "over the run", fontsize=9)
     ax.legend(fontsize=7)
     ax2.plot(step, coverage["explained"], color="tab:blue", gid="explained")
     ax2.set_xlabel("interval end step")
@@ -367,4 +371,49 @@ def appendix_g_figure(ds, label: str, value=None):
     ax.set_ylabel(f"homogeneity for {label}={value}")
     ax.set_title(f"App. G: best {label}={value} clusters per trajectory type", fontsize=9)
     ax.legend(fontsize=7)
+    return fig
+
+
+def ablation_figure(ds, unit: int, method: str = "polca"):
+    """Per group of tokens of ``unit`` (its clusters, outliers, filtered tokens, all): the
+    loss change when the vector's movement is undone, and the loss decrease POLCA
+    allocated to it (minus its projected loss at the end), each on its own axis.
+
+    If the direction carries what POLCA says it does, a cluster with a large allocated
+    decrease gets a large loss increase when the movement is undone. The two can differ
+    by orders of magnitude (undoing one direction of many moves the loss little), so
+    they have separate panels with their own scales: the top panel (``axes[0]``) holds
+    the loss-change bars (``gid="ablation"``), the bottom one the allocated decrease
+    (``gid="allocated"``).
+
+    Args:
+        ds: an analysed store with ablation results.
+        unit: an ablated basis vector.
+        method: ``polca`` or ``polca_first``.
+
+    Returns:
+        ``matplotlib.figure.Figure``.
+
+    Raises:
+        ValueError: as :func:`polca_lightning.analysis.ablation.ablation_table`.
+    """
+    from polca_lightning.analysis.ablation import ablation_table
+
+    table = ablation_table(ds, [unit], method)
+    col = {c: i for i, c in enumerate(table.columns)}
+    names = [row[col["tokens"]] + f"\n({row[col['size']]})" for row in table.rows]
+    change = np.array([row[col["loss_change"]] for row in table.rows], dtype=float)  # [group]
+    allocated = -np.array([row[col["polca_total"]] for row in table.rows], dtype=float)  # [group]
+    fig, axes = new_figure(2, 1, width=max(6.4, 0.9 * len(names) + 2), height=2.6)
+    x = np.arange(len(names))
+    for ax, values, color, gid, ylabel in (
+            (axes[0, 0], change, "tab:red", "ablation", "loss change\nwhen undone"),
+            (axes[1, 0], allocated, "tab:blue", "allocated", "loss decrease\nPOLCA allocated")):
+        ax.bar(x, values, 0.6, color=color, gid=gid)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel(f"{ylabel}\n(mean per token)", fontsize=8)
+        ax.set_xticks(x, names, fontsize=8)
+    axes[0, 0].tick_params(labelbottom=False)
+    coefficient = float(ds["ablation_coefficient"].values[unit])
+    axes[0, 0].set_title(f"{method} vector {unit}: undo the movement along it ({coefficient:+.3g})", fontsize=10)
     return fig

@@ -8,7 +8,8 @@
   :func:`signal_table` (the signal check of every binary label);
   :func:`store_coverage` is the coverage diagnostic computed from the store.
 - :func:`report_after_fit` is what :class:`~polca_lightning.POLCACallback` calls at the
-  end of ``fit``.
+  end of ``fit``: the analysis, then the report's items (``content``) to the W&B and
+  TensorBoard loggers it is given, or the folder.
 """
 
 from __future__ import annotations
@@ -545,61 +546,57 @@ def signal_table(ds, method: str = "polca", *, folds: int = 5, seed: int = 0) ->
 
 
 # ---------------------------------------------------------------------- after fit
-def _store_key(store):
-    """A local store's absolute path, a URL as it is; None for anything else."""
-    from polca_lightning._store_location import resolve_store
-
-    try:
-        location = resolve_store(store)
-    except (TypeError, ValueError, ImportError):
-        return None
-    return location.target if location.remote else location.target.resolve()
-
-
-def _find_callback(trainer, store_path):
-    target = _store_key(store_path)
-    for cb in getattr(trainer, "callbacks", []):
-        store = getattr(cb, "store", None)
-        if store is not None and isinstance(store, (str, os.PathLike)) and _store_key(store) == target:
-            return cb
-    return None
-
-
-def report_after_fit(store_path, trainer, *, decode: Callable[[int, int], str] | None = None,
+def report_after_fit(store_path, trainer=None, *, loggers=None, step: int | None = None,
+                     decode: Callable[[int, int], str] | None = None,
                      decode_target: Callable[[int], str] | None = None,
-                     analysis_kwargs: dict | None = None, report_dir=None,
-                     storage_options: dict | None = None) -> None:
+                     analysis_kwargs: dict | None = None, progress: bool = True, report_dir=None,
+                     storage_options: dict | None = None) -> Path | None:
     """Analyse the store of a finished run and report it (called by ``POLCACallback``).
 
-    Runs :func:`analyze_store` (results written into the store), then logs the report to
-    every ``WandbLogger`` of ``trainer`` (Lightning's or ``pytorch_lightning``'s) with
-    :func:`~polca_lightning.report.wandb_report.log_report`; with no W&B logger, or when
+    Runs :func:`analyze_store` (results written into the store), then sends the report
+    (:func:`~polca_lightning.report.content.report_items`, each figure drawn once) to
+    every ``WandbLogger`` (:class:`~polca_lightning.report.wandb_report.WandbSink`) and
+    every ``TensorBoardLogger`` (:class:`~polca_lightning.report.tensorboard_report.TensorBoardSink`)
+    among ``loggers`` (Lightning's or ``pytorch_lightning``'s); with neither, or when
     ``report_dir`` is given, writes the PNG/CSV folder
-    :func:`~polca_lightning.report.folder.write_report_folder` at ``report_dir`` (default
+    (:class:`~polca_lightning.report.folder.FolderSink`) at ``report_dir`` (default
     :func:`default_report_dir`: ``<store>.report`` beside a local store, ``./<name>.report``
-    in the working directory for a URL store).
+    in the working directory for a URL store). A folder written for want of a logger is
+    logged at INFO and warned about once (``UserWarning``), with its location.
 
-    ``decode`` (``(sequence, position) -> str``, the medoid contexts' text),
-    ``decode_target`` (``token_id -> str``, the text of the clusters' most common
-    targets), ``analysis_kwargs`` and ``storage_options`` (of a URL store) default to the
-    callback's attributes of the same names when it has them.
+    Args:
+        store_path: the finished store.
+        trainer: the trainer; its ``loggers`` and ``global_step`` when ``loggers`` and
+            ``step`` are not given.
+        loggers: the loggers to report to (default: ``trainer.loggers``, none without a
+            trainer).
+        step: step of the report (default: ``trainer.global_step``, else the store's last).
+        decode: ``(sequence, position) -> str``, the medoid contexts' text.
+        decode_target: ``token_id -> str``, the text of the clusters' most common targets.
+        analysis_kwargs: passed to :func:`analyze_store`.
+        progress: progress bars.
+        report_dir: write the folder here (as well as to the loggers).
+        storage_options: options of a URL store's filesystem.
+
+    Returns:
+        The report folder when one was written, else ``None``.
 
     Raises:
         ReportError: the analysis or the report failed. The store is already complete
             and closed; ``polca analyze STORE`` re-runs the analysis.
     """
-    from polca_lightning.report.folder import write_report_folder
-    from polca_lightning.report.wandb_report import log_report, wandb_loggers
+    import warnings
 
-    cb = _find_callback(trainer, store_path)
-    decode = decode if decode is not None else getattr(cb, "decode", None)
-    decode_target = decode_target if decode_target is not None else getattr(cb, "decode_target", None)
-    if analysis_kwargs is None:
-        analysis_kwargs = getattr(cb, "analysis_kwargs", None)
+    from polca_lightning.report.content import report_items, send_report
+    from polca_lightning.report.folder import FolderSink
+    from polca_lightning.report.tensorboard_report import TensorBoardSink, _csv_dir, tensorboard_loggers
+    from polca_lightning.report.wandb_report import WandbSink, wandb_loggers
+
+    if loggers is None:
+        loggers = list(getattr(trainer, "loggers", None) or [])
+    if step is None and trainer is not None:
+        step = int(trainer.global_step)
     analysis_kwargs = dict(analysis_kwargs or {})
-    progress = bool(getattr(cb, "progress", True))
-    if storage_options is None:
-        storage_options = getattr(cb, "storage_options", None) or None
     try:
         ds = analyze_store(store_path, progress=progress, storage_options=storage_options, **analysis_kwargs)
     except Exception as error:
@@ -607,17 +604,25 @@ def report_after_fit(store_path, trainer, *, decode: Callable[[int, int], str] |
             f"POLCA: the analysis after fit failed ({type(error).__name__}: {error}). The store "
             f"{str(store_path)!r} is complete; re-run it with `polca analyze {store_path}`"
         ) from error
+    out = None
     try:
-        loggers = wandb_loggers(trainer)
-        for logger in loggers:
-            log_report(logger, ds, decode=decode, decode_target=decode_target, step=int(trainer.global_step),
-                       progress=progress)
-        if not loggers or report_dir is not None:
-            out = write_report_folder(ds, report_dir or default_report_dir(store_path), decode=decode,
-                                      decode_target=decode_target, progress=progress)
-            log.info("POLCA: report written to %s", out)
+        step = int(ds["step"].values[-1]) if step is None else int(step)
+        sinks = [WandbSink(lg, step) for lg in wandb_loggers(loggers)]
+        sinks += [TensorBoardSink(lg.experiment, step, csv_dir=_csv_dir(lg, lg.experiment))
+                  for lg in tensorboard_loggers(loggers)]
+        fallback = not sinks
+        if fallback or report_dir is not None:
+            out = Path(report_dir or default_report_dir(store_path))
+            sinks.append(FolderSink(out))
+        send_report(report_items(ds, decode=decode, decode_target=decode_target, progress=progress), sinks)
     except Exception as error:
         raise ReportError(
             f"POLCA: the report after fit failed ({type(error).__name__}: {error}). The store "
             f"{str(store_path)!r} is complete and holds the analysis; `polca report {store_path}` draws it again"
         ) from error
+    if out is not None:
+        log.info("POLCA: report written to %s", out)
+    if fallback:
+        warnings.warn(f"POLCA: the trainer has no W&B or TensorBoard logger; the report is in {out} "
+                      "(index.md lists its files)", UserWarning, stacklevel=2)
+    return out

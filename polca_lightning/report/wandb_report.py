@@ -6,15 +6,16 @@ Keys (``prefix`` = ``"polca_report"``; ``NN`` = the vector index, two digits):
 key                                      kind    content
 =======================================  ======  =============================================
 ``<prefix>/vector_NN/projected_loss``    image   cluster mean projected loss, 25-75 % bands,
-                                                 onsets, τ (kept vectors only)
+                                                 onsets, τ (kept vectors with clusters only)
 ``<prefix>/vector_NN/exact_loss``        image   cluster mean exact loss, onsets, τ
 ``<prefix>/vector_NN/labels``            image   label composition of each cluster
 ``<prefix>/vector_NN/targets``           image   most common targets per cluster against their
                                                  share of all tokens (stores with targets)
 ``<prefix>/vector_NN/ablation``          image   loss change per cluster when the vector's
-                                                 movement is undone, beside POLCA's allocation
-                                                 (stores with an ablation)
-``<prefix>/coverage_plot``               image   allocated vs real loss change per interval
+                                                 movement is undone, and POLCA's allocation,
+                                                 on their own axes (stores with an ablation)
+``<prefix>/coverage_plot``               image   allocated vs real loss change per interval (its
+                                                 caption says what coverage is)
 ``<prefix>/appendix_g_<label>``          image   best ``label`` homogeneity per trajectory type
 ``<prefix>/summary``                     table   one row per vector (``summary_table``)
 ``<prefix>/medoid_contexts``             table   tokens nearest each medoid
@@ -36,7 +37,14 @@ key                                      kind    content
 ``<prefix>/coverage_total/<name>``       scalar  over the whole run (also in the run summary)
 ``<prefix>/kept_vectors``, ``tau``,      scalar  at the report step (also in the run summary)
 ``hidden_breakthroughs``
+``<prefix>/overview``                    text    in the run summary: method, kept vectors, τ,
+                                                 vectors without clusters, coverage and what
+                                                 coverage means
 =======================================  ======  =============================================
+
+The items are :func:`polca_lightning.report.content.report_items`; the key of an item
+is ``<prefix>/<name>``, and of a series column ``<prefix>/<name>/<column>``
+(:func:`wandb_keys`). A kept vector without clusters has no ``vector_NN`` images.
 
 Lightning's ``WandbLogger.log_metrics`` sends its step as the ``trainer/global_step``
 metric rather than as W&B's own step, so the per-interval coverage scalars may use
@@ -47,25 +55,13 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from polca_lightning.ablation import ablated_units, ablation_figure, ablation_summary, ablation_table
-from polca_lightning.report import figures as F
-from polca_lightning.report.pipeline import (
-    _labels,
-    appendix_g_table,
-    cluster_targets_table,
-    has_targets,
-    kept_units,
-    medoid_contexts_table,
-    signal_table,
-    store_coverage,
-    summary_table,
-)
+from polca_lightning.report.content import ReportItem, report_items, send_report
 
-__all__ = ["wandb_logger_classes", "wandb_loggers", "log_report", "figure_to_image"]
+__all__ = ["wandb_logger_classes", "wandb_loggers", "wandb_keys", "WandbSink", "log_report", "figure_to_image"]
 
 log = logging.getLogger("polca_lightning")
 
@@ -83,12 +79,13 @@ def wandb_logger_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
-def wandb_loggers(trainer) -> list:
-    """The W&B loggers of a trainer (empty list when it has none)."""
+def wandb_loggers(trainer_or_loggers) -> list:
+    """The W&B loggers of a trainer, or among a list of loggers (empty list when none)."""
     classes = wandb_logger_classes()
+    loggers = getattr(trainer_or_loggers, "loggers", trainer_or_loggers) or []
     if not classes:
         return []
-    return [lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, classes)]
+    return [lg for lg in loggers if isinstance(lg, classes)]
 
 
 def figure_to_image(fig, dpi: int = 100):
@@ -103,19 +100,55 @@ def figure_to_image(fig, dpi: int = 100):
     return image
 
 
-def _vector_figures(ds, unit: int, method: str, decode_target=None, top_targets: int = 5,
-                    ablated: bool = False) -> dict[str, Any]:
-    figures = {
-        "projected_loss": F.projected_loss_figure(ds, unit, method=method),
-        "exact_loss": F.exact_loss_figure(ds, unit, method=method),
-        "labels": F.label_composition_figure(ds, unit, method=method),
-    }
-    if has_targets(ds):
-        figures["targets"] = F.cluster_targets_figure(ds, unit, method=method, top=top_targets,
-                                                      decode_target=decode_target)
-    if ablated:
-        figures["ablation"] = ablation_figure(ds, unit, method)
-    return figures
+def wandb_keys(item: ReportItem, prefix: str = "polca_report") -> list[str]:
+    """The W&B keys of a report item: ``<prefix>/<name>``; a series has one key per
+    column, ``<prefix>/<name>/<column>``, and none when it has no step."""
+    if item.kind == "series":
+        return [f"{prefix}/{item.name}/{n}" for n in item.value.values] if item.value.step.size else []
+    return [f"{prefix}/{item.name}"]
+
+
+class WandbSink:
+    """Sends report items to a Lightning ``WandbLogger``: figures with ``log_image``,
+    tables with ``log_table`` (at ``step``), a series with ``log_metrics`` at each of its
+    steps, the scalars in one ``log_metrics`` at ``step`` and in the run summary, texts
+    in the run summary. ``finish()`` returns the keys sent."""
+
+    def __init__(self, logger, step: int, prefix: str = "polca_report"):
+        self.logger, self.step, self.prefix = logger, int(step), prefix
+        self.keys: list[str] = []
+        self._scalars: dict[str, float] = {}
+        self._texts: dict[str, str] = {}
+
+    def send(self, item: ReportItem) -> None:
+        keys = wandb_keys(item, self.prefix)
+        if item.kind == "figure":
+            self.logger.log_image(key=keys[0], images=[figure_to_image(item.value)], step=self.step,
+                                  caption=[item.caption])
+        elif item.kind == "table":
+            self.logger.log_table(key=keys[0], columns=item.value.columns, data=item.value.rows, step=self.step)
+        elif item.kind == "series":
+            for i, s in enumerate(item.value.step):
+                row = {key: float(values[i]) for key, values in zip(keys, item.value.values.values())}
+                self.logger.log_metrics({k: v for k, v in row.items() if np.isfinite(v)}, step=int(s))
+        elif item.kind == "scalar":
+            self._scalars[keys[0]] = item.value
+        elif item.kind == "text":
+            self._texts[keys[0]] = item.value
+        else:
+            raise ValueError(f"item {item.name!r}: unknown kind {item.kind!r}")
+        if item.kind not in ("scalar", "text"):
+            self.keys += keys
+
+    def finish(self) -> list[str]:
+        if self._scalars:
+            self.logger.log_metrics(self._scalars, step=self.step)
+        try:
+            self.logger.experiment.summary.update({**self._scalars, **self._texts})
+        except Exception:  # noqa: BLE001 - a summary is a convenience; the history has the values
+            log.debug("POLCA report: could not update the W&B run summary", exc_info=True)
+        self.keys += list(self._scalars) + list(self._texts)
+        return self.keys
 
 
 def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int], str] | None = None,
@@ -141,73 +174,13 @@ def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int]
 
     Returns:
         The keys logged (table at the module top).
+
+    Example:
+        >>> from lightning.pytorch.loggers import WandbLogger
+        >>> keys = log_report(WandbLogger(project="polca", offline=True), open_analysed_store("runs/polca.zarr"))
     """
     step = int(ds["step"].values[-1]) if step is None else int(step)
-    keys: list[str] = []
-
-    def image(key, fig, caption):
-        logger.log_image(key=key, images=[figure_to_image(fig)], step=step, caption=[caption])
-        keys.append(key)
-
-    def table(key, tab):
-        logger.log_table(key=key, columns=tab.columns, data=tab.rows, step=step)
-        keys.append(key)
-
-    units = kept_units(ds, method)
-    ablated = ablated_units(ds, method)
-    if not units:
-        log.warning("POLCA report: the filter kept no %s vector; no per-vector figures", method)
-    bar = None
-    if progress and units:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(units), desc="report figures", unit="vector")
-    try:
-        for u in units:
-            for name, fig in _vector_figures(ds, u, method, decode_target, top_targets, u in ablated).items():
-                image(f"{prefix}/vector_{u:02d}/{name}", fig, f"{method} vector {u}: {name}")
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    table(f"{prefix}/summary", summary_table(ds, method))
-    table(f"{prefix}/medoid_contexts", medoid_contexts_table(ds, method, k=k_nearest, decode=decode))
-    targets = cluster_targets_table(ds, method, top=top_targets, decode_target=decode_target)
-    if targets is not None:
-        table(f"{prefix}/cluster_targets", targets)
-    if ablated:
-        table(f"{prefix}/ablation", ablation_table(ds, method=method, labels=_labels(ds)))
-        table(f"{prefix}/ablation_summary", ablation_summary(ds, method=method))
-    app_g = appendix_g_table(ds)
-    if app_g is not None:
-        table(f"{prefix}/appendix_g", app_g)
-        for label in sorted({row[0] for row in app_g.rows}):
-            image(f"{prefix}/appendix_g_{label}", F.appendix_g_figure(ds, label), f"App. G: {label}")
-    signal = signal_table(ds, method if method in ("polca", "polca_first") else "polca")
-    if signal is not None:
-        table(f"{prefix}/signal_check", signal)
-
-    cov = store_coverage(ds)
-    if cov["step"].size:
-        image(f"{prefix}/coverage_plot", F.coverage_figure(cov), "coverage")
-        names = [k for k in cov if k not in ("interval", "step", "summary")]
-        for i, s in enumerate(cov["step"]):
-            row = {f"{prefix}/coverage/{n}": float(cov[n][i]) for n in names}
-            logger.log_metrics({k: v for k, v in row.items() if np.isfinite(v)}, step=int(s))
-        keys += [f"{prefix}/coverage/{n}" for n in names]
-    scalars = {f"{prefix}/coverage_total/{k}": float(v) for k, v in cov["summary"].items() if np.isfinite(v)}
-    hidden = np.asarray(ds[F._prefix(method) + "hidden"].values, dtype=bool)
-    scalars[f"{prefix}/kept_vectors"] = len(units)
-    scalars[f"{prefix}/hidden_breakthroughs"] = int(hidden[units].sum()) if units else 0
-    if "tau" in ds.variables:
-        scalars[f"{prefix}/tau"] = float(ds["tau"].values)
-    logger.log_metrics(scalars, step=step)
-    keys += list(scalars)
-    try:
-        logger.experiment.summary.update(scalars)
-    except Exception:  # noqa: BLE001 - a summary is a convenience; the history has the values
-        log.debug("POLCA report: could not update the W&B run summary", exc_info=True)
+    items = report_items(ds, method=method, decode=decode, decode_target=decode_target, k_nearest=k_nearest,
+                         top_targets=top_targets, progress=progress)
+    (keys,) = send_report(items, [WandbSink(logger, step, prefix)])
     return keys
-
