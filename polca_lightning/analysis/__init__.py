@@ -24,6 +24,9 @@ Modules (one concept each):
   a binary token label: AUC of its final value, cross-validated linear accuracy of its
   trajectory, against all vectors, the exact loss and the majority rate),
   ``signal_check_table``, ``interpret_signal_check``.
+- ``ablation``: the causal check's numbers from the store (``ablated_units``,
+  ``ablation_table``, ``ablation_summary``); ``polca_lightning.ablate_directions``
+  computes them with torch.
 - ``pipeline``: ``analyze``.
 - ``synthetic``: ``make_synthetic_store`` (planted breakthroughs, for tests/benchmarks).
 
@@ -72,6 +75,7 @@ Example:
     1.0
 """
 
+from .ablation import ablated_units, ablation_summary, ablation_table
 from .clustering import (
     FILTERED,
     OUTLIER,
@@ -130,4 +134,7 @@ __all__ = [
     "available_methods",
     "make_synthetic_store",
     "planted_groups",
+    "ablated_units",
+    "ablation_table",
+    "ablation_summary",
 ]
