@@ -260,19 +260,25 @@ def _require_complete(ds, path: str, force: bool) -> None:
                        f"with {ds.sizes.get('snapshot', 0)} committed snapshots; pass --force to use that part")
 
 
-def _analysis_kwargs(args) -> dict:
-    kwargs = {}
+def _analysis_settings(args):
+    """``analyze``'s flags as :class:`~polca_lightning.analysis.AnalysisSettings` (checked here)."""
+    from polca_lightning.analysis import AnalysisSettings
+
+    values = {}
     for name in ("methods", "labels", "min_cluster_size", "min_samples", "tau", "delta", "restrict_fraction",
                  "group_by"):
         value = getattr(args, name)
         if value is not None:
-            kwargs[name] = value
+            values[name] = value
     if args.restrict:
-        kwargs["restrict"] = dict(args.restrict)
+        values["restrict"] = dict(args.restrict)
     for name in ("min_cluster_size", "min_samples"):  # counts as ints, fractions as floats
-        if name in kwargs and kwargs[name] >= 1 and float(kwargs[name]).is_integer():
-            kwargs[name] = int(kwargs[name])
-    return kwargs
+        if name in values and values[name] >= 1 and float(values[name]).is_integer():
+            values[name] = int(values[name])
+    try:
+        return AnalysisSettings.from_dict(values)
+    except (ValueError, TypeError) as error:
+        raise CLIError(f"analysis settings: {error}") from None
 
 
 def _analysis_variables(ds) -> list[str]:
@@ -337,11 +343,11 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _run_analysis(args, kwargs, write: bool):
+def _run_analysis(args, settings, write: bool):
     from polca_lightning.report.pipeline import analyze_store
 
     try:
-        return analyze_store(args.store, write=write, progress=not args.quiet, **kwargs)
+        return analyze_store(args.store, write=write, progress=not args.quiet, settings=settings)
     except (ValueError, TypeError) as error:  # bad settings or too little data, said by analyze
         raise CLIError(f"analysis failed: {error}") from None
 
@@ -350,9 +356,10 @@ def cmd_analyze(args) -> int:
     from polca_lightning.report.folder import write_report_folder
     from polca_lightning.report.pipeline import default_report_dir, kept_units, summary_table
 
+    settings = _analysis_settings(args)  # bad settings fail before the store is read
     ds = _open(args.store)
     _require_complete(ds, args.store, args.force)
-    ds = _run_analysis(args, _analysis_kwargs(args), write=not args.no_write)
+    ds = _run_analysis(args, settings, write=not args.no_write)
     if not args.no_write:
         print(f"analysis written into {args.store}")
     summary = summary_table(ds)
@@ -363,14 +370,14 @@ def cmd_analyze(args) -> int:
     for row in summary.rows:
         print("  ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row[:9]))
     if args.wandb_project:
-        _log_wandb(args, ds)
+        _log_wandb(args, ds, settings)
     if args.report or not args.wandb_project:
         out = write_report_folder(ds, args.report or default_report_dir(args.store), progress=not args.quiet)
         print(f"report folder: {out}")
     return 0
 
 
-def _log_wandb(args, ds) -> None:
+def _log_wandb(args, ds, settings) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
     from polca_lightning.report.wandb_report import log_report
@@ -381,7 +388,7 @@ def _log_wandb(args, ds) -> None:
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(project=args.wandb_project, offline=not args.online, save_dir=save_dir,
                          name=f"polca analyze {location.name}", job_type="polca-analysis",
-                         config={"store": store, **_analysis_kwargs(args)})
+                         config={"store": store, **settings.to_dict()})
     try:
         keys = log_report(logger, ds, progress=not args.quiet)
         run_dir = logger.experiment.dir
@@ -400,7 +407,9 @@ def cmd_report(args) -> int:
     _require_complete(ds, args.store, args.force)
     if not has_results(ds):
         print(f"{args.store} holds no analysis: running it with default settings (written into the store)")
-        ds = _run_analysis(args, {}, write=True)
+        from polca_lightning.analysis import AnalysisSettings
+
+        ds = _run_analysis(args, AnalysisSettings(), write=True)
     out = write_report_folder(ds, args.out or default_report_dir(args.store), progress=not args.quiet)
     print(f"report folder: {out}")
     return 0

@@ -97,3 +97,39 @@ def test_validation_errors(store):
         analyze(store, methods=["loss"], restrict={"carry": "place"})
     with pytest.raises(ValueError, match="hidden_rule"):
         analyze(store, hidden_rule="median")
+
+
+def test_settings_object_and_keyword_overrides_give_the_same_analysis(store, result):
+    import xarray as xr
+
+    from polca_lightning.analysis import AnalysisSettings
+
+    settings = AnalysisSettings(restrict=CARRY_RESTRICT)
+    for res in (analyze(store, settings), analyze(store, AnalysisSettings(), restrict=CARRY_RESTRICT)):
+        assert set(res.data_vars) == set(result.data_vars)
+        for name in result.data_vars:
+            xr.testing.assert_identical(res[name], result[name])
+    other = analyze(store, settings, min_samples=5, tau="plateau", methods=["polca"])
+    assert other.attrs["analysis_min_samples"] == 5 and other.attrs["analysis_tau_rule"].startswith("plateau")
+    assert list(other["trajectory_type"].values) == ["polca"]
+    assert settings.min_samples == 10  # the settings object is not changed by overrides
+
+
+def test_settings_are_checked_at_construction_and_round_trip_through_plain_values():
+    import json
+
+    from polca_lightning.analysis import AnalysisSettings
+
+    for bad, message in [({"hidden_rule": "median"}, "hidden_rule"), ({"restrict_fraction": 1.0}, "restrict_fraction"),
+                         ({"min_cluster_size": 0}, "min_cluster_size"), ({"top_k": 0}, "top_k"),
+                         ({"recall_over": "some"}, "recall_over"), ({"methods": "polca"}, "list of names"),
+                         ({"restrict": {"carry": "place"}}, "coordinate, allowed values")]:
+        with pytest.raises(ValueError, match=message):
+            AnalysisSettings(**bad)
+    with pytest.raises(TypeError, match="unknown \\['min_sample'\\]"):
+        AnalysisSettings.from_dict({"min_sample": 5})
+    settings = AnalysisSettings(methods=["polca", "loss"], restrict={"carry": ["place", [1, 2]]}, tau=120.0)
+    assert settings.methods == ("polca", "loss") and settings.restrict == {"carry": ("place", (1, 2))}
+    plain = json.loads(json.dumps(settings.to_dict()))
+    assert AnalysisSettings.from_dict(plain) == settings
+    assert settings.cluster.min_samples == 10 and settings.cluster.n_components == 10

@@ -27,7 +27,7 @@ Modules (one concept each):
 - ``ablation``: the causal check's numbers from the store (``ablated_units``,
   ``ablation_table``, ``ablation_summary``); ``polca_lightning.ablate_directions``
   computes them with torch.
-- ``pipeline``: ``analyze``.
+- ``pipeline``: ``analyze``, in stages, driven by ``AnalysisSettings``.
 - ``synthetic``: ``make_synthetic_store`` (planted breakthroughs, for tests/benchmarks).
 
 Result of ``analyze`` (``U`` = the method's unit dim: ``basis`` for polca, polca_first
@@ -95,7 +95,7 @@ from .onsets import (
     plateau_step,
     smooth_curve,
 )
-from .pipeline import analyze, complete_snapshots
+from .pipeline import AnalysisSettings, analyze, complete_snapshots
 from .scores import best_clusters, chance_homogeneity, clustering_scores, label_scores
 from .signal import interpret_signal_check, signal_check, signal_check_table
 from .synthetic import make_synthetic_store, planted_groups
@@ -103,6 +103,7 @@ from .trajectories import cumulative_fisher, filter_trajectories, loss_change, p
 
 __all__ = [
     "analyze",
+    "AnalysisSettings",
     "complete_snapshots",
     "projected_loss",
     "loss_change",

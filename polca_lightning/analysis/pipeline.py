@@ -1,19 +1,33 @@
 """``analyze``: the whole analysis of one store Dataset, as a Dataset of results.
 
-Steps, per method (``methods``) and per unit (basis vector, LCA direction, or the single
-exact-loss clustering): build the trajectory, filter (§4.1), reduce + HDBSCAN, medoids,
-cluster mean curves, onsets (Eq. 9), hidden flags against τ (Eq. 10). Then the cluster
-scores against every label coordinate (App. G) and torchmetrics' entropy scores.
+Driven by one :class:`AnalysisSettings`, in stages, each a function of its own:
+
+1. **inputs** (``_inputs``): the methods, label and group coordinates, the App. G
+   restrictions, the complete snapshots, Δ and τ;
+2. **filter, cluster, onsets** (``_cluster_units``), per method (the POLCA trajectories
+   and the baselines alike: ``methods``) and per unit (basis vector, LCA direction, or
+   the single exact-loss clustering): build the trajectory, filter (§4.1), reduce +
+   HDBSCAN, medoids, cluster mean curves, onsets (Eq. 9);
+3. **per-method variables** (``_method_variables``), hidden flags against τ (Eq. 10)
+   among them;
+4. **tables** of clusterings and clusters (``_tables``), with the hidden-breakthrough
+   fraction per trajectory type;
+5. **scores** against every label coordinate (``_label_scores``: App. G homogeneity,
+   chance level, recall, F1, the top clusters; torchmetrics' entropy scores).
+
 The result never contains the store's own variables; merge it with the store if you
 want both (``xr.merge([ds, res])``: no names collide).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,12 +44,137 @@ from .onsets import breakthrough_onset, hidden_breakthrough, resolve_delta, reso
 from .scores import APPENDIX_G_FRACTION, best_clusters, clustering_scores, label_scores
 from .trajectories import filter_trajectories
 
-__all__ = ["analyze", "complete_snapshots", "NON_LABEL_COORDS"]
+__all__ = ["analyze", "AnalysisSettings", "complete_snapshots", "NON_LABEL_COORDS"]
 
 log = logging.getLogger(__name__)
 
 #: token coordinates that are not labels to score against
 NON_LABEL_COORDS = ("token", "sequence", "position", "target")
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """Every setting of :func:`analyze`, validated once.
+
+    Attributes:
+        methods: subset of ``polca, polca_first, lca, fisher, loss, loss_change``
+            (None: every one whose variables the store has; see ``methods.py``).
+        labels: token coordinates to score clusters against (None: every integer token
+            coordinate except ``sequence``, ``position``, ``target``).
+        group_by: token coordinate to cluster within (e.g. ``"target"``), or None.
+        min_cluster_size, min_samples, n_components, time_points,
+            cluster_selection_method: HDBSCAN and the reduction before it
+            (:class:`~polca_lightning.analysis.clustering.ClusterSettings`; defaults and
+            reasons in ``clustering.py``). Sizes below 1 are fractions of the tokens.
+        delta: Δ of Eq. 9: a number of steps, or a rule: ``"paper"`` (default, or None):
+            1 % of the run (the paper's Δ = 100 of 10,000 steps), ``"wide"``: 2 % (the
+            default of earlier versions); either at least the largest snapshot spacing,
+            since ``a(t)`` needs the curves at ``t ± Δ`` and a shorter Δ would read them
+            between snapshots (a given Δ below the spacing warns). See ``onsets.py``.
+        tau: τ of Eq. 10: a step, or a rule: ``"paper"`` (default, or None):
+            ``step[0] + 10 %`` of the run (the paper's τ = 1000 of 10,000 steps);
+            ``"plateau"``: where the mean exact loss flattens (``plateau_step``).
+        tau_fraction, tau_smooth: ``plateau_step`` settings (with ``tau="plateau"``).
+        hidden_rule: ``"token_mean"`` (Eq. 10 as written: the mean of the member tokens'
+            onsets > τ) or ``"mean_curve"`` (the onset of the cluster's mean curve > τ).
+        restrict: App. G restriction per label, ``{label: (coordinate, allowed values)}``,
+            e.g. ``{"carry": ("place", (1, 2))}`` for the paper's carry scores. The
+            coordinate is also what the label's chance level conditions on.
+        restrict_fraction: eligibility threshold of the restriction: strictly more than
+            this fraction of a cluster's tokens with the label value must be in the
+            allowed values (0.85, the camera-ready App. G's "over 85%"; 0.5 is the
+            majority rule of earlier versions).
+        recall_over: ``"clustered"`` or ``"all"`` (see ``scores.py``).
+        top_k: best clusters kept per method and label value (App. G: 3).
+        entropy_scores: compute torchmetrics' homogeneity/completeness/V-measure.
+
+    Raises:
+        ValueError: a setting out of its range (checked at construction, before any work).
+
+    Example:
+        >>> AnalysisSettings(min_samples=5, tau="plateau").cluster.min_samples
+        5
+        >>> AnalysisSettings.from_dict(AnalysisSettings(restrict={"carry": ("place", (1, 2))}).to_dict()).restrict
+        {'carry': ('place', (1, 2))}
+    """
+
+    methods: Sequence[str] | None = None
+    labels: Sequence[str] | None = None
+    group_by: str | None = None
+    min_cluster_size: float = 0.03
+    min_samples: float | None = 10
+    n_components: int | None = 10
+    time_points: int | None = 64
+    cluster_selection_method: str = "eom"
+    delta: float | str | None = "paper"
+    tau: float | str | None = "paper"
+    tau_fraction: float = 0.05
+    tau_smooth: int | None = None
+    hidden_rule: str = "token_mean"
+    restrict: Mapping[str, tuple[str, Sequence[int]]] | None = None
+    restrict_fraction: float = APPENDIX_G_FRACTION
+    recall_over: str = "clustered"
+    top_k: int = 3
+    entropy_scores: bool = True
+
+    def __post_init__(self):
+        for name in ("methods", "labels"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"{name} must be a list of names, got {value!r}")
+                object.__setattr__(self, name, tuple(value))
+        for m in self.methods or ():
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; expected some of {list(METHODS)}")
+        if self.hidden_rule not in ("token_mean", "mean_curve"):
+            raise ValueError(f"hidden_rule must be 'token_mean' or 'mean_curve', got {self.hidden_rule!r}")
+        if self.recall_over not in ("clustered", "all"):
+            raise ValueError(f"recall_over must be 'clustered' or 'all', got {self.recall_over!r}")
+        if not 0 <= self.restrict_fraction < 1:
+            raise ValueError(f"restrict_fraction must be in [0, 1), got {self.restrict_fraction!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be a positive int, got {self.top_k!r}")
+        if self.restrict is not None:
+            if not isinstance(self.restrict, Mapping):
+                raise ValueError(f"restrict must be {{label: (coordinate, allowed values)}}, got {self.restrict!r}")
+            spec = {}
+            for lab, rule in self.restrict.items():
+                if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+                    raise ValueError(f"restrict[{lab!r}] must be (coordinate, allowed values), got {rule!r}")
+                spec[lab] = (rule[0], tuple(int(v) for v in rule[1]))
+            object.__setattr__(self, "restrict", spec)
+        self.cluster  # HDBSCAN's settings are checked by ClusterSettings
+
+    @property
+    def cluster(self) -> ClusterSettings:
+        """The settings of each HDBSCAN clustering."""
+        return ClusterSettings(self.min_cluster_size, self.min_samples, self.n_components, self.time_points,
+                               self.cluster_selection_method)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (lists for tuples), e.g. for a W&B run's config."""
+        out = dataclasses.asdict(self)
+        for name in ("methods", "labels"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        if out["restrict"] is not None:
+            out["restrict"] = {k: [v[0], list(v[1])] for k, v in out["restrict"].items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "AnalysisSettings":
+        """The settings of :meth:`to_dict`'s output (or any subset of the fields).
+
+        Raises:
+            TypeError: a name that is not a setting, listing the settings.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise TypeError(f"analysis settings: unknown {unknown}; the settings are {sorted(fields)}")
+        return cls(**dict(values))
+
 
 
 def complete_snapshots(ds) -> int:
@@ -136,64 +275,15 @@ def _run_methods(ds, order, n_snap, step, settings, groups, delta, per_method, t
         log.info("analysis: %s, %d clusterings in %.1f s", m, spec.n_units(ds), time.perf_counter() - t_m)
 
 
-def analyze(
-    ds,
-    *,
-    methods: Sequence[str] | None = None,
-    labels: Sequence[str] | None = None,
-    group_by: str | None = None,
-    min_cluster_size: float = 0.03,
-    min_samples: float | None = 10,
-    n_components: int | None = 10,
-    time_points: int | None = 64,
-    cluster_selection_method: str = "eom",
-    delta: float | str | None = "paper",
-    tau: float | str | None = "paper",
-    tau_fraction: float = 0.05,
-    tau_smooth: int | None = None,
-    hidden_rule: str = "token_mean",
-    restrict: Mapping[str, tuple[str, Sequence[int]]] | None = None,
-    restrict_fraction: float = APPENDIX_G_FRACTION,
-    recall_over: str = "clustered",
-    top_k: int = 3,
-    entropy_scores: bool = True,
-    progress: bool = False,
-):
+def analyze(ds, settings: AnalysisSettings | None = None, *, progress: bool = False, **overrides):
     """Filter, cluster, time and score the trajectories of a POLCA store.
 
     Args:
-        ds: store ``xarray.Dataset`` (see DESIGN.md): ``step``, ``loss``, and the
-            variables of the chosen methods.
-        methods: subset of ``polca, polca_first, lca, fisher, loss, loss_change``
-            (default: every one whose variables are present; see ``methods.py``).
-        labels: token coordinates to score clusters against (default: every token
-            coordinate except ``sequence``, ``position``, ``target``).
-        group_by: token coordinate to cluster within (e.g. ``"target"``), or None.
-        min_cluster_size, min_samples, n_components, time_points,
-            cluster_selection_method: see ``ClusterSettings`` (defaults and reasons in
-            ``clustering.py``).
-        delta: Δ of Eq. 9: a number of steps, or a rule: ``"paper"`` (default, or None):
-            1 % of the run (the paper's Δ = 100 of 10,000 steps), ``"wide"``: 2 % (the
-            default of earlier versions); either at least the largest snapshot spacing,
-            since ``a(t)`` needs the curves at ``t ± Δ`` and a shorter Δ would read them
-            between snapshots (a given Δ below the spacing warns). See ``onsets.py``.
-        tau: τ of Eq. 10: a step, or a rule: ``"paper"`` (default, or None):
-            ``step[0] + 10 %`` of the run (the paper's τ = 1000 of 10,000 steps);
-            ``"plateau"``: where the mean exact loss flattens (``plateau_step``).
-        tau_fraction, tau_smooth: ``plateau_step`` settings (with ``tau="plateau"``).
-        hidden_rule: ``"token_mean"`` (Eq. 10 as written: the mean of the member tokens'
-            onsets > τ) or ``"mean_curve"`` (the onset of the cluster's mean curve > τ).
-        restrict: App. G restriction per label, ``{label: (coordinate, allowed values)}``,
-            e.g. ``{"carry": ("place", (1, 2))}`` for the paper's carry scores. The
-            coordinate is also what the label's chance level conditions on.
-        restrict_fraction: eligibility threshold of the restriction: strictly more than
-            this fraction of a cluster's tokens with the label value must be in the
-            allowed values (0.85, the camera-ready App. G's "over 85%"; 0.5 is the
-            majority rule of earlier versions).
-        recall_over: ``"clustered"`` or ``"all"`` (see ``scores.py``).
-        top_k: best clusters kept per method and label value (App. G: 3).
-        entropy_scores: compute torchmetrics' homogeneity/completeness/V-measure.
+        ds: store ``xarray.Dataset`` (``polca_lightning.open_store``): ``step``, ``loss``,
+            and the variables of the chosen methods.
+        settings: every setting (:class:`AnalysisSettings`; default: its defaults).
         progress: show a tqdm bar over clusterings.
+        **overrides: settings by name (``min_samples=5``), on top of ``settings``.
 
     Returns:
         ``xarray.Dataset`` of results (variable list in the package docstring); settings,
@@ -202,6 +292,7 @@ def analyze(
     Raises:
         ValueError: unknown or unavailable method, bad coordinate names, bad settings
             (an unknown τ or Δ rule among them), fewer than 3 complete snapshots.
+        TypeError: an override that is not a setting.
 
     Example:
         >>> from polca_lightning.analysis import make_synthetic_store, analyze
@@ -213,72 +304,117 @@ def analyze(
     """
     import xarray as xr
 
+    if settings is None:
+        settings = AnalysisSettings.from_dict(overrides)
+    elif not isinstance(settings, AnalysisSettings):
+        raise TypeError(f"settings: expected an AnalysisSettings, got {type(settings).__name__}")
+    elif overrides:
+        settings = AnalysisSettings.from_dict({**dataclasses.asdict(settings), **overrides})
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    inp = _inputs(ds, settings)
+    per_method = _cluster_units(ds, inp, settings, timings, progress)
+    data, coords, entries, clusterings = _method_variables(ds, inp, settings, per_method)
+    t_s = time.perf_counter()
+    _tables(data, coords, inp, settings, entries, clusterings)
+    _label_scores(data, coords, inp, settings, per_method)
+    timings["scores"] = time.perf_counter() - t_s
+
+    data["tau"] = ((), inp.tau)
+    data["onset_delta"] = ((), inp.delta)
+    data["mean_loss"] = (("snapshot",), inp.mean_loss)
+    timings["total"] = time.perf_counter() - t_start
+    attrs = {f"analysis_{k}": v for k, v in _settings_attrs(settings, inp).items()}
+    attrs["analysis_timings"] = json.dumps({k: round(v, 4) for k, v in timings.items()})
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+@dataclass
+class _Inputs:
+    """What the stages read: resolved from the store and the settings by ``_inputs``."""
+
+    methods: list[str]
+    labels: list[str]
+    label_arrays: dict[str, np.ndarray]
+    groups: np.ndarray | None
+    restrict_masks: dict[str, np.ndarray]
+    restrict_groups: dict[str, np.ndarray]
+    n_snap: int
+    step: np.ndarray
+    delta: float
+    delta_rule: str
+    tau: float
+    tau_rule: str
+    mean_loss: np.ndarray
+    n_tokens: int
+
+
+def _inputs(ds, settings: AnalysisSettings) -> _Inputs:
+    """Stage 1: the store's side of the settings, checked against what the store holds."""
     for var in ("step", "loss"):
         if var not in ds.variables:
             raise ValueError(f"ds must have a {var!r} variable (store contract), it has {list(ds.data_vars)}")
     avail = available_methods(ds)
-    if methods is None:
-        methods = avail
-    methods = list(methods)
+    methods = list(avail if settings.methods is None else settings.methods)
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; expected some of {list(METHODS)}")
         if m not in avail:
             raise ValueError(f"method {m!r} needs variable {METHODS[m].variable!r} (and 'polca' for fisher), absent from ds")
-    if hidden_rule not in ("token_mean", "mean_curve"):
-        raise ValueError(f"hidden_rule must be 'token_mean' or 'mean_curve', got {hidden_rule!r}")
+    labels = settings.labels
     if labels is None:
         labels = [c for c in ds.coords if ds[c].dims == ("token",) and c not in NON_LABEL_COORDS
                   and np.issubdtype(ds[c].dtype, np.integer)]
     label_arrays = {name: _check_token_coord(ds, name, "labels") for name in labels}
-    groups = None if group_by is None else _check_token_coord(ds, group_by, "group_by")
-    if not 0 <= restrict_fraction < 1:
-        raise ValueError(f"restrict_fraction must be in [0, 1), got {restrict_fraction!r}")
+    groups = None if settings.group_by is None else _check_token_coord(ds, settings.group_by, "group_by")
     restrict_masks, restrict_groups = {}, {}
-    for lab, spec in (restrict or {}).items():
+    for lab, (coord, allowed) in (settings.restrict or {}).items():
         if lab not in label_arrays:
             raise ValueError(f"restrict names label {lab!r}, which is not among labels {list(labels)}")
-        if not (isinstance(spec, (tuple, list)) and len(spec) == 2):
-            raise ValueError(f"restrict[{lab!r}] must be (coordinate, allowed values), got {spec!r}")
-        restrict_groups[lab] = _check_token_coord(ds, spec[0], "restrict coordinate")
-        restrict_masks[lab] = np.isin(restrict_groups[lab], list(spec[1]))
-    settings = ClusterSettings(min_cluster_size, min_samples, n_components, time_points,
-                               cluster_selection_method)
+        restrict_groups[lab] = _check_token_coord(ds, coord, "restrict coordinate")
+        restrict_masks[lab] = np.isin(restrict_groups[lab], list(allowed))
 
     n_snap = complete_snapshots(ds)
     if n_snap < 3:
         raise ValueError(f"need at least 3 complete snapshots to analyze, the store has {n_snap}")
     step = np.asarray(ds["step"].values[:n_snap], dtype=np.float64)
-    delta, delta_rule = resolve_delta(delta, step)
+    delta, delta_rule = resolve_delta(settings.delta, step)
     loss = np.asarray(ds["loss"].isel(snapshot=slice(0, n_snap)).transpose("snapshot", "token").values)
     mean_loss = np.nanmean(loss.astype(np.float64), axis=1)
-    tau, tau_rule = resolve_tau(tau, step, mean_loss, fraction=tau_fraction, smooth=tau_smooth)
-    T = int(ds.sizes["token"])
+    tau, tau_rule = resolve_tau(settings.tau, step, mean_loss, fraction=settings.tau_fraction,
+                                smooth=settings.tau_smooth)
+    return _Inputs(methods, list(labels), label_arrays, groups, restrict_masks, restrict_groups, n_snap, step,
+                   delta, delta_rule, tau, tau_rule, mean_loss, int(ds.sizes["token"]))
 
-    order = sorted(methods, key=lambda m: m != "polca")  # polca first: fisher reuses its masks
+
+def _cluster_units(ds, inp: _Inputs, settings: AnalysisSettings, timings: dict, progress: bool) -> dict:
+    """Stage 2: filter, cluster and time every unit of every method (POLCA first: fisher reuses its masks)."""
+    order = sorted(inp.methods, key=lambda m: m != "polca")
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(METHODS[m].n_units(ds) for m in order), desc="clustering", unit="clustering")
-    per_method = {}
+    per_method: dict = {}
     try:
         with single_threaded_blas():
-            _run_methods(ds, order, n_snap, step, settings, groups, delta, per_method, timings, bar)
+            _run_methods(ds, order, inp.n_snap, inp.step, settings.cluster, inp.groups, inp.delta, per_method,
+                         timings, bar)
     finally:
         if bar is not None:
             bar.close()
+    return per_method
 
-    # ---- assemble per-method variables
-    n_cid = max([r.shape[0] for m in order for r in per_method[m]["size"]] + [0])
+
+def _method_variables(ds, inp: _Inputs, settings: AnalysisSettings, per_method: dict):
+    """Stage 3: each method's clusters, medoids, curves, onsets and hidden flags as variables;
+    returns ``(data, coords, entries, clusterings)``, the last two as columns for ``_tables``."""
+    n_snap, T, tau = inp.n_snap, inp.n_tokens, inp.tau
+    n_cid = max([r.shape[0] for m in inp.methods for r in per_method[m]["size"]] + [0])
     data, coords = {}, {"snapshot": ds["snapshot"].values[:n_snap] if "snapshot" in ds.coords else np.arange(n_snap),
                         "token": ds["token"].values if "token" in ds.coords else np.arange(T),
                         "cluster_id": np.arange(n_cid)}
     entries = {"method": [], "unit": [], "cluster": [], "size": [], "onset": [], "mean_token_onset": []}
     clusterings = {"method": [], "unit": [], "n_clusters": [], "n_clustered": [], "n_outliers": [], "n_filtered": []}
-    for m in methods:
+    for m in inp.methods:
         spec, r, p = METHODS[m], per_method[m], METHODS[m].prefix
         U = () if spec.unit_dim is None else (spec.unit_dim,)
         if spec.unit_dim is not None and spec.unit_dim not in coords:
@@ -288,7 +424,7 @@ def analyze(
         size = _pad(r["size"], n_cid, 0, np.int64)
         onset = _pad(r["onset"], n_cid, np.nan, np.float64)
         mtok = _pad(r["mean_token_onset"], n_cid, np.nan, np.float64)
-        rule_onset = mtok if hidden_rule == "token_mean" else onset
+        rule_onset = mtok if settings.hidden_rule == "token_mean" else onset
         curves = np.full((len(r["curves"]), n_cid, n_snap), np.nan)
         for i, c in enumerate(r["curves"]):
             curves[i, : c.shape[1]] = c.T
@@ -319,9 +455,12 @@ def analyze(
                 entries["size"].append(int(size[u, c]))
                 entries["onset"].append(onset[u, c])
                 entries["mean_token_onset"].append(mtok[u, c])
+    return data, coords, entries, clusterings
 
-    # ---- tables: clusterings and cluster entries
-    t_s = time.perf_counter()
+
+def _tables(data: dict, coords: dict, inp: _Inputs, settings: AnalysisSettings, entries: dict,
+            clusterings: dict) -> None:
+    """Stage 4: the tables of clusterings and of clusters (``entry``), hidden fractions."""
     E = len(entries["method"])
     coords["clustering_method"] = ("clustering", np.array(clusterings["method"], dtype=str))
     coords["clustering_unit"] = ("clustering", np.array(clusterings["unit"], dtype=np.int64))
@@ -333,17 +472,22 @@ def analyze(
     data["entry_size"] = (("entry",), np.array(entries["size"], dtype=np.int64).reshape(E))
     data["entry_onset"] = (("entry",), np.array(entries["onset"], dtype=np.float64).reshape(E))
     data["entry_mean_token_onset"] = (("entry",), np.array(entries["mean_token_onset"], dtype=np.float64).reshape(E))
-    rule_col = data["entry_mean_token_onset" if hidden_rule == "token_mean" else "entry_onset"][1]
-    entry_hidden = hidden_breakthrough(rule_col, tau)
+    rule_col = data["entry_mean_token_onset" if settings.hidden_rule == "token_mean" else "entry_onset"][1]
+    entry_hidden = hidden_breakthrough(rule_col, inp.tau)
     data["entry_hidden"] = (("entry",), entry_hidden)
     em = coords["entry_method"][1]
-    coords["trajectory_type"] = np.array(methods, dtype=str)
+    coords["trajectory_type"] = np.array(inp.methods, dtype=str)
     data["hidden_fraction"] = (("trajectory_type",), np.array(
-        [entry_hidden[em == m].mean() if (em == m).any() else np.nan for m in methods]))
+        [entry_hidden[em == m].mean() if (em == m).any() else np.nan for m in inp.methods]))
 
-    # ---- label scores
+
+def _label_scores(data: dict, coords: dict, inp: _Inputs, settings: AnalysisSettings, per_method: dict) -> None:
+    """Stage 5: per label, each cluster's homogeneity, chance level, recall, F1 and eligibility;
+    base rates; the App. G top clusters; torchmetrics' entropy scores."""
     cm, cu = coords["clustering_method"][1], coords["clustering_unit"][1]
-    for name, lab_arr in label_arrays.items():
+    em, eu = coords["entry_method"][1], coords["entry_unit"][1]
+    E, top_k = em.size, settings.top_k
+    for name, lab_arr in inp.label_arrays.items():
         vals = np.unique(lab_arr)
         vdim = f"{name}_value"
         coords[vdim] = vals
@@ -354,54 +498,49 @@ def analyze(
         for ci, (m, u) in enumerate(zip(cm, cu)):
             lab = per_method[m]["labels"][max(u, 0)]
             n_c = per_method[m]["size"][max(u, 0)].shape[0]
-            s = label_scores(lab, lab_arr, vals, restrict=restrict_masks.get(name),
-                             restrict_fraction=restrict_fraction, group=restrict_groups.get(name),
-                             recall_over=recall_over, n_clusters=n_c)
+            s = label_scores(lab, lab_arr, vals, restrict=inp.restrict_masks.get(name),
+                             restrict_fraction=settings.restrict_fraction, group=inp.restrict_groups.get(name),
+                             recall_over=settings.recall_over, n_clusters=n_c)
             for k in cols:
                 cols[k][row: row + n_c] = s[k]
             elig[row: row + n_c] = s["eligible"]
             row += n_c
-            if entropy_scores and n_c:
+            if settings.entropy_scores and n_c:
                 for k, v in clustering_scores(lab, lab_arr).items():
                     ent[k][ci] = v
         for k, v in cols.items():
             data[f"{name}_{k}"] = (("entry", vdim), v)
         data[f"{name}_eligible"] = (("entry", vdim), elig)
         onehot = lab_arr[:, None] == vals[None, :]  # [token, V]
-        inside = restrict_masks.get(name, np.ones(lab_arr.shape, dtype=bool))
+        inside = inp.restrict_masks.get(name, np.ones(lab_arr.shape, dtype=bool))
         data[f"{name}_base_rate"] = ((vdim,), onehot.mean(axis=0))
         with np.errstate(invalid="ignore", divide="ignore"):
             data[f"{name}_restricted_base_rate"] = ((vdim,), onehot[inside].sum(axis=0) / inside.sum())
-        if entropy_scores:
+        if settings.entropy_scores:
             for k, v in ent.items():
                 data[f"{name}_{k}_score"] = (("clustering",), v)
-        best = np.full((len(methods), vals.size, top_k), -1, dtype=np.int64)
-        eu = coords["entry_unit"][1]
-        for mi, m in enumerate(methods):
+        best = np.full((len(inp.methods), vals.size, top_k), -1, dtype=np.int64)
+        for mi, m in enumerate(inp.methods):
             idx = np.flatnonzero(em == m)
             for vi in range(vals.size):
                 b = best_clusters(cols["homogeneity"][idx, vi], eu[idx], elig[idx, vi], top_k)
                 best[mi, vi] = np.where(b >= 0, idx[np.maximum(b, 0)] if idx.size else -1, -1)
         data[f"{name}_best"] = (("trajectory_type", vdim, "rank"), best)
-    timings["scores"] = time.perf_counter() - t_s
 
-    data["tau"] = ((), tau)
-    data["onset_delta"] = ((), delta)
-    data["mean_loss"] = (("snapshot",), mean_loss)
-    timings["total"] = time.perf_counter() - t_start
-    settings_attrs = {
-        "methods": list(methods), "labels": list(labels), "group_by": group_by or "",
-        "min_cluster_size": min_cluster_size, "min_samples": -1 if min_samples is None else min_samples,
-        "n_components": -1 if n_components is None else n_components,
-        "time_points": -1 if time_points is None else time_points,
-        "cluster_selection_method": cluster_selection_method, "onset_delta": delta,
-        "delta_rule": delta_rule, "tau": tau, "tau_rule": tau_rule, "hidden_rule": hidden_rule,
-        "restrict": json.dumps({k: [v[0], list(map(int, v[1]))] for k, v in (restrict or {}).items()}),
-        "restrict_fraction": restrict_fraction, "recall_over": recall_over, "top_k": top_k,
-        "n_snapshots_used": n_snap,
+
+def _settings_attrs(settings: AnalysisSettings, inp: _Inputs) -> dict:
+    """The settings as the result's attributes (without the ``analysis_`` prefix)."""
+    return {
+        "methods": list(inp.methods), "labels": list(inp.labels), "group_by": settings.group_by or "",
+        "min_cluster_size": settings.min_cluster_size,
+        "min_samples": -1 if settings.min_samples is None else settings.min_samples,
+        "n_components": -1 if settings.n_components is None else settings.n_components,
+        "time_points": -1 if settings.time_points is None else settings.time_points,
+        "cluster_selection_method": settings.cluster_selection_method, "onset_delta": inp.delta,
+        "delta_rule": inp.delta_rule, "tau": inp.tau, "tau_rule": inp.tau_rule, "hidden_rule": settings.hidden_rule,
+        "restrict": json.dumps({k: [v[0], list(map(int, v[1]))] for k, v in (settings.restrict or {}).items()}),
+        "restrict_fraction": settings.restrict_fraction, "recall_over": settings.recall_over,
+        "top_k": settings.top_k, "n_snapshots_used": inp.n_snap,
         "onset_convention": "falling curves: most negative a(t); fisher: most positive",
         "cluster_labels": "-1 outlier, -2 not clustered (filtered out)",
     }
-    attrs = {f"analysis_{k}": v for k, v in settings_attrs.items()}
-    attrs["analysis_timings"] = json.dumps({k: round(v, 4) for k, v in timings.items()})
-    return xr.Dataset(data, coords=coords, attrs=attrs)
