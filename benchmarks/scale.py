@@ -388,6 +388,8 @@ def derived(r: dict) -> dict:
         "second_dir": r["second_order_seconds"] / k,
         "hvp": hvp,
         "solve_per_hvp": r["solve_seconds"] / max(r["n_hvp"], 1),
+        # the eigensolver's own work per HVP: Gram-Schmidt, projections, restarts (chunked, float64)
+        "lanczos_per_hvp": (r["solve_seconds"] - r["hvp_seconds"]) / max(r["n_hvp"], 1),
         "hvps_per_vector": per_vector_hvps,
         "vector": r["solve_seconds"] / max(r["n_hvp"], 1) * per_vector_hvps,
         "model_measured": r["model_peak_delta"],
@@ -427,11 +429,12 @@ def tables(results: list[dict], args) -> str:
          f"after fit (first order best of {args.repeat}, second order once), divided by K; `passes`: the same in plain forward passes over the probe set; `K=30 by "
          "calibration`: the engine's own timings of forward and reverse mode (made at setup) evaluated at K = 30, "
          "the cheaper of the two, per direction. Engine: what `auto` picks at K and at K = 30. s/HVP: the HVP "
-         "calls alone; s/vector: the whole eigensolve (Lanczos included) per vector.")
+         "calls alone; Lanczos s/HVP: the rest of the eigensolve per HVP (Gram-Schmidt, projections, restarts); "
+         "s/vector: the whole eigensolve per vector.")
     emit("")
     head = ("size", "params", "d_model x layers", "forward pass", "train step", "engine (K / K=30)",
-            "1st order s/snap/dir", "passes", "K=30 by calibration", "2nd order s/snap/dir", "passes", "HVPs", "s/HVP", "HVP passes",
-            "HVPs/vector", "s/vector")
+            "1st order s/snap/dir", "passes", "K=30 by calibration", "2nd order s/snap/dir", "passes", "HVPs", "s/HVP",
+            "HVP passes", "Lanczos s/HVP", "HVPs/vector", "s/vector")
     emit("| " + " | ".join(head) + " |")
     emit("|" + "---|" * len(head))
     for r, q in rows:
@@ -441,7 +444,7 @@ def tables(results: list[dict], args) -> str:
         emit(f"| {r['name']} | {r['d']:,} | {r['d_model']} x {r['n_layers']} | {seconds(r['forward_seconds'])} | "
              f"{seconds(r['train_step_seconds'])} | {r['engine_k']} / {r['engine_goal']} | {q['first_dir']:.3g} | "
              f"{q['passes_first']:.1f} | {q['goal_dir']:.3g} | {q['second_dir']:.3g} | {q['passes_second']:.1f} | {hvps} | "
-             f"{q['hvp']:.3g} | {q['passes_hvp']:.1f} | {per_vec} | {s_vec} |")
+             f"{q['hvp']:.3g} | {q['passes_hvp']:.1f} | {q['lanczos_per_hvp']:.3g} | {per_vec} | {s_vec} |")
     emit("")
     emit("The callback's own timers during fit (wall seconds, so inflated by other jobs on a shared machine): setup is the engine check and calibration; interval the "
          "derivatives at each snapshot along the basis and POLCA; backfill the new vectors at earlier snapshots.")
@@ -509,6 +512,7 @@ def tables(results: list[dict], args) -> str:
         ("goal_dir", "1st order s/snapshot/direction at K=30 (calibration)", "s"),
         ("second_dir", "2nd order s/snapshot/direction", "s"),
         ("hvp", "s/HVP", "s"),
+        ("lanczos_per_hvp", "Lanczos s/HVP", "s"),
         ("forward", "forward pass s", "s"),
         ("eigensolve_measured", "eigensolve working set", "B"),
         ("hvp_ws", "one HVP's working set", "B"),
@@ -584,14 +588,22 @@ def tables(results: list[dict], args) -> str:
             emit(f"| {name} | {kept} | " + " | ".join(gb(v) for v in parts) + f" | {gb(total)} | {verdict} | "
                  f"{gb(host)} |")
     tflops = args.gpu_tflops
+    step = args.goal_k_step
+    n_steps = math.ceil(GOAL_K / step)
+    keep = max(step, min(m - 1, step + (m - step) // 2))
+    mean_krylov = (keep + m) / 2 + 1  # Krylov rows an iteration works against, between thick restarts
+    mean_basis = sum(min(i * step, GOAL_K) for i in range(n_steps)) / n_steps  # basis rows an eigensolve projects out
+    lanczos_rows = 3 * (mean_krylov + mean_basis) + 4 * mean_basis  # Gram-Schmidt: 3 passes; P before and after H
     emit("")
     emit(f"POLCA time for K = {GOAL_K}, {GOAL_SNAPSHOTS} snapshots: derivatives {GOAL_SNAPSHOTS} x {GOAL_K} "
          f"snapshot-directions (each vector's g at every snapshot once, backfill included), eigensolves "
-         f"{GOAL_K} x HVPs/vector HVPs; store writes {GOAL_SNAPSHOTS} x bytes/snapshot. CPU: the fits above, "
+         f"{GOAL_K} x HVPs/vector HVPs, each with the eigensolver's own work (Lanczos s/HVP); store writes {GOAL_SNAPSHOTS} x bytes/snapshot. CPU: the fits above, "
          f"on this machine's {r0['threads']} thread(s). GPU (an assumption, not a measurement): each part's "
          f"measured cost at the largest size in plain forward passes ({largest['passes_first']:.1f} per "
          f"direction first order, {largest['passes_second']:.1f} second order, {largest['passes_hvp']:.1f} per "
-         f"HVP) times 2 d T FLOPs per forward pass at {tflops:g} TFLOP/s effective; this machine ran "
+         f"HVP) times 2 d T FLOPs per forward pass at {tflops:g} TFLOP/s effective, and the eigensolver's own "
+         f"work as {lanczos_rows:.0f} float64 rows of d read per HVP (see data movement below) at {args.hbm_tbs:g} "
+         f"TB/s of device memory bandwidth (basis on the device); this machine ran "
          f"{largest['cpu_gflops']:.1f} GFLOP/s in the largest size's forward pass, so the assumed speed-up is "
          f"{tflops * 1e3 / largest['cpu_gflops']:,.0f}x.")
     emit("")
@@ -601,8 +613,8 @@ def tables(results: list[dict], args) -> str:
     emit("|" + "---|" * len(head))
     for name, x in TARGETS.items():
         fwd_gpu = 2 * x * T / (tflops * 1e12)
-        eig_cpu = GOAL_K * h_vec * at("hvp", x)
-        eig_gpu = GOAL_K * h_vec * largest["passes_hvp"] * fwd_gpu
+        eig_cpu = GOAL_K * h_vec * (at("hvp", x) + at("lanczos_per_hvp", x))
+        eig_gpu = GOAL_K * h_vec * (largest["passes_hvp"] * fwd_gpu + lanczos_rows * 8 * x / (args.hbm_tbs * 1e12))
         store = GOAL_SNAPSHOTS * at("snapshot_bytes", x)
         for order, key, passes in (("1st", "first_dir", largest["passes_first"]),
                                    ("1st, auto at K=30", "goal_dir", largest["goal_dir"] / results[-1]["forward_seconds"]),
@@ -612,12 +624,7 @@ def tables(results: list[dict], args) -> str:
             emit(f"| {name} | {order} | {seconds(der_cpu)} | {seconds(eig_cpu)} | {seconds(der_cpu + eig_cpu)} | "
                  f"{seconds(der_gpu)} | {seconds(eig_gpu)} | {seconds(der_gpu + eig_gpu)} | {gb(store)} GB |")
     # ------------------------------------------------------------ data movement the FLOP estimate leaves out
-    step = args.goal_k_step
-    n_steps = math.ceil(GOAL_K / step)
-    keep = max(step, min(m - 1, step + (m - step) // 2))
-    mean_krylov = (keep + m) / 2 + 1  # Krylov rows an iteration works against, between thick restarts
-    mean_basis = sum(min(i * step, GOAL_K) for i in range(n_steps)) / n_steps  # basis rows an eigensolve projects out
-    rows_per_hvp = 3 * (mean_krylov + mean_basis) + 4 * mean_basis  # Gram-Schmidt: 3 passes; P before and after H
+    rows_per_hvp = lanczos_rows
     # basis steps evenly spread over the snapshots: the one at snapshot s backfills s - 1 earlier ones
     reads = sum(round(GOAL_SNAPSHOTS * (i + 1) / n_steps) - 1 for i in range(n_steps))
     weights_per_param = largest["weights_bytes"] / results[-1]["d"]
@@ -696,6 +703,8 @@ def main():
     p.add_argument("--goal-k-step", type=int, default=5, help="vectors per basis step assumed for the goal's Krylov size")
     p.add_argument("--gpu-tflops", type=float, default=50.0,
                    help="assumed effective GPU FLOP rate for the GPU time estimate (default 50 TFLOP/s)")
+    p.add_argument("--hbm-tbs", type=float, default=2.0,
+                   help="assumed device memory bandwidth for the eigensolver's own work on a GPU (default 2 TB/s)")
     p.add_argument("--pcie-gbs", type=float, default=25.0,
                    help="assumed host-to-device rate for the host-basis transfer estimate (default 25 GB/s)")
     p.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
