@@ -161,7 +161,7 @@ def analysis_settings(args) -> dict:
 
 def splits(args) -> tuple[dict, dict, dict]:
     """Training problems (fresh ones every step), held-out probe problems, a Hessian sample."""
-    symbols = args.format == "symbols"
+    symbols = getattr(args, "format", "symbols") == "symbols"  # examples/huggingface.py has no --format
     return (addition_data(args.steps * args.batch, seed=args.seed, symbols=symbols),
             addition_data(args.probe, seed=10_000 + args.seed, symbols=symbols),
             addition_data(args.hessian, seed=20_000 + args.seed, symbols=symbols))

@@ -41,7 +41,7 @@ from torch import nn
 
 from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
 from polca_lightning.losses import TokenLoss
-from polca_lightning._store_location import resolve_store
+from polca_lightning.store.location import resolve_store
 from polca_lightning.store import open_store, write_analysis
 
 __all__ = ["ablate_directions", "ablated_parameters"]

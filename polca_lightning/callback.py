@@ -16,8 +16,8 @@ from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, eval
 from polca_lightning._precision import check_compute_precision
 from polca_lightning.losses import resolve_token_loss
 from polca_lightning.polca import ORDERS, needs_curvature
-from polca_lightning._store_location import resolve_store
-from polca_lightning.store import WEIGHTS_COMPRESSORS, StoreWriter, TokenIndex, _weights_compressors
+from polca_lightning.store.location import resolve_store
+from polca_lightning.store import WEIGHTS_COMPRESSORS, StoreWriter, TokenIndex, check_weights_compressors
 from polca_lightning.tracker import Collective, POLCATracker, TorchDistributed
 
 __all__ = ["POLCACallback"]
@@ -170,7 +170,7 @@ class POLCACallback(Callback):
     ):
         location = resolve_store(store, storage_options)  # a URL fsspec cannot open fails here
         self.store, self.storage_options = location.target, location.storage_options  # Path, or a URL
-        self.weights_compressors = _weights_compressors(weights_compressors)
+        self.weights_compressors = check_weights_compressors(weights_compressors)
         self.snapshot_every = _positive_int("snapshot_every", snapshot_every)
         self.basis_every = _positive_int("basis_every", basis_every)
         if self.basis_every % self.snapshot_every:

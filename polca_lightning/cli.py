@@ -236,7 +236,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------- helpers
 def _resolve(store: str, storage_options: dict | None):
     """STORE as a StoreLocation (a local path, or a URL with its storage options)."""
-    from polca_lightning._store_location import resolve_store
+    from polca_lightning.store.location import resolve_store
 
     try:
         return resolve_store(store, storage_options, argument="STORE")

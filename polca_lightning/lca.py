@@ -25,7 +25,7 @@ from polca_lightning.engine import DirectionalDerivatives
 from polca_lightning.functional import ParameterSpace, evaluation_mode
 from polca_lightning.losses import TokenLoss
 from polca_lightning.polca import polca_interval
-from polca_lightning._store_location import resolve_store
+from polca_lightning.store.location import resolve_store
 from polca_lightning.store import open_store, write_analysis
 
 __all__ = ["lca_baseline"]

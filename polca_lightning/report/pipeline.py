@@ -117,12 +117,9 @@ def result_variables(res, store) -> dict[str, tuple[tuple[str, ...], np.ndarray,
 def _drop_stale_results(path, keep) -> None:
     """Delete results of an earlier ``analyze_store`` that the new one does not replace
     (e.g. a baseline left out this time), so that their sizes cannot clash."""
-    from polca_lightning.store import _open_polca_group
+    from polca_lightning.store.writer import drop_marked_variables
 
-    group = _open_polca_group(path, mode="r+")
-    for name, arr in list(group.arrays()):
-        if name not in keep and RESULT_MARK in arr.attrs:
-            del group[name]
+    drop_marked_variables(path, set(keep), RESULT_MARK)
 
 
 def analyze_store(path, *, write: bool = True, progress: bool = False, storage_options: dict | None = None,
@@ -152,7 +149,7 @@ def analyze_store(path, *, write: bool = True, progress: bool = False, storage_o
     import xarray as xr
 
     from polca_lightning.analysis import analyze
-    from polca_lightning._store_location import resolve_store
+    from polca_lightning.store.location import resolve_store
     from polca_lightning.store import open_store, write_analysis
 
     path = resolve_store(path, storage_options)
@@ -196,7 +193,7 @@ def default_report_dir(store_path) -> Path:
     A URL store (``s3://bucket/runs/polca.zarr``) gets a local folder named after its last
     component in the working directory: ``./polca.zarr.report``.
     """
-    from polca_lightning._store_location import resolve_store
+    from polca_lightning.store.location import resolve_store
 
     location = resolve_store(store_path)
     if location.remote:

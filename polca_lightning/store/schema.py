@@ -1,4 +1,6 @@
-"""The POLCA store: a Zarr v3 group that a training run fills and users reload.
+"""The POLCA store's data contract: layout, names, chunking, format version, errors, path checks.
+
+The store is a Zarr v3 group that a training run fills and users reload.
 
 Written during training by one process (:class:`StoreWriter`, used by the callback),
 read lazily with :func:`open_store` or, as it is, with ``xarray.open_zarr(path)``
@@ -57,23 +59,19 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import xarray as xr
 import zarr
-from xarray.backends import BackendArray
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec
-from xarray.core import indexing
 
-from polca_lightning._store_location import StoreLocation, resolve_store
+from polca_lightning.store.location import StoreLocation, resolve_store
 
-if TYPE_CHECKING:
-    from polca_lightning._store_writer import StoreWriter
 
-__all__ = ["WEIGHTS_COMPRESSORS", "StoreError", "StoreExistsError", "StoreWriteError", "StoreWriter",
-           "TokenIndex", "open_store", "write_analysis"]
+__all__ = ["FORMAT_KEY", "FORMAT_VERSION", "TRAINING_DIMS", "TRAINING_SPECS", "RESERVED_NAMES",
+           "BUILTIN_TOKEN_COORDS", "WEIGHTS_COMPRESSORS", "StoreError", "StoreExistsError", "StoreWriteError",
+           "TokenIndex", "check_store_path", "check_weights_compressors"]
 
 FORMAT_KEY = "polca_lightning_format"
 FORMAT_VERSION = 1
@@ -267,7 +265,7 @@ def _chunk_plan(n_tokens: int, n_params: int, max_basis: int) -> dict[str, tuple
     }
 
 
-def _weights_compressors(value: Any) -> tuple | None:
+def check_weights_compressors(value: Any) -> tuple | None:
     """`value` as zarr 3 compressors (a tuple of bytes-to-bytes codecs) or None; TypeError otherwise."""
     if value is None:
         return None
@@ -285,24 +283,6 @@ def _fill_value_for(dtype: np.dtype) -> Any:
     return {"f": np.nan, "i": -1, "u": 0, "b": False, "U": ""}.get(kind, None)
 
 
-def _shrink_array(array: zarr.Array, new_shape: tuple[int, ...]) -> None:
-    """Resize `array` down to `new_shape`, resetting dropped cells in kept chunks.
-
-    zarr deletes the chunks that fall wholly outside the new shape but keeps the
-    partial ones as they are, so without the reset old values would reappear when the
-    array grows again.
-    """
-    shape = tuple(array.shape)
-    for axis, (old, new) in enumerate(zip(shape, new_shape)):
-        if new < old:
-            chunk = array.chunks[axis]
-            end = min(old, -(-new // chunk) * chunk)  # end of the chunk holding index new-1
-            if end > new:
-                region = [slice(None)] * len(shape)
-                region[axis] = slice(new, end)
-                array[tuple(region)] = array.fill_value
-    if tuple(new_shape) != shape:
-        array.resize(tuple(new_shape))
 
 
 # ---------------------------------------------------------------------- paths & groups
@@ -456,22 +436,6 @@ def _n_params(parameters: list[tuple[str, tuple[int, ...]]]) -> int:
 
 
 
-# ---------------------------------------------------------------------------- reading
-class _ZarrBackendArray(BackendArray):
-    """Lazy view of one zarr array for xarray (outer indexing maps onto ``oindex``)."""
-
-    def __init__(self, array: zarr.Array):
-        self._array = array
-        self.shape = tuple(array.shape)
-        self.dtype = np.dtype(array.dtype.to_native_dtype() if hasattr(array.dtype, "to_native_dtype") else array.dtype)
-
-    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
-        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER, self._raw)
-
-    def _raw(self, key: tuple) -> np.ndarray:
-        if all(isinstance(k, slice) for k in key):
-            return np.asarray(self._array[key])
-        return np.asarray(self._array.oindex[key])
 
 
 def _lengths(attrs: dict) -> dict[str, int]:
@@ -479,138 +443,7 @@ def _lengths(attrs: dict) -> dict[str, int]:
     return {"snapshot": n_snapshots, "interval": max(n_snapshots - 1, 0), "basis": n_basis}
 
 
-def open_store(path: Any, *, storage_options: dict | None = None) -> xr.Dataset:
-    """Open a POLCA store lazily as a labelled :class:`xarray.Dataset`.
-
-    Every variable is cut to the committed lengths, so a store still being written (or
-    left by a crash) shows its complete part. Nothing is read until values are used;
-    dask is not needed. ``ds.attrs["complete"]`` tells whether the run closed the store.
-
-    Args:
-        path: directory of the store, or a URL that fsspec opens (``s3://bucket/run.zarr``,
-            ``gs://...``, ``memory://...``; ``file://`` is a local path).
-        storage_options: options of the URL's filesystem, as
-            ``xarray.open_zarr(url, storage_options=...)`` takes them (for S3: ``key``,
-            ``secret``, ``endpoint_url`` or ``client_kwargs={"endpoint_url": ...}``);
-            without them the filesystem reads its environment (``AWS_*`` variables).
-
-    Returns:
-        The Dataset: the variables of the module docstring plus analysis results.
-
-    Raises:
-        FileNotFoundError: nothing at `path`.
-        StoreError: `path` is not a POLCA store.
-        ValueError, ImportError: a URL fsspec cannot open (an unknown scheme, its package
-            missing: the message names it), storage options for a local path.
-
-    Example:
-        >>> ds = open_store("runs/polca.zarr")
-        >>> ds.polca.sel(basis=0).sum("interval")      # projected loss change per token
-        >>> ds = open_store("s3://bucket/run.zarr", storage_options={"endpoint_url": "http://minio:9000"})
-    """
-    group = _open_polca_group(path, storage_options=storage_options)
-    attrs = dict(group.attrs)
-    lengths = _lengths(attrs)
-    coord_names = set(attrs.pop("coordinates", "").split())
-    variables: dict[str, xr.Variable] = {}
-    for name, array in sorted(group.arrays(), key=lambda item: item[0]):
-        dims = array.metadata.dimension_names
-        if dims is None or any(d is None for d in dims):
-            warnings.warn(f"open_store: skipping array {name!r}: it has no dimension_names", UserWarning, stacklevel=2)
-            continue
-        var = xr.Variable(dims, indexing.LazilyIndexedArray(_ZarrBackendArray(array)), dict(array.attrs))
-        short = [d for d in dims if d in lengths and var.sizes[d] < lengths[d]]
-        if short:
-            if name in TRAINING_SPECS or name in coord_names:
-                raise StoreError(f"{path!r} is damaged: {name!r} is shorter along {short[0]!r} "
-                                 f"({var.sizes[short[0]]}) than the committed {lengths[short[0]]}")
-            warnings.warn(f"open_store: skipping analysis variable {name!r}: computed for "
-                          f"{var.sizes[short[0]]} {short[0]} entries, the store now has "
-                          f"{lengths[short[0]]}; run the analysis again", UserWarning, stacklevel=2)
-            continue
-        variables[name] = var.isel({d: slice(0, lengths[d]) for d in dims if d in lengths})
-    coords = {k: v for k, v in variables.items() if k in coord_names or (v.dims == (k,))}
-    data_vars = {k: v for k, v in variables.items() if k not in coords}
-    return xr.Dataset(data_vars, coords, attrs)
 
 
-# --------------------------------------------------------------------------- analysis
-def write_analysis(path: Any, variables: dict[str, tuple[tuple[str, ...], Any, dict]], *,
-                   overwrite: bool = True, storage_options: dict | None = None) -> None:
-    """Add analysis results to a store, as variables beside the training data.
-
-    Args:
-        path: the store.
-        variables: name -> ``(dims, values, attrs)``. Dims may be the store's own
-            (``basis``, ``token``, ..., at their committed lengths) or new ones
-            (``cluster_id``, ``method``); a variable named like its only dim becomes
-            that dim's coordinate.
-        overwrite: replace analysis variables of the same names (re-running an analysis);
-            with ``False`` an existing name raises StoreError.
-        storage_options: options of a URL's filesystem (see :func:`open_store`).
-
-    Raises:
-        StoreError: a training name, a size that does not match the store or the other
-            analysis variables, or a value that zarr cannot hold.
-
-    Example:
-        >>> write_analysis("runs/polca.zarr", {"cluster": (("basis", "token"), labels, {"method": "hdbscan"})})
-    """
-    location = resolve_store(path, storage_options)
-    group = _open_polca_group(location, mode="r+")
-    attrs = dict(group.attrs)
-    reserved = RESERVED_NAMES | set(attrs.get("token_labels", [])) | {"coordinates"}
-    existing = {name: arr for name, arr in group.arrays()}
-    sizes = {**_lengths(attrs), "token": existing["sequence"].shape[0], "param": _n_params(attrs["parameters"])}
-    for name, arr in existing.items():  # dims of the analysis variables that stay
-        if name not in reserved and name not in variables and arr.metadata.dimension_names:
-            for d, n in zip(arr.metadata.dimension_names, arr.shape):
-                sizes.setdefault(d, n)
-    prepared = {}
-    for name, spec in variables.items():
-        if not isinstance(name, str) or not name or "/" in name or name.startswith((".", "__")):
-            raise StoreError(f"write_analysis: {name!r} is not a valid variable name")
-        if name in reserved:
-            raise StoreError(f"write_analysis: {name!r} is a training variable, dimension or coordinate "
-                             "of the store; analysis results need names of their own")
-        if name in existing and not overwrite:
-            raise StoreError(f"write_analysis: {name!r} already exists in {path!r} (pass overwrite=True to replace it)")
-        try:
-            dims, values, var_attrs = spec
-        except (TypeError, ValueError):
-            raise StoreError(f"write_analysis: {name!r} must be (dims, values, attrs)") from None
-        dims = (dims,) if isinstance(dims, str) else tuple(dims)
-        values = np.asarray(_to_numpy(values))
-        if values.dtype.kind == "O":
-            values = values.astype(str)
-        if values.dtype.kind not in "fiubU":
-            raise StoreError(f"write_analysis: {name!r} has dtype {values.dtype}, not numbers, booleans or strings")
-        if values.ndim != len(dims):
-            raise StoreError(f"write_analysis: {name!r} has {values.ndim} dimensions but dims {dims}")
-        for d, n in zip(dims, values.shape):
-            if sizes.setdefault(d, n) != n:
-                raise StoreError(f"write_analysis: {name!r} has {n} entries along {d!r}, the store has {sizes[d]}")
-        prepared[name] = (dims, values, _jsonable(dict(var_attrs or {}), f"attrs of {name!r}"))
-    for name, (dims, values, var_attrs) in prepared.items():
-        if name in existing:
-            del group[name]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # string dtypes: "no Zarr V3 specification yet"
-            arr = group.create_array(name, shape=values.shape, dtype=values.dtype,
-                                     chunks=tuple(max(1, n) for n in values.shape) if values.size == 0 else "auto",
-                                     fill_value=_fill_value_for(values.dtype), dimension_names=dims,
-                                     attributes=var_attrs)
-            if values.size:
-                arr[...] = values
-    if attrs.get("complete", False):
-        _consolidate(location)  # keep the snapshot in step for xarray.open_zarr
 
 
-def __getattr__(name: str) -> Any:
-    # StoreWriter lives in a module of its own that imports this one; loading it lazily
-    # keeps the import graph free of cycles.
-    if name == "StoreWriter":
-        from polca_lightning._store_writer import StoreWriter
-
-        return StoreWriter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

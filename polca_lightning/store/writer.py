@@ -1,4 +1,6 @@
-"""The background writer of a POLCA store (public as :class:`polca_lightning.store.StoreWriter`).
+"""Writing a POLCA store: the background writer (:class:`StoreWriter`) and :func:`write_analysis`.
+
+Imports the schema (``store/schema.py``), never the reader.
 
 One process writes. Every ``write_*`` call validates and copies its inputs in the
 caller's thread and queues a closure; one thread runs the closures in order. Arrays
@@ -21,12 +23,12 @@ from typing import Any, Callable
 import numpy as np
 import zarr
 
-from polca_lightning._store_location import resolve_store
-from polca_lightning.store import (
-    BUILTIN_TOKEN_COORDS, FORMAT_KEY, FORMAT_VERSION, TRAINING_SPECS, WEIGHTS_COMPRESSORS, StoreError,
-    StoreWriteError, TokenIndex, _as_float32, _as_index, _as_int64, _chunk_plan, check_store_path,
-    _consolidate, _fill_value_for, _jsonable, _n_params, _open_polca_group, _remove_store, _same_json,
-    _shrink_array, _to_numpy, _weights_compressors,
+from polca_lightning.store.location import resolve_store
+from polca_lightning.store.schema import (
+    BUILTIN_TOKEN_COORDS, FORMAT_KEY, FORMAT_VERSION, RESERVED_NAMES, TRAINING_SPECS, WEIGHTS_COMPRESSORS,
+    StoreError, StoreWriteError, TokenIndex, _as_float32, _as_index, _as_int64, _chunk_plan, _consolidate,
+    _fill_value_for, _jsonable, _lengths, _n_params, _open_polca_group, _remove_store, _same_json, _to_numpy,
+    check_weights_compressors, check_store_path,
 )
 
 
@@ -193,7 +195,7 @@ class StoreWriter:
             raise ValueError("tokens: the probe data has no loss-bearing token")
         self.location = resolve_store(path, storage_options)
         self.path = self.location.target  # a Path, or the URL of a remote store
-        self.weights_compressors = _weights_compressors(weights_compressors)
+        self.weights_compressors = check_weights_compressors(weights_compressors)
         self.tokens = tokens
         self.parameters = [(str(name), tuple(_as_index(s, f"shape of {name}") for s in shape))
                            for name, shape in parameters]
@@ -495,3 +497,106 @@ class StoreWriter:
 
 StoreWriter.__module__ = "polca_lightning.store"
 
+
+def _shrink_array(array: zarr.Array, new_shape: tuple[int, ...]) -> None:
+    """Resize `array` down to `new_shape`, resetting dropped cells in kept chunks.
+
+    zarr deletes the chunks that fall wholly outside the new shape but keeps the
+    partial ones as they are, so without the reset old values would reappear when the
+    array grows again.
+    """
+    shape = tuple(array.shape)
+    for axis, (old, new) in enumerate(zip(shape, new_shape)):
+        if new < old:
+            chunk = array.chunks[axis]
+            end = min(old, -(-new // chunk) * chunk)  # end of the chunk holding index new-1
+            if end > new:
+                region = [slice(None)] * len(shape)
+                region[axis] = slice(new, end)
+                array[tuple(region)] = array.fill_value
+    if tuple(new_shape) != shape:
+        array.resize(tuple(new_shape))
+
+
+# --------------------------------------------------------------------------- analysis
+def write_analysis(path: Any, variables: dict[str, tuple[tuple[str, ...], Any, dict]], *,
+                   overwrite: bool = True, storage_options: dict | None = None) -> None:
+    """Add analysis results to a store, as variables beside the training data.
+
+    Args:
+        path: the store.
+        variables: name -> ``(dims, values, attrs)``. Dims may be the store's own
+            (``basis``, ``token``, ..., at their committed lengths) or new ones
+            (``cluster_id``, ``method``); a variable named like its only dim becomes
+            that dim's coordinate.
+        overwrite: replace analysis variables of the same names (re-running an analysis);
+            with ``False`` an existing name raises StoreError.
+        storage_options: options of a URL's filesystem (see :func:`open_store`).
+
+    Raises:
+        StoreError: a training name, a size that does not match the store or the other
+            analysis variables, or a value that zarr cannot hold.
+
+    Example:
+        >>> write_analysis("runs/polca.zarr", {"cluster": (("basis", "token"), labels, {"method": "hdbscan"})})
+    """
+    location = resolve_store(path, storage_options)
+    group = _open_polca_group(location, mode="r+")
+    attrs = dict(group.attrs)
+    reserved = RESERVED_NAMES | set(attrs.get("token_labels", [])) | {"coordinates"}
+    existing = {name: arr for name, arr in group.arrays()}
+    sizes = {**_lengths(attrs), "token": existing["sequence"].shape[0], "param": _n_params(attrs["parameters"])}
+    for name, arr in existing.items():  # dims of the analysis variables that stay
+        if name not in reserved and name not in variables and arr.metadata.dimension_names:
+            for d, n in zip(arr.metadata.dimension_names, arr.shape):
+                sizes.setdefault(d, n)
+    prepared = {}
+    for name, spec in variables.items():
+        if not isinstance(name, str) or not name or "/" in name or name.startswith((".", "__")):
+            raise StoreError(f"write_analysis: {name!r} is not a valid variable name")
+        if name in reserved:
+            raise StoreError(f"write_analysis: {name!r} is a training variable, dimension or coordinate "
+                             "of the store; analysis results need names of their own")
+        if name in existing and not overwrite:
+            raise StoreError(f"write_analysis: {name!r} already exists in {path!r} (pass overwrite=True to replace it)")
+        try:
+            dims, values, var_attrs = spec
+        except (TypeError, ValueError):
+            raise StoreError(f"write_analysis: {name!r} must be (dims, values, attrs)") from None
+        dims = (dims,) if isinstance(dims, str) else tuple(dims)
+        values = np.asarray(_to_numpy(values))
+        if values.dtype.kind == "O":
+            values = values.astype(str)
+        if values.dtype.kind not in "fiubU":
+            raise StoreError(f"write_analysis: {name!r} has dtype {values.dtype}, not numbers, booleans or strings")
+        if values.ndim != len(dims):
+            raise StoreError(f"write_analysis: {name!r} has {values.ndim} dimensions but dims {dims}")
+        for d, n in zip(dims, values.shape):
+            if sizes.setdefault(d, n) != n:
+                raise StoreError(f"write_analysis: {name!r} has {n} entries along {d!r}, the store has {sizes[d]}")
+        prepared[name] = (dims, values, _jsonable(dict(var_attrs or {}), f"attrs of {name!r}"))
+    for name, (dims, values, var_attrs) in prepared.items():
+        if name in existing:
+            del group[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # string dtypes: "no Zarr V3 specification yet"
+            arr = group.create_array(name, shape=values.shape, dtype=values.dtype,
+                                     chunks=tuple(max(1, n) for n in values.shape) if values.size == 0 else "auto",
+                                     fill_value=_fill_value_for(values.dtype), dimension_names=dims,
+                                     attributes=var_attrs)
+            if values.size:
+                arr[...] = values
+    if attrs.get("complete", False):
+        _consolidate(location)  # keep the snapshot in step for xarray.open_zarr
+
+
+def drop_marked_variables(path: Any, keep: set[str], mark: str, *, storage_options: dict | None = None) -> list[str]:
+    """Delete the arrays of a store that carry the attribute ``mark`` and are not in ``keep``
+    (results of an earlier analysis that a new one does not replace, so their sizes cannot
+    clash); returns their names. Training data never carries an analysis mark."""
+    location = resolve_store(path, storage_options)
+    group = _open_polca_group(location, mode="r+")
+    dropped = [name for name, arr in list(group.arrays()) if name not in keep and mark in arr.attrs]
+    for name in dropped:
+        del group[name]
+    return dropped
