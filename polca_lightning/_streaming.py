@@ -148,9 +148,10 @@ class RowStream:
                 for b in blocks:
                     new = new - minus[:, row : row + b.shape[0]] @ self.load(b, cols)
                     row += b.shape[0]
-            rows[:n_out, cols] = new.to(rows.dtype)
+            stored = new.to(rows.dtype)
+            rows[:n_out, cols].copy_(stored)  # across devices where rows live in host memory
             if others is not None:
-                new = rows[:n_out, cols].to(self.device, F64)  # [r', c] as stored
+                new = stored.to(F64)  # [r', c] as stored
                 col = 0
                 for b, width in zip(others, widths):
                     part = new if b is rows else self.load(b, cols)  # [width, c]
@@ -162,7 +163,7 @@ class RowStream:
         """``out [r', d] <- coef [r', r] @ block [r, d]``, chunk by chunk (``out`` may be ``block``'s first rows)."""
         coef = coef.to(self.device, F64)
         for cols in self.chunks([block, out]):
-            out[:, cols] = (coef @ self.load(block, cols)).to(out.dtype)
+            out[:, cols].copy_((coef @ self.load(block, cols)).to(out.dtype))
         return out
 
 

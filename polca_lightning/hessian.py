@@ -184,27 +184,25 @@ def projected_hessian_eigs(
         j = V.shape[0]
         return w, (c[:j] + c2[:j]).cpu(), math.sqrt(max(norm2, 0.0))
 
-    def project(v: Tensor) -> Tensor:
-        """P v in place, for v [d] on ``device``."""
-        if B:
-            stream.subtract(v, B, stream.inner(B, v))
-        return v
-
     n_hvp = 0
 
     def apply(row: Tensor) -> Tensor:
-        """P H P v for the Krylov row v [d]: a new vector on ``device``."""
+        """H v for the Krylov row v [d] (a new vector on ``device``); P H P v once orthogonalised.
+
+        Every Krylov row is orthogonal to B already (Gram-Schmidt against [V; B] made it so),
+        so P v = v, and the P on the left is the B part of the next Gram-Schmidt: no pass
+        over B of its own.
+        """
         nonlocal n_hvp
-        v = project(row.to(device=device, dtype=dtype, copy=True))
         n_hvp += 1
-        out = hvp(v)
+        out = hvp(row.to(device=device, dtype=dtype, copy=True))
         if not isinstance(out, Tensor) or out.shape != (dim,):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"`hvp` must return a Tensor of shape ({dim},), got {got} on call {n_hvp}")
         out = out.detach().to(device=device, dtype=dtype, copy=True)
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"`hvp` returned non-finite values on call {n_hvp} (of this solve)")
-        return project(out)
+        return out
 
     def random_unit(V: Tensor) -> Tensor | None:
         """A seeded random unit vector orthogonal to V and B (None if none is left)."""
@@ -221,14 +219,14 @@ def projected_hessian_eigs(
     start = random_unit(V[:0])
     if start is None:  # only possible when n_avail is ~0 numerically
         raise ValueError("`basis` leaves no room: no vector orthogonal to it could be drawn")
-    V[0] = start
+    V[0].copy_(start)
     j, beta, anorm, exhausted = 0, 0.0, 0.0, False
     seq_start, block_top, scale = 0, None, None  # start of the current Krylov sequence (see below)
     keep = max(k, min(m - 1, k + (m - k) // 2))  # Ritz vectors kept at a thick restart
     while True:
         w = apply(V[j])  # [d]
-        anorm = max(anorm, w.norm().item())
-        w, h64, beta = orthogonalize(w, V[: j + 1])
+        w, h64, beta = orthogonalize(w, V[: j + 1])  # w <- P H P v_j, less its part on V
+        anorm = max(anorm, math.sqrt(float(h64 @ h64) + beta**2))  # ||P H P v_j||
         T[: j + 1, j] = h64  # symmetric Arnoldi: column and row j from the same projections
         T[j, : j + 1] = h64
         j += 1
@@ -246,9 +244,9 @@ def projected_hessian_eigs(
                 beta, nxt = 0.0, random_unit(V[:j])
                 exhausted = nxt is None
                 if nxt is not None:
-                    V[j] = nxt
+                    V[j].copy_(nxt)
             else:
-                V[j] = w / beta
+                V[j].copy_(w / beta)
         del w
         if j < k and not exhausted and n_hvp < max_hvp:
             continue
@@ -269,7 +267,7 @@ def projected_hessian_eigs(
             break
         if j == m:  # thick restart: keep the top `keep` Ritz vectors, then the residual vector
             stream.combine(Y[:, :keep].T, V[:m], V[:keep])  # V[:keep] <- Ykᵀ V[:m], chunk by chunk
-            V[keep] = V[m]
+            V[keep].copy_(V[m])
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[:keep])
             T[keep, :keep] = T[:keep, keep] = beta * Y[m - 1, :keep]  # arrowhead coupling

@@ -213,7 +213,7 @@ class POLCATracker:
         if self._rows is None:
             self._rows = self._new_rows(self.max_basis, like)
         K0 = self.n_basis
-        self._rows[K0 : K0 + vecs.shape[0]] = vecs
+        self._rows[K0 : K0 + vecs.shape[0]].copy_(vecs)  # across devices where the basis is in host memory
         self.basis = self._rows[: K0 + vecs.shape[0]]
 
     def derivatives(self, theta: Tensor, directions: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -335,7 +335,7 @@ class POLCATracker:
             gen = torch.Generator().manual_seed(self.seed + self.n_basis)
             vecs = self._new_rows(k, theta)
             for i in range(k):  # a row at a time: no [k, d] float64 draw
-                vecs[i] = torch.randn(self.space.dim, generator=gen, dtype=torch.float64)
+                vecs[i].copy_(torch.randn(self.space.dim, generator=gen, dtype=torch.float64))
             vecs = _orthonormalize(vecs, existing, "random", self.dd.memory_cap, theta.device)
         else:
             raw = self.basis_kind(self.module, step, existing)
