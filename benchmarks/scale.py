@@ -360,16 +360,17 @@ def seconds(x: float) -> str:
 
 
 def goal_direction_seconds(r: dict) -> float:
-    """First-order s/snapshot/direction at K = 30 by the engine's calibration (what ``auto`` weighs).
+    """First-order s/snapshot/direction at K = 30: the measured one at K, times what ``auto`` saves at K = 30.
 
-    The calibration timed forward mode per direction and reverse mode as a fixed part plus a
-    part per direction, on the probe batch (here the whole probe set): ``auto`` takes the cheaper.
+    The engine's calibration (wall time, at setup) timed forward mode per direction and reverse
+    mode as a fixed part plus a part per direction on the probe batch; ``auto`` takes the
+    cheaper. The ratio of the two at K = 30 (at most 1) scales the measured forward-mode cost.
     """
     c = r["calibration"] or {}
-    fwd = c.get("forward_per_direction", float("inf"))
-    rev = (c.get("reverse_base", float("inf")) + c.get("reverse_per_direction", float("inf")) * GOAL_K) / GOAL_K
-    best = min(fwd, rev)
-    return best if math.isfinite(best) else r["first_order_seconds"] / r["k"]
+    fwd = c.get("forward_per_direction", float("inf")) * GOAL_K
+    rev = c.get("reverse_base", float("inf")) + c.get("reverse_per_direction", float("inf")) * GOAL_K
+    ratio = min(1.0, rev / fwd) if math.isfinite(fwd) and fwd > 0 and math.isfinite(rev) else 1.0
+    return ratio * r["first_order_seconds"] / r["k"]
 
 
 def derived(r: dict) -> dict:
@@ -428,7 +429,7 @@ def tables(results: list[dict], args) -> str:
     emit(f"Time (measured, {r0['clock']}). Directional derivatives: the K-direction call over the probe set "
          f"after fit (first order best of {args.repeat}, second order once), divided by K; `passes`: the same in plain forward passes over the probe set; `K=30 by "
          "calibration`: the engine's own timings of forward and reverse mode (made at setup) evaluated at K = 30, "
-         "the cheaper of the two, per direction. Engine: what `auto` picks at K and at K = 30. s/HVP: the HVP "
+         "the cheaper of the two, as a fraction of forward mode, times the measured figure. Engine: what `auto` picks at K and at K = 30. s/HVP: the HVP "
          "calls alone; Lanczos s/HVP: the rest of the eigensolve per HVP (Gram-Schmidt, projections, restarts); "
          "s/vector: the whole eigensolve per vector.")
     emit("")
@@ -509,7 +510,7 @@ def tables(results: list[dict], args) -> str:
     fits = {}
     quantities = [
         ("first_dir", "1st order s/snapshot/direction", "s"),
-        ("goal_dir", "1st order s/snapshot/direction at K=30 (calibration)", "s"),
+        ("goal_dir", "1st order s/snapshot/direction, auto at K=30", "s"),
         ("second_dir", "2nd order s/snapshot/direction", "s"),
         ("hvp", "s/HVP", "s"),
         ("lanczos_per_hvp", "Lanczos s/HVP", "s"),
@@ -528,23 +529,36 @@ def tables(results: list[dict], args) -> str:
     hvp_fit = fit_power([c[0] for c in converged], [c[1] for c in converged]) if len(converged) >= 2 else None
     mean_hvps = sum(c[1] for c in converged) / len(converged) if converged else float("nan")
 
-    def at(key: str, x: float) -> float:
+    def power(key: str, x: float) -> float:
         c, a = fits[key]
         return c * x**a
 
-    emit(f"Fits, y = c d^a over d = {', '.join(f'{x:,}' for x in ds)} (least squares in log space):")
+    d_top = results[-1]["d"]
+    top = {key: (results[-1]["forward_seconds"] if key == "forward" else rows[-1][1][key]) for key, _, _ in quantities}
+
+    def at(key: str, x: float) -> float:
+        """The goal's model: linear in d from the largest size measured."""
+        return top[key] * x / d_top
+
+    emit(f"Fits, y = c d^a over d = {', '.join(f'{x:,}' for x in ds)} (least squares in log space), and the "
+         f"linear model y = y(largest) d / {d_top:,} that the goal's figures below use: every part here costs "
+         "O(d) per probe token (matmuls, d-vectors), and overheads that make small models' exponents fall below "
+         "1 shrink with size, so the linear model is the conservative one.")
     emit("")
-    emit("| quantity | c | a | " + " | ".join(TARGETS) + " |")
-    emit("|---|---|---|" + "---|" * len(TARGETS))
+    fmt = lambda unit, v: seconds(v) if unit == "s" else f"{gb(v)} GB"  # noqa: E731
+    emit("| quantity | c | a | " + " | ".join(f"{t} (fit)" for t in TARGETS) + " | "
+         + " | ".join(f"{t} (linear)" for t in TARGETS) + " |")
+    emit("|---|---|---|" + "---|" * (2 * len(TARGETS)))
     for key, label, unit in quantities:
         if fits[key] is None:
             continue
         c, a = fits[key]
-        vals = [seconds(at(key, x)) if unit == "s" else f"{gb(at(key, x))} GB" for x in TARGETS.values()]
-        emit(f"| {label} | {c:.3g} | {a:.2f} | " + " | ".join(vals) + " |")
+        emit(f"| {label} | {c:.3g} | {a:.2f} | " + " | ".join(fmt(unit, power(key, x)) for x in TARGETS.values())
+             + " | " + " | ".join(fmt(unit, at(key, x)) for x in TARGETS.values()) + " |")
     if hvp_fit:
         emit(f"| HVPs/vector (sizes that converged) | {hvp_fit[0]:.3g} | {hvp_fit[1]:.2f} | "
-             + " | ".join(f"{hvp_fit[0] * x ** hvp_fit[1]:.0f}" for x in TARGETS.values()) + " |")
+             + " | ".join(f"{hvp_fit[0] * x ** hvp_fit[1]:.0f}" for x in TARGETS.values()) + " | "
+             + " | ".join("mean of the converged sizes" for _ in TARGETS) + " |")
     if token_fit:
         emit("")
         emit(f"Probe tokens, at {sweep['name']} ({sweep['d']:,} parameters): 1st order s/snapshot/direction = "
@@ -557,36 +571,33 @@ def tables(results: list[dict], args) -> str:
     h_vec = mean_hvps if converged else float("nan")
     m = krylov_dim(args.goal_k_step)
     emit("")
-    emit(f"Extrapolation to the goal: K = {GOAL_K}, {GOAL_SNAPSHOTS} snapshots, probe and Hessian batch of {T} "
+    emit(f"Extrapolation to the goal (the linear model): K = {GOAL_K}, {GOAL_SNAPSHOTS} snapshots, probe and Hessian batch of {T} "
          f"loss tokens as here, basis steps of {args.goal_k_step} vectors (Krylov m = {m}), HVPs per vector "
          f"{h_vec:.1f} (mean of the sizes that converged), fp32 AdamW training.")
     emit("")
     emit("Memory (GB): model 16 d (fp32 AdamW); basis 4 K d; Krylov 4 (m+1) d; two parameter snapshots 8 d "
-         "(the tracker's last snapshot and the current one); working set: the largest of one HVP's plus "
-         "`memory_cap` (1 GiB by default: the eigensolver's chunked float64 products), the setup's and the "
-         "first-order derivatives', each measured working set extrapolated with its fit (host figures, assumed "
-         "to carry over to the device); the total adds them all, as if every part peaked at once (an upper "
-         "bound). With `basis_on_device=False` the basis and the Krylov vectors are in (pinned) host memory and "
-         "the device holds chunks of `memory_cap` of them instead.")
+         "(the tracker's last snapshot and the current one); working sets, each measured one scaled linearly: "
+         "one HVP's plus `memory_cap` (1 GiB by default: the eigensolver's chunked float64 products), the "
+         "setup's (the engine check and calibration, before training) and the first-order derivatives'; the "
+         "total adds the largest working set to the rest (host figures, assumed to carry over to the device). "
+         "With `basis_on_device=False` the basis and the Krylov vectors are in (pinned) host memory and the "
+         "device holds chunks of `memory_cap` of them instead.")
     emit("")
-    head = ("size", "basis kept", "model", "basis K=30", "Krylov", "snapshots", "working set", "device total",
-            "vs 80 GB", "host: basis + Krylov")
+    head = ("size", "basis kept", "model", "basis K=30", "Krylov", "snapshots", "HVP + chunks", "setup",
+            "1st order", "device total", "vs 80 GB", "without setup", "host: basis + Krylov")
     emit("| " + " | ".join(head) + " |")
     emit("|" + "---|" * len(head))
     cap = float(1 << 30)
-
-    def fitted(key: str, x: float) -> float:
-        return at(key, x) if fits[key] is not None else 0.0
-
     for name, x in TARGETS.items():
-        ws = max(fitted("hvp_ws", x) + cap, fitted("setup_ws", x), fitted("first_ws", x))
+        ws = {"hvp": at("hvp_ws", x) + cap, "setup": at("setup_ws", x), "first": at("first_ws", x)}
         model, basis, krylov, snaps = 16 * x, 4 * GOAL_K * x, 4 * (m + 1) * x, 8 * x
-        for kept, parts, host in (("on the device", [model, basis, krylov, snaps, ws], 0.0),
-                                  ("on the host", [model, cap, cap, snaps, ws], basis + krylov)):
-            total = sum(parts)
-            verdict = "fits" if total <= GOAL_GPU_BYTES else f"over by {gb(total - GOAL_GPU_BYTES)}"
-            emit(f"| {name} | {kept} | " + " | ".join(gb(v) for v in parts) + f" | {gb(total)} | {verdict} | "
-                 f"{gb(host)} |")
+        for kept, resident, host in (("on the device", [model, basis, krylov, snaps], 0.0),
+                                     ("on the host", [model, cap, cap, snaps], basis + krylov)):
+            total = sum(resident) + max(ws.values())
+            rest = sum(resident) + max(ws["hvp"], ws["first"])
+            verdict = lambda t: "fits" if t <= GOAL_GPU_BYTES else f"over by {gb(t - GOAL_GPU_BYTES)}"  # noqa: E731
+            emit(f"| {name} | {kept} | " + " | ".join(gb(v) for v in [*resident, *ws.values()])
+                 + f" | {gb(total)} | {verdict(total)} | {gb(rest)} ({verdict(rest)}) | {gb(host)} |")
     tflops = args.gpu_tflops
     step = args.goal_k_step
     n_steps = math.ceil(GOAL_K / step)
@@ -597,8 +608,9 @@ def tables(results: list[dict], args) -> str:
     emit("")
     emit(f"POLCA time for K = {GOAL_K}, {GOAL_SNAPSHOTS} snapshots: derivatives {GOAL_SNAPSHOTS} x {GOAL_K} "
          f"snapshot-directions (each vector's g at every snapshot once, backfill included), eigensolves "
-         f"{GOAL_K} x HVPs/vector HVPs, each with the eigensolver's own work (Lanczos s/HVP); store writes {GOAL_SNAPSHOTS} x bytes/snapshot. CPU: the fits above, "
-         f"on this machine's {r0['threads']} thread(s). GPU (an assumption, not a measurement): each part's "
+         f"{GOAL_K} x HVPs/vector HVPs, each with the eigensolver's own work (Lanczos s/HVP); store writes "
+         f"{GOAL_SNAPSHOTS} x bytes/snapshot. CPU: "
+         f"on this machine's {r0['threads']} thread(s), the linear model. GPU (an assumption, not a measurement): each part's "
          f"measured cost at the largest size in plain forward passes ({largest['passes_first']:.1f} per "
          f"direction first order, {largest['passes_second']:.1f} second order, {largest['passes_hvp']:.1f} per "
          f"HVP) times 2 d T FLOPs per forward pass at {tflops:g} TFLOP/s effective, and the eigensolver's own "
