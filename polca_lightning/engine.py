@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -220,25 +220,32 @@ class DirectionalDerivatives:
     def _on_other_device(directions: Tensor, theta: Tensor) -> bool:
         return directions.device != theta.device
 
-    def _streamed(self, engine: str, theta: Tensor, batches, directions: Tensor, curvature: bool) -> DerivativeResult:
-        """:meth:`_run` on directions already on ``theta``'s device, else on a chunk of rows at a time.
+    def direction_chunks(self, directions: Tensor | None, theta: Tensor) -> Iterator[Tensor | None]:
+        """``directions`` on ``theta``'s device: as they are, or a chunk of rows at a time.
 
-        A chunk of streamed rows takes at most half of ``memory_cap`` on the device (one row at
-        least); the engines' own chunks get the rest while it is there.
+        Directions already there are yielded whole (``None`` is yielded as it is). Others (a
+        basis in host memory) are copied a chunk of rows at a time, each at most half of
+        ``memory_cap`` (one row at least); while a chunk is on the device, the engines' own
+        chunks get what is left of the cap. A caller with several batches loops over them
+        inside, so that each row is copied once.
         """
-        if not self._on_other_device(directions, theta):
-            return self._run(engine, theta, batches, directions.to(dtype=theta.dtype), curvature)
+        if directions is None or not self._on_other_device(directions, theta):
+            yield directions
+            return
         row_bytes = self.space.dim * theta.element_size()
         rows = max(1, (self.memory_cap // 2) // row_bytes)
         self._work_cap = max(1, self.memory_cap - rows * row_bytes)
         try:
-            parts = []
             for start in range(0, directions.shape[0], rows):
-                v = directions[start : start + rows].to(device=theta.device, dtype=theta.dtype, non_blocking=True)
-                parts.append(self._run(engine, theta, batches, v, curvature))  # [kc, T] each
-                del v
+                yield directions[start : start + rows].to(device=theta.device, dtype=theta.dtype, non_blocking=True)
         finally:
             self._work_cap = self.memory_cap
+
+    def _streamed(self, engine: str, theta: Tensor, batches, directions: Tensor, curvature: bool) -> DerivativeResult:
+        """:meth:`_run` over :meth:`direction_chunks`, the results concatenated along the directions."""
+        if not self._on_other_device(directions, theta):
+            return self._run(engine, theta, batches, directions.to(dtype=theta.dtype), curvature)
+        parts = [self._run(engine, theta, batches, v, curvature) for v in self.direction_chunks(directions, theta)]
         return DerivativeResult(
             parts[0].loss, torch.cat([p.g for p in parts]),
             torch.cat([p.c for p in parts]) if curvature else None, parts[-1].engine,

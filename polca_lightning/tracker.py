@@ -211,17 +211,21 @@ class POLCATracker:
     def _append_basis(self, vecs: Tensor, like: Tensor) -> None:
         """Rows ``vecs`` after the basis, in storage allocated once for ``max_basis`` rows."""
         if self._rows is None:
-            self._rows = self._new_rows(self.max_basis, like)
+            self._rows = self._new_rows(min(self.max_basis, self.space.dim), like)
         K0 = self.n_basis
         self._rows[K0 : K0 + vecs.shape[0]].copy_(vecs)  # across devices where the basis is in host memory
         self.basis = self._rows[: K0 + vecs.shape[0]]
 
     def derivatives(self, theta: Tensor, directions: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Loss ``[T]``, ``g`` and ``c`` ``[K, T]`` over all probe tokens (gathered in probe order)."""
-        out = []
-        for batch in self.my_probe:  # one batch at a time, so ranks interleave in probe order
-            r = self.dd(theta, [batch], directions, curvature=self.curvature and directions is not None)
-            out.append((r.loss, r.g, r.c))
+        curvature = self.curvature and directions is not None
+        results = [[] for _ in self.my_probe]
+        # a basis in host memory comes to the device a chunk of rows at a time, each copied once
+        for chunk in self.dd.direction_chunks(directions, theta):
+            for i, batch in enumerate(self.my_probe):  # one batch at a time, so ranks interleave in probe order
+                results[i].append(self.dd(theta, [batch], chunk, curvature=curvature))
+        cat = lambda parts, name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        out = [(r[0].loss, cat(r, "g"), cat(r, "c")) for r in results]
         parts = self.coll.gather(out)
         ordered = [parts[i % self.coll.world_size][i // self.coll.world_size] for i in range(len(self.probe))]
         loss = torch.cat([o[0].to(theta.device) for o in ordered])

@@ -1,5 +1,7 @@
 """Chunked products with the basis (basis_on_device=False, memory_cap) against the in-memory float64 path."""
 
+import sys
+
 import lightning as L
 import numpy as np
 import pytest
@@ -136,10 +138,27 @@ def _fit(tmp_path, name, **kw):
     return cb, open_store(cb.store).load()
 
 
-def test_a_run_with_the_basis_off_the_device_and_a_tight_memory_cap_equals_the_default(tmp_path):
+def test_a_run_with_the_basis_off_the_device_and_a_tight_memory_cap_equals_the_default(tmp_path, monkeypatch):
     _, ref = _fit(tmp_path, "default.zarr")
+    # on a CPU-only machine the basis and the model share a device: take the path of a basis off it,
+    # and record the rows the tracker's derivatives bring to the device, per call
+    monkeypatch.setattr(DirectionalDerivatives, "_on_other_device", staticmethod(lambda directions, theta: True))
+    calls, chunks = [], DirectionalDerivatives.direction_chunks
+
+    def recorded(self, directions, theta):
+        sizes = []
+        if sys._getframe(1).f_code.co_name == "derivatives":  # the tracker's loop, not the engine's own
+            calls.append((0 if directions is None else directions.shape[0], sizes))
+        for chunk in chunks(self, directions, theta):
+            sizes.append(0 if chunk is None else chunk.shape[0])
+            yield chunk
+
+    monkeypatch.setattr(DirectionalDerivatives, "direction_chunks", recorded)
     cb, got = _fit(tmp_path, "tight.zarr", basis_on_device=False, memory_cap=4096)
     assert cb.tracker.basis.device.type == "cpu" and cb.tracker.n_basis == 5
+    assert len(cb.probe_batches) == 2 and max(k for k, _ in calls) == 4  # the snapshot at step 8, before its basis step
+    for k, sizes in calls:  # every row once per call (the probe batches reuse it), one 4 kB row a chunk
+        assert sum(sizes) == k and max(sizes) <= 1, (k, sizes)
     assert ref.sizes == got.sizes and got.sizes["basis"] == 5
     for name in ("basis_vectors", "eigenvalue", "delta", "directional_grad", "curvature", "polca", "polca_first"):
         a, b = ref[name].values, got[name].values
