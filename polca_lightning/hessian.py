@@ -122,7 +122,8 @@ def projected_hessian_eigs(
         dtype: working dtype, float32 or float64 (default: basis dtype, else float32).
         device: working device (default: basis device, else CPU).
         storage_device: where the Krylov vectors and the eigenvectors are kept (default ``device``).
-        memory_cap: bytes of one chunk's copies on ``device`` (default ``None``: one chunk).
+        memory_cap: bytes of one chunk's copies on ``device`` (default ``None``: 8 MiB on a
+            CPU, 256 MiB elsewhere, :data:`polca_lightning._streaming.MAX_CHUNK_BYTES`).
         progress: called after each restart and at the end with ``(n_hvp, residuals [k])``.
 
     Returns:
