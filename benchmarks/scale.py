@@ -604,7 +604,9 @@ def tables(results: list[dict], args) -> str:
     keep = max(step, min(m - 1, step + (m - step) // 2))
     mean_krylov = (keep + m) / 2 + 1  # Krylov rows an iteration works against, between thick restarts
     mean_basis = sum(min(i * step, GOAL_K) for i in range(n_steps)) / n_steps  # basis rows an eigensolve projects out
-    lanczos_rows = 3 * (mean_krylov + mean_basis) + 4 * mean_basis  # Gram-Schmidt: 3 passes; P before and after H
+    # Gram-Schmidt against [V; B] in three passes; the Krylov rows are orthogonal to B, so H is applied
+    # to them as they are, and the projection after H is the B part of the next Gram-Schmidt
+    lanczos_rows = 3 * (mean_krylov + mean_basis)
     emit("")
     emit(f"POLCA time for K = {GOAL_K}, {GOAL_SNAPSHOTS} snapshots: derivatives {GOAL_SNAPSHOTS} x {GOAL_K} "
          f"snapshot-directions (each vector's g at every snapshot once, backfill included), eigensolves "
@@ -642,9 +644,9 @@ def tables(results: list[dict], args) -> str:
     weights_per_param = largest["weights_bytes"] / results[-1]["d"]
     emit("")
     emit(f"Data movement (computed, not measured). With the basis on the host, every product with the basis "
-         f"and the Krylov vectors streams them to the device: per HVP about 3 (Krylov rows + basis rows) + 4 "
-         f"basis rows = {rows_per_hvp:.0f} rows of 4 d bytes (Gram-Schmidt in three passes, the projection P "
-         f"before and after H; {mean_krylov:.0f} Krylov rows and {mean_basis:.1f} basis rows on average over "
+         f"and the Krylov vectors streams them to the device: per HVP about 3 (Krylov rows + basis rows) "
+         f"= {rows_per_hvp:.0f} rows of 4 d bytes (Gram-Schmidt in three passes over them, which also projects "
+         f"the basis out; {mean_krylov:.0f} Krylov rows and {mean_basis:.1f} basis rows on average over "
          f"{n_steps} basis steps of {step}), and each snapshot-direction one row; at {args.pcie_gbs:g} GB/s "
          f"(an assumed host-to-device rate). Backfill reads {reads} earlier snapshots' weights from the store "
          f"({weights_per_param:.2f} bytes per parameter as stored here) with the basis steps spread evenly "
@@ -668,9 +670,9 @@ def code_version() -> str:
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout  # noqa: E731
         # the modules a measurement runs through
-        core = [f"polca_lightning/{m}.py" for m in ("callback", "tracker", "engine", "hessian", "_streaming", "_ghost",
-                                                    "_jacobians", "functional", "polca", "losses", "store",
-                                                    "_store_writer", "toy")]
+        core = [f"polca_lightning/{m}" for m in ("callback.py", "tracker.py", "engine.py", "hessian.py", "_streaming.py",
+                                                 "_ghost.py", "_jacobians.py", "functional.py", "polca.py", "losses.py",
+                                                 "toy.py", "store")]
         dirty = [line[3:] for line in git("status", "--porcelain", "--", *core).splitlines()]
         return f"commit {git('rev-parse', '--short', 'HEAD').strip()}" + (
             f", with uncommitted changes in {', '.join(dirty)}" if dirty else "")
