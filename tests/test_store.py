@@ -482,3 +482,18 @@ def test_weights_are_compressed_and_uncompressed_stores_still_open_and_resume(tm
     assert_matches(open_store(old), ref, 4, 3)
     with pytest.raises(TypeError, match="weights_compressors: expected zarr 3 compressors"):
         make_writer(tmp_path / "bad.zarr", weights_compressors="zstd")
+
+
+def test_steps_are_indexes_for_sel(tmp_path):
+    path = tmp_path / "run.zarr"
+    writer = make_writer(path)
+    ref = fill_run(writer)  # snapshots at steps 5, 15, 25, 35; vectors joined at 5, 5, 25
+    writer.close()
+    ds = open_store(path)
+    np.testing.assert_array_equal(ds.loss.sel(step=25).values, ref["loss"][2])
+    np.testing.assert_array_equal(ds.polca.sel(interval_end_step=25).values, ref["polca"][1])
+    np.testing.assert_array_equal(ds.polca.sel(interval_start_step=25).values, ref["polca"][2])
+    np.testing.assert_array_equal(ds.eigenvalue.sel(basis_step=5).values, ref["eigenvalue"][:2])  # two at step 5
+    assert ds.loss.sel(step=slice(10, 30)).sizes["snapshot"] == 2
+    with pytest.raises(KeyError):
+        ds.loss.sel(step=20)  # no snapshot there

@@ -28,18 +28,14 @@ from typing import Sequence
 import numpy as np
 
 from polca_lightning.analysis.methods import METHODS
+from polca_lightning.analysis.tables import Table, kept_units, plain_value as _py
 
 __all__ = ["ablated_units", "ablation_table", "ablation_summary"]
 
-# ``Table``, ``_py`` and ``kept_units`` are imported from ``polca_lightning.report.pipeline``
-# inside the functions: the report package imports this module, so a top-level import
-# would be a cycle.
 
 
 def ablated_units(ds, method: str = "polca") -> list[int]:
     """The vectors the analysis kept that have ablation results (none without them)."""
-    from polca_lightning.report.pipeline import kept_units
-
     if "ablation_loss_change" not in ds.variables or "cluster" not in ds.variables or \
             method not in ("polca", "polca_first"):
         return []
@@ -110,8 +106,6 @@ def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca"
         ValueError: a store without ablation or analysis, a vector that was not ablated,
             another ``method``, or a label that is not a token coordinate.
     """
-    from polca_lightning.report.pipeline import Table, _py
-
     units, change_all, total, clusters = _ablation_inputs(ds, units, method)
     coefficient = np.asarray(ds["ablation_coefficient"].values)
     columns = ["vector", "coefficient", "tokens", "cluster", "size", "loss_change", "rest", "polca_total",
@@ -156,8 +150,6 @@ def ablation_summary(ds, units: Sequence[int] | None = None, method: str = "polc
     Raises:
         ValueError: as :func:`ablation_table`.
     """
-    from polca_lightning.report.pipeline import Table, _py
-
     units, change_all, total, clusters = _ablation_inputs(ds, units, method)
     rows = []
     for u in units:

@@ -70,7 +70,7 @@ import numpy as np
 from polca_lightning.analysis.ablation import ablated_units, ablation_summary, ablation_table
 from polca_lightning.analysis.methods import METHODS
 from polca_lightning.report import figures as F
-from polca_lightning.report.pipeline import (
+from polca_lightning.report.tables import (
     Table,
     _labels,
     appendix_g_table,

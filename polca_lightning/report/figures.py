@@ -18,6 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 from polca_lightning.analysis.methods import METHODS
+from polca_lightning.analysis.tables import (  # noqa: F401  (cluster_members, unit_trajectories: also importable from here)
+    _check_results, _n_snapshots, _prefix, cluster_members, unit_trajectories,
+)
 
 __all__ = [
     "projected_loss_figure",
@@ -43,46 +46,12 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 6.4, height: fl
     return fig, axes
 
 
-def _prefix(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    return METHODS[method].prefix
-
-
-def _n_snapshots(ds, method: str) -> int:
-    """Snapshots the analysis used (the complete prefix; results are NaN-padded past it)."""
-    var = ds[_prefix(method) + "cluster_trajectory"]
-    return int(var.attrs.get("analysis_n_snapshots_used", var.sizes["snapshot"]))
-
-
 def _steps(ds, n: int) -> np.ndarray:
     return np.asarray(ds["step"].values[:n], dtype=np.float64)
 
 
 def _tau(ds) -> float:
     return float(ds["tau"].values) if "tau" in ds.variables else float("nan")
-
-
-def _check_results(ds, method: str) -> str:
-    p = _prefix(method)
-    if p + "cluster" not in ds.variables:
-        raise ValueError(f"ds has no analysis results for method {method!r} (variable {p + 'cluster'!r}); "
-                         "run polca_lightning.report.analyze_store or `polca analyze` first")
-    return p
-
-
-def unit_trajectories(ds, unit: int, method: str = "polca") -> np.ndarray:
-    """``[snapshot, token]`` trajectories of one unit, as the analysis clustered them."""
-    return METHODS[method].trajectory(ds, unit, _n_snapshots(ds, method))
-
-
-def cluster_members(ds, unit: int, method: str = "polca") -> tuple[np.ndarray, int]:
-    """``(labels [token], n_clusters)`` of one unit (``-1`` outliers, ``-2`` filtered out)."""
-    p = _check_results(ds, method)
-    sel = {} if METHODS[method].unit_dim is None else {METHODS[method].unit_dim: unit}
-    labels = np.asarray(ds[p + "cluster"].isel(sel).values)
-    sizes = np.asarray(ds[p + "cluster_size"].isel(sel).values)
-    return labels, int((sizes > 0).sum())
 
 
 def _unit_sel(ds, unit, method):
@@ -265,7 +234,7 @@ def cluster_targets_figure(ds, unit: int, *, method: str = "polca", top: int = 5
     Returns:
         ``matplotlib.figure.Figure``.
     """
-    from polca_lightning.report.pipeline import cluster_targets_table
+    from polca_lightning.report.tables import cluster_targets_table
 
     _check_results(ds, method)
     table = cluster_targets_table(ds, method, top=top, units=[unit], decode_target=decode_target)

@@ -1,12 +1,9 @@
-"""What a report holds: analysis written back to the store, its tables, and the after-fit entry.
+"""The analysis written back to the store, and the after-fit entry.
 
 - :func:`analyze_store` runs :func:`polca_lightning.analysis.analyze` on a store, writes
   the results beside the training data (:func:`polca_lightning.store.write_analysis`) and
   returns the store reopened with them: the Dataset every figure and table reads.
-- Tables (:class:`Table`: columns and rows of plain Python values): :func:`summary_table`,
-  :func:`medoid_contexts_table`, :func:`cluster_targets_table`, :func:`appendix_g_table`,
-  :func:`signal_table` (the signal check of every binary label);
-  :func:`store_coverage` is the coverage diagnostic computed from the store.
+- The tables (``report/tables.py``) are importable from here too.
 - :func:`report_after_fit` is what :class:`~polca_lightning.POLCACallback` calls at the
   end of ``fit``: the analysis, then the report's items (``content``) to the W&B and
   TensorBoard loggers it is given, or the folder.
@@ -15,15 +12,22 @@
 from __future__ import annotations
 
 import logging
-import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from polca_lightning.analysis.methods import METHODS
+from polca_lightning.analysis.tables import Table, kept_units
+from polca_lightning.report.tables import (  # noqa: F401  (the tables stay importable from here)
+    appendix_g_table,
+    binary_labels,
+    cluster_targets_table,
+    has_targets,
+    medoid_contexts_table,
+    signal_table,
+    store_coverage,
+    summary_table,
+)
 
 __all__ = [
     "ReportError",
@@ -53,31 +57,6 @@ RESULT_MARK = "analysis_timings"
 
 class ReportError(RuntimeError):
     """The analysis or the report after ``fit`` failed; the store itself is complete."""
-
-
-@dataclass
-class Table:
-    """A table as ``columns`` and ``rows`` of plain Python values (``None`` for missing)."""
-
-    columns: list[str]
-    rows: list[list[Any]]
-
-    def to_csv(self, path: str | os.PathLike) -> None:
-        import csv
-
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(self.columns)
-            writer.writerows([["" if v is None else v for v in row] for row in self.rows])
-
-
-def _py(value: Any) -> Any:
-    """A numpy scalar as a plain Python value; NaN as None (W&B tables and CSV)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ------------------------------------------------------------------ analysis -> store
@@ -203,345 +182,6 @@ def default_report_dir(store_path) -> Path:
 
 
 # -------------------------------------------------------------------------- tables
-def kept_units(ds, method: str = "polca") -> list[int]:
-    """Units (basis vectors) the §4.1 filter kept, in order."""
-    kept = METHODS[method].prefix + "kept"
-    if kept not in ds.variables:
-        return list(range(METHODS[method].n_units(ds)))
-    return np.flatnonzero(np.asarray(ds[kept].values, dtype=bool)).tolist()
-
-
-def _labels(ds) -> list[str]:
-    if "cluster" in ds.variables and "analysis_labels" in ds["cluster"].attrs:
-        return [str(v) for v in ds["cluster"].attrs["analysis_labels"]]
-    return [str(v) for v in ds.attrs.get("token_labels", [])]
-
-
-def store_coverage(ds) -> dict:
-    """Coverage: ``Σ_b POLCA`` summed over the basis against the real loss change.
-
-    Per interval ``i`` (complete intervals only): ``allocated`` and ``real`` are the token
-    means of ``Σ_b POLCA_i(x,b)`` and of ``ℓ_x(θ_{i+1}) - ℓ_x(θ_i)``; ``ratio`` their
-    quotient; ``correlation`` the Pearson correlation over tokens; ``explained``
-    ``1 - Σ_x (real - allocated)² / Σ_x real²``. ``first_*``: the same for first-order
-    POLCA. ``summary``: over the whole run (sums over intervals), with the same names.
-
-    Returns:
-        dict of ``[interval]`` arrays (``interval``, ``step`` = end step of the interval)
-        and ``summary`` (dict of floats).
-    """
-    loss = np.asarray(ds["loss"].transpose("snapshot", "token").values, dtype=np.float64)  # [S, T]
-    real = np.diff(loss, axis=0)  # [I, T]
-    out: dict[str, Any] = {}
-    parts = [("", "polca")] + ([("first_", "polca_first")] if "polca_first" in ds.variables else [])
-    ok = np.isfinite(real).all(axis=1)
-    alloc_by = {}
-    for prefix, name in parts:
-        var = ds[name].transpose("interval", "basis", "token")
-        alloc = np.empty_like(real)  # [I, T]; one interval at a time keeps memory at one [K, T] slab
-        for i in range(real.shape[0]):
-            alloc[i] = np.asarray(var[i].values, dtype=np.float64).sum(0)
-        alloc_by[prefix] = alloc
-        ok &= np.isfinite(alloc).all(axis=1)
-    idx = np.flatnonzero(ok)
-    out["interval"] = idx
-    out["step"] = np.asarray(ds["step"].values, dtype=np.int64)[idx + 1]
-    r = real[idx]
-    out["real"] = r.mean(axis=1)
-    summary = {"real": float(r.sum(0).mean()) if idx.size else float("nan"), "n_intervals": int(idx.size)}
-    for prefix, alloc in alloc_by.items():
-        a = alloc[idx]
-        ac, rc = a - a.mean(1, keepdims=True), r - r.mean(1, keepdims=True)
-        denom = np.linalg.norm(ac, axis=1) * np.linalg.norm(rc, axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[prefix + "allocated"] = a.mean(axis=1)
-            out[prefix + "ratio"] = a.sum(1) / r.sum(1)
-            out[prefix + "correlation"] = np.where(denom > 0, (ac * rc).sum(1) / denom, np.nan)
-            out[prefix + "explained"] = 1 - ((r - a) ** 2).sum(1) / np.maximum((r**2).sum(1), 1e-300)
-            total_a, total_r = a.sum(0), r.sum(0)  # [T]: change over the whole run
-            summary[prefix + "allocated"] = float(total_a.mean()) if idx.size else float("nan")
-            summary[prefix + "ratio"] = float(total_a.sum() / total_r.sum()) if idx.size else float("nan")
-            sse, ss = ((total_r - total_a) ** 2).sum(), max((total_r**2).sum(), 1e-300)
-            summary[prefix + "explained"] = float(1 - sse / ss)
-            corr = out[prefix + "correlation"]
-            summary[prefix + "mean_correlation"] = float(np.nanmean(corr)) if np.isfinite(corr).any() else float("nan")
-    out["summary"] = summary
-    return out
-
-
-def summary_table(ds, method: str = "polca") -> Table:
-    """One row per unit (basis vector): eigenvalue, basis step, kept, clusters, outliers,
-    hidden breakthroughs, and the best homogeneity per label value (``best carry=1``:
-    the highest homogeneity among this vector's clusters eligible for the value)."""
-    spec, p = METHODS[method], METHODS[method].prefix
-    labels = _labels(ds)
-    em = np.asarray(ds["entry_method"].values).astype(str)
-    eu = np.asarray(ds["entry_unit"].values)
-    label_cols = [(lab, v) for lab in labels for v in np.asarray(ds[f"{lab}_value"].values).tolist()]
-    columns = ["vector", "eigenvalue", "basis_step", "kept", "tokens_kept", "clusters", "outliers",
-               "hidden_breakthroughs", "onsets"] + [f"best {lab}={v}" for lab, v in label_cols]
-    rows = []
-    kept = set(kept_units(ds, method))
-    for u in range(spec.n_units(ds)):
-        cl = np.asarray(ds[p + "cluster"].isel({spec.unit_dim: u}).values)
-        n_c = int((np.asarray(ds[p + "cluster_size"].isel({spec.unit_dim: u}).values) > 0).sum())
-        hidden = np.asarray(ds[p + "hidden"].isel({spec.unit_dim: u}).values, dtype=bool)[:n_c]
-        onset = np.asarray(ds[p + "cluster_onset"].isel({spec.unit_dim: u}).values)[:n_c]
-        row = [u, _py(ds["eigenvalue"].values[u]) if "eigenvalue" in ds.variables else None,
-               _py(ds["basis_step"].values[u]) if "basis_step" in ds.variables else None,
-               u in kept, int((cl != -2).sum()), n_c, int((cl == -1).sum()), int(hidden.sum()),
-               " ".join(f"{o:g}" for o in onset)]
-        sel = (em == method) & (eu == u)
-        for lab, v in label_cols:
-            vi = int(np.flatnonzero(np.asarray(ds[f"{lab}_value"].values) == v)[0])
-            h = np.asarray(ds[f"{lab}_homogeneity"].values)[sel, vi]
-            e = np.asarray(ds[f"{lab}_eligible"].values, dtype=bool)[sel, vi]
-            h = h[e & np.isfinite(h)]
-            row.append(round(float(h.max()), 4) if h.size else None)
-        rows.append([_py(v) for v in row])
-    return Table(columns, rows)
-
-
-def medoid_contexts_table(ds, method: str = "polca", *, k: int = 5, units=None,
-                          decode: Callable[[int, int], str] | None = None) -> Table:
-    """The ``k`` member tokens nearest each cluster's medoid, per kept unit.
-
-    Nearness is the Euclidean distance between full trajectories (``[snapshot]``) of the
-    cluster's members and of its medoid (rank 0 is the medoid itself).
-
-    Args:
-        ds: store + results Dataset.
-        method: analysis method.
-        k: tokens per cluster.
-        units: units to list (default: the kept ones).
-        decode: optional ``decode(sequence, position) -> str``, the text around the
-            token (the store keeps token coordinates, not the inputs, so the caller who
-            has the probe data decodes). Adds a ``text`` column.
-
-    Returns:
-        Table with columns vector, cluster, rank, token, sequence, position, target,
-        distance, one column per label, and ``text`` when ``decode`` is given.
-    """
-    from polca_lightning.report.figures import cluster_members, unit_trajectories
-
-    labels = _labels(ds)
-    columns = ["vector", "cluster", "rank", "token", "sequence", "position", "target", "distance"] + labels
-    if decode is not None:
-        columns.append("text")
-    p = METHODS[method].prefix
-    coords = {name: np.asarray(ds[name].values) for name in ["sequence", "position"] + labels}
-    n_tokens = coords["sequence"].shape[0]
-    coords["target"] = np.asarray(ds["target"].values) if "target" in ds.variables else np.full(n_tokens, -1)
-    rows = []
-    for u in kept_units(ds, method) if units is None else units:
-        cl, n_c = cluster_members(ds, u, method)
-        if not n_c:
-            continue
-        traj = unit_trajectories(ds, u, method)  # [snapshot, token]
-        medoids = np.asarray(ds[p + "medoid"].isel({METHODS[method].unit_dim: u}).values)
-        for c in range(n_c):
-            members = np.flatnonzero(cl == c)
-            m = int(medoids[c]) if medoids[c] >= 0 else int(members[0])
-            dist = np.linalg.norm(traj[:, members] - traj[:, [m]], axis=0)  # [members]
-            order = np.argsort(dist, kind="stable")[:k]
-            for rank, j in enumerate(order):
-                t = int(members[j])
-                row = [u, c, rank, t] + [int(coords[n][t]) for n in ("sequence", "position", "target")]
-                row.append(float(dist[j]))
-                row += [int(coords[n][t]) for n in labels]
-                if decode is not None:
-                    row.append(str(decode(int(coords["sequence"][t]), int(coords["position"][t]))))
-                rows.append(row)
-    return Table(columns, rows)
-
-
-def has_targets(ds) -> bool:
-    """Whether a store Dataset records target token ids (a ``target`` coordinate with at
-    least one token whose target is known, i.e. ``>= 0``)."""
-    if "target" not in ds.variables:
-        return False
-    return bool((np.asarray(ds["target"].values) >= 0).any())
-
-
-def cluster_targets_table(ds, method: str = "polca", *, top: int = 5, units=None,
-                          decode_target: Callable[[int], str] | None = None) -> Table | None:
-    """The target tokens most common in each cluster, per kept unit.
-
-    For every cluster of every listed unit: its ``top`` most frequent target token ids
-    (ties broken by the smaller id), how many of the cluster's tokens predict each
-    (``count``), their share of the cluster (``share`` = count / cluster size; tokens
-    without a target, ``-1``, count in the size but are never listed) and, to compare,
-    the target's share among all the store's tokens (``base_share``): a share well above
-    the base share is what the cluster is about; the most common word of the probe
-    tops many clusters without meaning anything. Outliers (-1) and tokens the filter
-    dropped (-2) are not clusters and are not listed.
-
-    Args:
-        ds: store + results Dataset.
-        method: analysis method (a key of ``polca_lightning.analysis.METHODS``).
-        top: targets listed per cluster (fewer when a cluster has fewer distinct ones).
-        units: units to list (default: the kept ones).
-        decode_target: optional ``decode_target(token_id) -> str``, the text of a token
-            id (e.g. a tokenizer's ``decode``). Adds a ``text`` column.
-
-    Returns:
-        Table with columns vector, cluster, cluster_size, rank, target, count, share,
-        base_share, and ``text`` when ``decode_target`` is given; ``None`` when the store
-        has no ``target`` coordinate or no token with a target (``token_loss`` returned
-        no target).
-
-    Raises:
-        ValueError: ``top`` is not a positive int, or ``method`` is unknown.
-        TypeError: ``decode_target`` is not callable.
-
-    Example:
-        >>> table = cluster_targets_table(ds, top=3, decode_target=tokenizer.decode)
-        >>> table.columns
-        ['vector', 'cluster', 'cluster_size', 'rank', 'target', 'count', 'share', 'base_share', 'text']
-    """
-    from polca_lightning.report.figures import cluster_members
-
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top: expected a positive int, got {top!r}")
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
-    if decode_target is not None and not callable(decode_target):
-        raise TypeError(f"decode_target: expected a callable token_id -> str, got {decode_target!r}")
-    if not has_targets(ds):
-        return None
-    target = np.asarray(ds["target"].values).astype(np.int64)  # [token]
-    ids, counts = np.unique(target[target >= 0], return_counts=True)
-    base = dict(zip(ids.tolist(), (counts / target.size).tolist()))
-    columns = ["vector", "cluster", "cluster_size", "rank", "target", "count", "share", "base_share"]
-    if decode_target is not None:
-        columns.append("text")
-    rows = []
-    for u in kept_units(ds, method) if units is None else units:
-        cl, n_c = cluster_members(ds, int(u), method)
-        for c in range(n_c):
-            members = target[cl == c]
-            size = int(members.size)
-            if not size:
-                continue
-            ids, counts = np.unique(members[members >= 0], return_counts=True)
-            order = np.lexsort((ids, -counts))[:top]  # most common first, then the smaller id
-            for rank, j in enumerate(order):
-                t, n = int(ids[j]), int(counts[j])
-                row = [int(u), c, size, rank, t, n, n / size, base[t]]
-                if decode_target is not None:
-                    row.append(str(decode_target(t)))
-                rows.append(row)
-    return Table(columns, rows)
-
-
-def appendix_g_table(ds) -> Table | None:
-    """App. G: for each label value and trajectory type, the top clusters by homogeneity
-    (one per unit, among the eligible ones) with the homogeneity's chance level (what
-    the cluster's composition over the restriction coordinate gives alone, ``L_chance``;
-    empty for an analysis without it), recall, F1, size, onset and hidden flag. ``None``
-    without labels."""
-    labels = [lab for lab in _labels(ds) if f"{lab}_best" in ds.variables]
-    if not labels:
-        return None
-    columns = ["label", "value", "trajectory_type", "rank", "unit", "cluster", "size", "homogeneity",
-               "chance", "recall", "f1", "onset", "hidden"]
-    types = [str(t) for t in np.asarray(ds["trajectory_type"].values)]
-    eu, ec = np.asarray(ds["entry_unit"].values), np.asarray(ds["entry_cluster"].values)
-    size, onset = np.asarray(ds["entry_size"].values), np.asarray(ds["entry_onset"].values)
-    hidden = np.asarray(ds["entry_hidden"].values, dtype=bool)
-    rows = []
-    for lab in labels:
-        best = np.asarray(ds[f"{lab}_best"].values)  # [type, value, rank]
-        values = np.asarray(ds[f"{lab}_value"].values)
-        scores = {k: np.asarray(ds[f"{lab}_{k}"].values) for k in ("homogeneity", "recall", "f1")}
-        scores["chance"] = (np.asarray(ds[f"{lab}_chance"].values) if f"{lab}_chance" in ds.variables
-                            else np.full_like(scores["homogeneity"], np.nan))
-        for vi, v in enumerate(values):
-            for ti, t in enumerate(types):
-                for r, e in enumerate(best[ti, vi]):
-                    if e < 0:
-                        continue
-                    rows.append([_py(x) for x in (
-                        lab, v, t, r, eu[e], ec[e], size[e], scores["homogeneity"][e, vi],
-                        scores["chance"][e, vi], scores["recall"][e, vi], scores["f1"][e, vi],
-                        onset[e], bool(hidden[e]))])
-    return Table(columns, rows)
-
-
-def binary_labels(ds) -> list[str]:
-    """The store's label coordinates that are binary: values 0 and 1 (both present)
-    once negative values ("not applicable", e.g. ``-1``) are left out."""
-    out = []
-    for lab in _labels(ds):
-        if lab not in ds.coords or ds[lab].dims != ("token",) or ds[lab].dtype.kind not in "biuf":
-            continue
-        values = np.unique(np.asarray(ds[lab].values))
-        values = values[np.isfinite(values) & (values >= 0)]
-        if values.tolist() == [0, 1]:
-            out.append(lab)
-    return out
-
-
-def _restrictions(ds) -> dict:
-    """The App. G restriction the analysis recorded, ``{label: [coordinate, [values]]}``."""
-    import json
-
-    text = ds["cluster"].attrs.get("analysis_restrict") if "cluster" in ds.variables else None
-    text = text if text is not None else ds.attrs.get("analysis_restrict", "{}")
-    try:
-        spec = json.loads(text) if isinstance(text, str) else dict(text)
-    except (TypeError, ValueError):
-        return {}
-    return spec if isinstance(spec, dict) else {}
-
-
-def signal_table(ds, method: str = "polca", *, folds: int = 5, seed: int = 0) -> Table | None:
-    """The signal check of every binary label of the store, as one table.
-
-    For each label of :func:`binary_labels`, :func:`polca_lightning.analysis.signal_check`
-    on the tokens of the App. G restriction the analysis recorded for that label
-    (``analysis_restrict``, e.g. carry among the 10s and 100s places), or on all tokens
-    when there is none. A label the check cannot score (too few tokens of a class, a
-    restriction naming a coordinate the store lacks) is left out with a log message.
-
-    Args:
-        ds: store Dataset, analysed or not.
-        method: the POLCA variable (``"polca"`` or ``"polca_first"``).
-        folds: cross-validation folds.
-        seed: seed of the folds.
-
-    Returns:
-        Table with columns label, where, basis (text: a vector index, or ``all vectors``,
-        ``exact loss``, ``majority``), auc, accuracy, n_tokens, n_positive; ``None``
-        when the store has no binary label (or none could be scored) or no ``method``.
-
-    Example:
-        >>> table = signal_table(analyze_store("runs/polca.zarr"))
-        >>> table.rows[0][:3]
-        ['carry', 'place in [1, 2]', '0']
-    """
-    from polca_lightning.analysis.signal import signal_check, signal_check_table
-
-    if method not in ds.variables:
-        return None
-    restrict = _restrictions(ds)
-    rows = []
-    for lab in binary_labels(ds):
-        spec = restrict.get(lab)
-        where = {spec[0]: list(spec[1])} if isinstance(spec, (list, tuple)) and len(spec) == 2 else None
-        try:
-            res = signal_check(ds, lab, where=where, folds=folds, seed=seed, method=method)
-        except ValueError as error:
-            log.info("POLCA report: no signal check for label %r: %s", lab, error)
-            continue
-        n, n_pos = int(res["n_tokens"]), int(res["n_positive"])
-        for basis, auc, acc in signal_check_table(res).itertuples(index=False):
-            rows.append([lab, res.attrs["where"], str(basis), _py(float(auc)), _py(float(acc)), n, n_pos])
-    if not rows:
-        return None
-    return Table(["label", "where", "basis", "auc", "accuracy", "n_tokens", "n_positive"], rows)
-
-
 # ---------------------------------------------------------------------- after fit
 def report_after_fit(store_path, trainer=None, *, loggers=None, step: int | None = None,
                      decode: Callable[[int, int], str] | None = None,

@@ -18,7 +18,10 @@ from polca_lightning.store.schema import (
     TRAINING_SPECS, StoreError, _lengths, _open_polca_group,
 )
 
-__all__ = ["open_store"]
+__all__ = ["open_store", "STEP_INDEXES"]
+
+#: step coordinates that :func:`open_store` indexes, so that ``.sel`` takes optimizer steps
+STEP_INDEXES = ("step", "interval_start_step", "interval_end_step", "basis_step")
 
 
 # ---------------------------------------------------------------------------- reading
@@ -66,6 +69,8 @@ def open_store(path: Any, *, storage_options: dict | None = None) -> xr.Dataset:
     Example:
         >>> ds = open_store("runs/polca.zarr")
         >>> ds.polca.sel(basis=0).sum("interval")      # projected loss change per token
+        >>> ds.loss.sel(step=100)                       # the snapshot at optimizer step 100
+        >>> ds.polca.sel(interval_end_step=100)         # the interval that ends there
         >>> ds = open_store("s3://bucket/run.zarr", storage_options={"endpoint_url": "http://minio:9000"})
     """
     group = _open_polca_group(path, storage_options=storage_options)
@@ -91,5 +96,10 @@ def open_store(path: Any, *, storage_options: dict | None = None) -> xr.Dataset:
         variables[name] = var.isel({d: slice(0, lengths[d]) for d in dims if d in lengths})
     coords = {k: v for k, v in variables.items() if k in coord_names or (v.dims == (k,))}
     data_vars = {k: v for k, v in variables.items() if k not in coords}
-    return xr.Dataset(data_vars, coords, attrs)
+    ds = xr.Dataset(data_vars, coords, attrs)
+    # optimizer steps as indexes: ds.sel(step=100), ds.polca.sel(interval_end_step=100)
+    for name in STEP_INDEXES:
+        if name in ds.coords and ds[name].ndim == 1 and ds.sizes[ds[name].dims[0]]:
+            ds = ds.set_xindex(name)
+    return ds
 

@@ -1,0 +1,95 @@
+"""The package's import graph: no module imports another that imports it back, lazily or not."""
+
+import ast
+from pathlib import Path
+
+import polca_lightning
+
+PACKAGE = Path(polca_lightning.__file__).resolve().parent
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = ("polca_lightning",) + path.relative_to(PACKAGE).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its code (function bodies too).
+
+    ``from package import name`` counts as importing ``package.name`` when that is a module.
+    A module's own ancestor packages are left out: Python initialises them before any of
+    their modules, so they close no loop of their own.
+    """
+    modules = _modules()
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        ancestors = {".".join(name.split(".")[:i]) for i in range(1, len(name.split(".")))}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(here[: len(here) - node.level + 1] if node.level else [])
+                module = ".".join(p for p in (base, node.module or "") if p) if node.level else node.module
+                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name and target not in ancestors:
+                    graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle_among_the_package_modules():
+    graph = import_graph()
+    assert "polca_lightning.store.schema" in graph["polca_lightning.store.reader"]  # the walk sees imports
+    assert "polca_lightning.report.tables" in graph["polca_lightning.report.figures"]  # lazy ones too
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+
+
+def test_reader_and_writer_import_the_schema_never_each_other():
+    graph = import_graph()
+    assert "polca_lightning.store.writer" not in graph["polca_lightning.store.reader"]
+    assert "polca_lightning.store.reader" not in graph["polca_lightning.store.writer"]
