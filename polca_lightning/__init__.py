@@ -1,7 +1,20 @@
 """POLCA (Projection Oriented Loss Change Allocation) for PyTorch Lightning.
 
 Add :class:`POLCACallback` to a ``Trainer``; reload the store with :func:`open_store`.
+
+The package logs to the ``polca_lightning`` logger at INFO (each basis step, the engine
+costs, where the report went), shown on stderr as Lightning shows its own when the
+application has not configured logging; ``logging.getLogger("polca_lightning")
+.setLevel(logging.WARNING)`` quiets it.
 """
+
+import logging as _logging
+
+_log = _logging.getLogger(__name__)
+_log.setLevel(_logging.INFO)
+if not _logging.getLogger().hasHandlers():  # the application configured no logging: say it on stderr
+    _log.addHandler(_logging.StreamHandler())
+    _log.propagate = False
 
 from polca_lightning.ablation import ablate_directions
 from polca_lightning.callback import POLCACallback

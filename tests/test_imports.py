@@ -93,3 +93,17 @@ def test_reader_and_writer_import_the_schema_never_each_other():
     graph = import_graph()
     assert "polca_lightning.store.writer" not in graph["polca_lightning.store.reader"]
     assert "polca_lightning.store.reader" not in graph["polca_lightning.store.writer"]
+
+
+def test_info_lines_reach_stderr_once_whether_or_not_the_application_configured_logging():
+    import subprocess
+    import sys
+
+    say = "import logging; logging.getLogger('polca_lightning.tracker').info('POLCA: basis step at 40')"
+    bare = subprocess.run([sys.executable, "-c", f"import polca_lightning; {say}"],
+                          capture_output=True, text=True, check=True)
+    assert bare.stderr.count("POLCA: basis step at 40") == 1
+    configured = subprocess.run(
+        [sys.executable, "-c", f"import logging; logging.basicConfig(format='app %(message)s'); "
+                               f"import polca_lightning; {say}"], capture_output=True, text=True, check=True)
+    assert configured.stderr.count("POLCA: basis step at 40") == 1 and "app POLCA" in configured.stderr
