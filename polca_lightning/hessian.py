@@ -124,7 +124,8 @@ def projected_hessian_eigs(
         storage_device: where the Krylov vectors and the eigenvectors are kept (default ``device``).
         memory_cap: bytes of one chunk's copies on ``device`` (default ``None``: 8 MiB on a
             CPU, 256 MiB elsewhere, :data:`polca_lightning._streaming.MAX_CHUNK_BYTES`).
-        progress: called after each restart and at the end with ``(n_hvp, residuals [k])``.
+        progress: called after each restart and at the end with ``(n_hvp, relative_residuals [k])``:
+            each residual over ``max(|eigenvalues|)``, the quantity that ``tol`` bounds.
 
     Returns:
         :class:`EigenResult`; eigenvectors on ``storage_device``, the rest on ``device``, in ``dtype``.
@@ -274,7 +275,7 @@ def projected_hessian_eigs(
             T[keep, :keep] = T[:keep, keep] = beta * Y[m - 1, :keep]  # arrowhead coupling
             j, seq_start = keep, 0
             if progress is not None:
-                progress(n_hvp, res[:k].to(dtype))
+                progress(n_hvp, (res[:k] / max(scale, 1e-300)).to(dtype))
     vecs = stream.combine(Y[:, :k].T, V[:j], rows_on(storage, device, k, dim, dtype))  # [k, d] Ritz vectors
     del V
     if B:  # re-orthogonalise against B (twice) so orthogonality holds to roundoff
@@ -286,7 +287,7 @@ def projected_hessian_eigs(
     stream.update_rows(vecs, transform=torch.diag(gram.diagonal().rsqrt()))  # unit rows
     residuals = res[:k].to(device=device, dtype=dtype)
     if progress is not None:
-        progress(n_hvp, residuals)
+        progress(n_hvp, (res[:k] / max(scale, 1e-300)).to(dtype))
     if not converged and not exhausted:
         worst = (res[:k] / max(scale, 1e-300)).max().item()
         warnings.warn(

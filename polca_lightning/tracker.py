@@ -322,14 +322,19 @@ class POLCATracker:
                     out = hvp_local(v) if hvp_local is not None else torch.zeros_like(v)
                     return self.coll.all_reduce(out)
 
-                bar = self._bar(f"POLCA eigensolve at step {step}", None)
+                bar = self._bar(f"POLCA eigensolve at step {step}", None, unit="HVP")
+
+                def shown(n: int, relative: Tensor) -> None:  # HVPs so far, and the residual against tol
+                    bar.update(n - bar.n)
+                    bar.set_postfix_str(f"relative residual {relative.max().item():.1e} (tol {self.lanczos_tol:g})")
+
                 # half-precision models: the eigensolver works in float32
                 work = theta.dtype if theta.dtype in (torch.float32, torch.float64) else torch.float32
                 res = projected_hessian_eigs(
                     lambda v: hvp(v.to(theta.dtype)).to(work), self.space.dim, k,
                     existing, tol=self.lanczos_tol, seed=self.seed + self.n_basis, dtype=work, device=theta.device,
                     storage_device=self._storage(theta), memory_cap=self.dd.memory_cap,
-                    progress=(lambda n, r: bar.set_postfix(hvps=n, residual=f"{r.max().item():.2e}")) if bar is not None else None,
+                    progress=shown if bar is not None else None,
                 )
                 if bar is not None:
                     bar.close()
@@ -353,12 +358,12 @@ class POLCATracker:
             vecs = _orthonormalize(vecs, existing, "returned", self.dd.memory_cap, theta.device)
         return vecs.to(theta.dtype), torch.full((vecs.shape[0],), float("nan"), dtype=torch.float64), {}
 
-    def _bar(self, desc: str, total: int | None):
+    def _bar(self, desc: str, total: int | None, unit: str = "it"):
         if not self.progress or self.coll.rank != 0:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
     def grow_basis(self, step: int) -> dict:
         """Add up to ``k`` vectors at the last snapshot and backfill them over every earlier snapshot."""
@@ -388,7 +393,12 @@ class POLCATracker:
         with self._timed("backfill"):
             self._backfill(rows, vecs, eigen)
         self._commit(self.n_snapshots, self.n_basis)
-        metrics = {f"polca/eigenvalue_{K0 + i}": float(e) for i, e in enumerate(eigen.tolist())}
+        # one series, not one a vector: the largest new eigenvalue at each basis step (with k > 1
+        # also the smallest); every vector's is in the store's `eigenvalue` and the report's summary
+        values = [float(e) for e in eigen.tolist()]
+        metrics = {"polca/eigenvalue": values[0]} if values else {}
+        if len(values) > 1:
+            metrics["polca/eigenvalue_smallest_new"] = values[-1]
         metrics.update({f"polca/{k_}": v for k_, v in info.items()})
         metrics["polca/basis_size"] = self.n_basis
         metrics["polca/eigensolve_seconds"] = solve_time

@@ -213,6 +213,7 @@ def test_seed_determinism_restarts_progress_and_budget_warning():
     assert torch.equal(r1.eigenvectors, r2.eigenvectors) and r1.n_hvp == r2.n_hvp
     assert len(seen) >= 3 and seen[-1][0] == r1.n_hvp
     assert [n for n, _ in seen] == sorted(n for n, _ in seen)
+    assert seen[-1][1].max() <= 1e-6 < seen[0][1].max()  # relative residuals, against tol
     torch.testing.assert_close(r1.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:5], atol=1e-9, rtol=0)
     with pytest.warns(RuntimeWarning, match=r"max_hvp=25 exhausted .* relative residual reached"):
         r3 = projected_hessian_eigs(lambda v: H @ v, 200, 5, tol=1e-6, dtype=F64, max_hvp=25)
