@@ -322,7 +322,7 @@ class POLCATracker:
                     out = hvp_local(v) if hvp_local is not None else torch.zeros_like(v)
                     return self.coll.all_reduce(out)
 
-                bar = self._bar(f"POLCA eigensolve at step {step}", None, unit="HVP")
+                bar = self._bar(f"POLCA eigensolve at step {step}", None, unit=" HVPs")
 
                 def shown(n: int, relative: Tensor) -> None:  # HVPs so far, and the residual against tol
                     bar.update(n - bar.n)
