@@ -86,9 +86,9 @@ def child(cfg: dict) -> dict:
 
     from polca_lightning import POLCACallback
     from polca_lightning import tracker as tracker_module
-    from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
-    from polca_lightning.hessian import projected_hessian_eigs
-    from polca_lightning.losses import causal_lm_token_loss
+    from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+    from polca_lightning.core.hessian import projected_hessian_eigs
+    from polca_lightning.core.losses import causal_lm_token_loss
     from polca_lightning.toy import TinyCausalLM
 
     if cfg["threads"]:
@@ -670,9 +670,7 @@ def code_version() -> str:
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout  # noqa: E731
         # the modules a measurement runs through
-        core = [f"polca_lightning/{m}" for m in ("callback.py", "tracker.py", "engine.py", "hessian.py", "_streaming.py",
-                                                 "_ghost.py", "_jacobians.py", "functional.py", "polca.py", "losses.py",
-                                                 "toy.py", "store")]
+        core = [f"polca_lightning/{m}" for m in ("callback.py", "tracker.py", "toy.py", "core", "store")]
         dirty = [line[3:] for line in git("status", "--porcelain", "--", *core).splitlines()]
         return f"commit {git('rev-parse', '--short', 'HEAD').strip()}" + (
             f", with uncommitted changes in {', '.join(dirty)}" if dirty else "")
@@ -747,14 +745,17 @@ def main():
         if key not in cache:
             start = time.perf_counter()
             cache[key] = {**run_child(cfg), "name": name, "code": code_version()}
-            print(f"# {name}: {cache[key]['d']:,} parameters in {time.perf_counter() - start:.0f} s",
+            cache[key]["wall_seconds"] = time.perf_counter() - start
+            print(f"# {name}: {cache[key]['d']:,} parameters in {cache[key]['wall_seconds']:.0f} s",
                   file=sys.stderr, flush=True)
             if args.results:
                 args.results.write_text(json.dumps(cache, indent=1))
         results.append(cache[key])
     text = tables(results, args)
-    codes = sorted({r.get("code", "") for r in results})
-    text += f"\n\nbenchmark wall time {time.perf_counter() - wall:.0f} s; measured at " + "; ".join(codes)
+    walls = ", ".join(f"{r['name']} {r['wall_seconds']:.0f} s" for r in results if "wall_seconds" in r)
+    text += (f"\n\nwall time of each size's process: {walls or 'not recorded'}; this run "
+             f"{time.perf_counter() - wall:.0f} s. Code measured: "
+             + "; ".join(f"{r['name']} at {r.get('code', 'unknown')}" for r in results))
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
