@@ -87,7 +87,6 @@ def child(cfg: dict) -> dict:
     from polca_lightning import POLCACallback
     from polca_lightning import tracker as tracker_module
     from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
-    from polca_lightning.core.hessian import projected_hessian_eigs
     from polca_lightning.core.losses import causal_lm_token_loss
     from polca_lightning.toy import TinyCausalLM
 
