@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from polca_lightning.engine import DirectionalDerivatives
-from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
-from polca_lightning.hessian import projected_hessian_eigs
-from polca_lightning.losses import causal_lm_token_loss
+from polca_lightning.core.engine import DirectionalDerivatives
+from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.core.hessian import projected_hessian_eigs
+from polca_lightning.core.losses import causal_lm_token_loss
 from polca_lightning.toy import TinyTransformer, addition_data
 
 

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _families import ConvNet, DecoderLM, EncoderLM, RecurrentLM  # noqa: E402
 
-from polca_lightning.engine import DirectionalDerivatives  # noqa: E402
-from polca_lightning.functional import ParameterSpace, evaluation_mode  # noqa: E402
-from polca_lightning.losses import causal_lm_token_loss, classifier_token_loss, masked_lm_token_loss  # noqa: E402
+from polca_lightning.core.engine import DirectionalDerivatives  # noqa: E402
+from polca_lightning.core.functional import ParameterSpace, evaluation_mode  # noqa: E402
+from polca_lightning.core.losses import causal_lm_token_loss, classifier_token_loss, masked_lm_token_loss  # noqa: E402
 from polca_lightning.toy import TinyTransformer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,9 +135,9 @@ def main():
                         help="reverse mode without the activation path: per-sample Jacobians for every model")
     args = parser.parse_args()
     if args.no_activations:
-        import polca_lightning.engine
+        import polca_lightning.core.engine
 
-        polca_lightning.engine.ghost_plan = lambda *a, **k: None
+        polca_lightning.core.engine.ghost_plan = lambda *a, **k: None
     k = 4 if args.quick else 16
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, K={k}")
     print()

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from polca_lightning.hessian import hvp_of, projected_hessian_eigs
+from polca_lightning.core.hessian import hvp_of, projected_hessian_eigs
 
 
 class TinyTransformer(nn.Module):

@@ -48,8 +48,8 @@ def _rss() -> int:
 def _child(args) -> dict:
     import torch
 
-    from polca_lightning.functional import ParameterSpace
-    from polca_lightning.losses import causal_lm_token_loss
+    from polca_lightning.core.functional import ParameterSpace
+    from polca_lightning.core.losses import causal_lm_token_loss
     from polca_lightning.toy import TinyTransformer, addition_data
     from polca_lightning.tracker import POLCATracker
 

@@ -3,7 +3,7 @@
 A store written with ``order="exact"`` holds everything the four orders need: ``g`` at
 both ends of each interval, ``delta``, the eigenvalues and the per-token curvature.
 This script recomputes ``first``, ``second`` (paper Eq. 5), ``trapezoid`` and ``exact``
-from it with :func:`polca_lightning.polca.polca_interval` and compares each with the
+from it with :func:`polca_lightning.core.polca.polca_interval` and compares each with the
 real per-token loss change:
 
 - ``ratio``: total allocated change over the total real change (whole run);
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from polca_lightning import open_store
-from polca_lightning.polca import ORDERS, polca_interval
+from polca_lightning.core.polca import ORDERS, polca_interval
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> float:

@@ -5,7 +5,7 @@ few AdamW steps on 3-digit addition; snapshots ``theta_0`` and ``theta_1`` are t
 ``--interval`` steps apart, and ``K`` directions are the top Hessian eigenvectors of the
 mean loss at ``theta_0`` (projected Lanczos, float64). At each precision the probe
 tokens' ``g`` at both snapshots and ``c`` at ``theta_0`` are computed with
-:class:`~polca_lightning.engine.DirectionalDerivatives` (forward mode; ``g`` also in
+:class:`~polca_lightning.core.engine.DirectionalDerivatives` (forward mode; ``g`` also in
 reverse mode), then POLCA of the interval in every order from them, with the same
 ``delta`` (float64). float64 is a float64 copy of the model; float32 the default;
 bf16 ``compute_precision="bf16"`` (``torch.autocast("cpu", torch.bfloat16)``).
@@ -26,12 +26,12 @@ import time
 
 import torch
 
-from polca_lightning._precision import precision_scope
-from polca_lightning.engine import DirectionalDerivatives
-from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
-from polca_lightning.hessian import projected_hessian_eigs
-from polca_lightning.losses import causal_lm_token_loss
-from polca_lightning.polca import polca_interval
+from polca_lightning.core._precision import precision_scope
+from polca_lightning.core.engine import DirectionalDerivatives
+from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.core.hessian import projected_hessian_eigs
+from polca_lightning.core.losses import causal_lm_token_loss
+from polca_lightning.core.polca import polca_interval
 from polca_lightning.toy import TinyTransformer, addition_data
 
 

@@ -39,7 +39,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from polca_lightning.losses import causal_lm_token_loss  # noqa: E402
+from polca_lightning.core.losses import causal_lm_token_loss  # noqa: E402
 from polca_lightning.toy import TinyCausalLM, addition_data  # noqa: E402
 
 PARAMS_PER_CHUNK = 1 << 20  # the store's cut of the param axis (4 MiB of float32)

@@ -5,7 +5,7 @@ the 4 sum digits are the loss-bearing tokens, labelled with ``place`` and ``carr
 learnt by a small, randomly initialised ``GPT2LMHeadModel`` (or ``LlamaForCausalLM``
 with ``--arch llama``) wrapped in a ``LightningModule``. ``POLCACallback`` is used as it
 is: it calls the model with ``input_ids`` only and takes the per-token loss from
-``polca_lightning.losses.causal_lm_token_loss``, which reads the output's ``.logits``
+``polca_lightning.core.losses.causal_lm_token_loss``, which reads the output's ``.logits``
 and does its own next-token alignment (position p holds the loss of predicting token p),
 so Hugging Face's internal label shift never enters.
 

@@ -18,11 +18,11 @@ if not _logging.getLogger().hasHandlers():  # the application configured no logg
 
 from polca_lightning.ablation import ablate_directions
 from polca_lightning.callback import POLCACallback
-from polca_lightning.engine import DirectionalDerivatives, EngineError
-from polca_lightning.functional import ParameterSpace
-from polca_lightning.hessian import EigenResult, projected_hessian_eigs
-from polca_lightning.losses import causal_lm_token_loss, classifier_token_loss, masked_lm_token_loss
-from polca_lightning.polca import ORDERS, coverage, polca_interval
+from polca_lightning.core.engine import DirectionalDerivatives, EngineError
+from polca_lightning.core.functional import ParameterSpace
+from polca_lightning.core.hessian import EigenResult, projected_hessian_eigs
+from polca_lightning.core.losses import causal_lm_token_loss, classifier_token_loss, masked_lm_token_loss
+from polca_lightning.core.polca import ORDERS, coverage, polca_interval
 from polca_lightning.store import StoreError, TokenIndex, open_store
 
 __version__ = "0.1.0.dev0"

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
-from polca_lightning.losses import TokenLoss
+from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.core.losses import TokenLoss
 from polca_lightning.store.location import resolve_store
 from polca_lightning.store import open_store, write_analysis
 

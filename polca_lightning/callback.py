@@ -12,10 +12,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
-from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
-from polca_lightning._precision import check_compute_precision
-from polca_lightning.losses import resolve_token_loss
-from polca_lightning.polca import ORDERS, needs_curvature
+from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.core._precision import check_compute_precision
+from polca_lightning.core.losses import resolve_token_loss
+from polca_lightning.core.polca import ORDERS, needs_curvature
 from polca_lightning.store.location import resolve_store
 from polca_lightning.store import WEIGHTS_COMPRESSORS, StoreWriter, TokenIndex, check_weights_compressors
 from polca_lightning.tracker import Collective, POLCATracker, TorchDistributed

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from polca_lightning.engine import DirectionalDerivatives
-from polca_lightning.functional import ParameterSpace, evaluation_mode
-from polca_lightning.losses import TokenLoss
-from polca_lightning.polca import polca_interval
+from polca_lightning.core.engine import DirectionalDerivatives
+from polca_lightning.core.functional import ParameterSpace, evaluation_mode
+from polca_lightning.core.losses import TokenLoss
+from polca_lightning.core.polca import polca_interval
 from polca_lightning.store.location import resolve_store
 from polca_lightning.store import open_store, write_analysis
 

@@ -161,7 +161,7 @@ class TinyCausalLM(L.LightningModule):
         return self.net(input_ids)
 
     def training_step(self, batch, _):
-        from polca_lightning.losses import causal_lm_token_loss
+        from polca_lightning.core.losses import causal_lm_token_loss
 
         loss, mask, _ = causal_lm_token_loss(self, batch)
         loss = loss[mask].mean()

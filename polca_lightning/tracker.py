@@ -5,7 +5,7 @@ snapshot ``j`` (parameters ``theta_j``) it
 
 1. computes every probe token's loss and ``g`` (and ``c`` where the order needs it)
    along the current basis;
-2. allocates interval ``j-1`` with :func:`~polca_lightning.polca.polca_interval`;
+2. allocates interval ``j-1`` with :func:`~polca_lightning.core.polca.polca_interval`;
 3. writes the snapshot and the interval, then commits them;
 
 and at each basis step it finds ``k`` new vectors with the projected Lanczos at
@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from polca_lightning.engine import DirectionalDerivatives
-from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
-from polca_lightning._streaming import RowStream, host_rows
-from polca_lightning.hessian import orthonormalize_rows, projected_hessian_eigs
-from polca_lightning.polca import coverage, needs_curvature, polca_interval
+from polca_lightning.core.engine import DirectionalDerivatives
+from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.core._streaming import RowStream, host_rows
+from polca_lightning.core.hessian import orthonormalize_rows, projected_hessian_eigs
+from polca_lightning.core.polca import coverage, needs_curvature, polca_interval
 
 __all__ = ["POLCATracker", "Collective"]
 
@@ -92,7 +92,7 @@ def _orthonormalize(vectors: Tensor, basis: Tensor | None, what: str, memory_cap
                     device=None) -> Tensor:
     """Rows of ``vectors`` made orthonormal to each other and to ``basis``, in place, with float64
     inner products formed a chunk of ``memory_cap`` bytes at a time on ``device``
-    (:func:`~polca_lightning.hessian.orthonormalize_rows`: no float64 copy of either).
+    (:func:`~polca_lightning.core.hessian.orthonormalize_rows`: no float64 copy of either).
 
     Raises:
         ValueError: a row (nearly) in the span of the basis and the rows before it.
@@ -114,7 +114,7 @@ class POLCATracker:
         writer: the :class:`~polca_lightning.store.StoreWriter` (``None`` on ranks > 0).
         collective: :class:`Collective` (single process) or :class:`TorchDistributed`.
         engine, memory_cap, compute_precision: passed to
-            :class:`~polca_lightning.engine.DirectionalDerivatives`; ``memory_cap`` also bounds
+            :class:`~polca_lightning.core.engine.DirectionalDerivatives`; ``memory_cap`` also bounds
             the chunks of the eigensolver's and the orthonormalisation's products.
         basis_on_device: keep the basis and the eigensolver's Krylov vectors on the model's
             device; else in host memory (pinned where CUDA is available), streamed to the

@@ -4,7 +4,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from polca_lightning.losses import causal_lm_token_loss
+from polca_lightning.core.losses import causal_lm_token_loss
 
 from polca_lightning.toy import TinyTransformer, addition_data
 

@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 
 from _tiny import AdditionModule, batches, tiny_lm
 from polca_lightning import POLCACallback, open_store
-from polca_lightning.engine import EngineError
-from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
-from polca_lightning.losses import causal_lm_token_loss
+from polca_lightning.core.engine import EngineError
+from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.core.losses import causal_lm_token_loss
 from polca_lightning.store import StoreExistsError
 
 

@@ -27,9 +27,9 @@ from _families import ConvNet, DecoderLM, EncoderLM, LogFeatureMLP, RecurrentLM,
 from _tiny import batches as addition_batches
 from _tiny import tiny_lm
 from polca_lightning import POLCACallback, open_store
-from polca_lightning.engine import DirectionalDerivatives, EngineError
-from polca_lightning.functional import ParameterSpace
-from polca_lightning.losses import causal_lm_token_loss, classifier_token_loss, masked_lm_token_loss
+from polca_lightning.core.engine import DirectionalDerivatives, EngineError
+from polca_lightning.core.functional import ParameterSpace
+from polca_lightning.core.losses import causal_lm_token_loss, classifier_token_loss, masked_lm_token_loss
 
 STEPS = 4
 
@@ -399,11 +399,11 @@ def test_the_engine_check_fails_when_an_engine_path_is_broken(monkeypatch, path)
     space = ParameterSpace.from_module(net)
     basis = torch.linalg.qr(torch.randn(space.dim, 2)).Q.T.contiguous()
     assert_engines_agree(net, token_loss, probe, basis)  # intact, the check passes
-    module = importlib.import_module(f"polca_lightning.{where}")
+    module = importlib.import_module(f"polca_lightning.core.{where}")
     owner, _, name = target.rpartition(".")
     holder = getattr(module, owner) if owner else module
     monkeypatch.setattr(holder, name, _broken(getattr(holder, name), skip))
-    for checked in ("polca_lightning.engine", "polca_lightning._jacobians"):
+    for checked in ("polca_lightning.core.engine", "polca_lightning.core._jacobians"):
         monkeypatch.setattr(importlib.import_module(checked), "agree", lambda *a, **k: True)
     with pytest.raises(AssertionError, match="disagree"):
         assert_engines_agree(net, token_loss, probe, basis)
@@ -428,7 +428,7 @@ def test_the_loss_check_fails_on_a_token_loss_that_looks_at_the_batch_size(tmp_p
 
 def test_without_real_batches_of_one_the_recurrent_case_fails(tmp_path, monkeypatch):
     """The engine as it was (per-sample Jacobians vmapped only): nn.GRU stops the run at set-up."""
-    import polca_lightning._jacobians as jacobians
+    import polca_lightning.core._jacobians as jacobians
 
     def vmapped_only(self, theta, batch, loss, mask, directions, curvature, memory_cap):
         return self._vmapped(theta, batch, loss, mask, directions, curvature, memory_cap)

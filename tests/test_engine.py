@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from _tiny import TinyMLP, addition_batch, tiny_lm
-from polca_lightning.engine import DirectionalDerivatives, EngineError, estimate_cost
-from polca_lightning.functional import ParameterSpace
-from polca_lightning.losses import causal_lm_token_loss, classifier_token_loss
+from polca_lightning.core.engine import DirectionalDerivatives, EngineError, estimate_cost
+from polca_lightning.core.functional import ParameterSpace
+from polca_lightning.core.losses import causal_lm_token_loss, classifier_token_loss
 
 
 def _orthonormal(k, d, seed=0):
@@ -317,7 +317,7 @@ def test_reverse_paths_agree_with_forward_mode(batch_size):
 
 
 def test_activation_based_reverse_mode_is_used_where_it_applies():
-    from polca_lightning._ghost import ghost_plan
+    from polca_lightning.core._ghost import ghost_plan
 
     assert ghost_plan(tiny_lm(), ParameterSpace.from_module(tiny_lm()).names) is not None
     scaled = _WithScale()
@@ -384,9 +384,9 @@ class _NewLayersLM(nn.Module):
 
 
 def test_activation_path_for_conv1d_rms_norm_tied_and_broadcast_layers_equals_per_sample_jacobians():
-    from polca_lightning._ghost import ghost_plan, ghost_reverse
-    from polca_lightning._jacobians import PerSampleJacobians
-    from polca_lightning.functional import FunctionalTokenLoss, evaluation_mode
+    from polca_lightning.core._ghost import ghost_plan, ghost_reverse
+    from polca_lightning.core._jacobians import PerSampleJacobians
+    from polca_lightning.core.functional import FunctionalTokenLoss, evaluation_mode
 
     torch.manual_seed(0)
     model = _NewLayersLM().double()

@@ -154,10 +154,10 @@ def test_huggingface_token_loss_is_the_models_own_loss_at_each_sum_digit(arch):
     import torch
 
     import huggingface
-    from polca_lightning._ghost import ghost_plan
-    from polca_lightning.engine import DirectionalDerivatives
-    from polca_lightning.functional import ParameterSpace
-    from polca_lightning.losses import causal_lm_token_loss
+    from polca_lightning.core._ghost import ghost_plan
+    from polca_lightning.core.engine import DirectionalDerivatives
+    from polca_lightning.core.functional import ParameterSpace
+    from polca_lightning.core.losses import causal_lm_token_loss
     from polca_lightning.toy import addition_data
 
     torch.manual_seed(0)

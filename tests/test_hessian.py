@@ -1,11 +1,11 @@
-"""Known-answer tests for polca_lightning.hessian against dense, independent computations."""
+"""Known-answer tests for polca_lightning.core.hessian against dense, independent computations."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from polca_lightning.hessian import EigenResult, hvp_of, projected_hessian_eigs
+from polca_lightning.core.hessian import EigenResult, hvp_of, projected_hessian_eigs
 
 F64 = torch.float64
 

@@ -107,3 +107,29 @@ def test_info_lines_reach_stderr_once_whether_or_not_the_application_configured_
         [sys.executable, "-c", f"import logging; logging.basicConfig(format='app %(message)s'); "
                                f"import polca_lightning; {say}"], capture_output=True, text=True, check=True)
     assert configured.stderr.count("POLCA: basis step at 40") == 1 and "app POLCA" in configured.stderr
+
+
+def test_the_torch_math_imports_nothing_else_of_the_package():
+    graph = import_graph()
+    core = [m for m in graph if m.startswith("polca_lightning.core.")]
+    assert "polca_lightning.core.engine" in core and "polca_lightning.core.hessian" in core
+    for module in core:
+        assert all(d.startswith("polca_lightning.core") for d in graph[module]), (module, graph[module])
+
+
+def test_old_import_paths_of_the_torch_math_still_work_with_a_deprecation_warning():
+    import importlib
+
+    import pytest
+
+    from polca_lightning.core.engine import DirectionalDerivatives
+
+    for old, name in [("engine", "DirectionalDerivatives"), ("losses", "causal_lm_token_loss"),
+                      ("functional", "ParameterSpace"), ("hessian", "projected_hessian_eigs"), ("polca", "ORDERS")]:
+        module = importlib.import_module(f"polca_lightning.{old}")
+        with pytest.warns(DeprecationWarning, match=f"polca_lightning.core.{old}.{name}"):
+            value = getattr(module, name)
+        assert value is getattr(importlib.import_module(f"polca_lightning.core.{old}"), name)
+    with pytest.warns(DeprecationWarning):
+        from polca_lightning.engine import DirectionalDerivatives as old_class
+    assert old_class is DirectionalDerivatives

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from _tiny import TinyMLP, tiny_lm
-from polca_lightning.engine import DirectionalDerivatives
-from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace
-from polca_lightning.losses import (
+from polca_lightning.core.engine import DirectionalDerivatives
+from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace
+from polca_lightning.core.losses import (
     causal_lm_token_loss,
     check_token_loss_output,
     classifier_token_loss,

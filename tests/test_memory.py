@@ -10,11 +10,11 @@ from torch.utils.data import DataLoader
 
 from _tiny import AdditionModule, addition_batch, batches, tiny_lm
 from polca_lightning import POLCACallback, open_store
-from polca_lightning._streaming import RowStream
-from polca_lightning.engine import DirectionalDerivatives
-from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
-from polca_lightning.hessian import hvp_of, orthonormalize_rows, projected_hessian_eigs
-from polca_lightning.losses import causal_lm_token_loss
+from polca_lightning.core._streaming import RowStream
+from polca_lightning.core.engine import DirectionalDerivatives
+from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.core.hessian import hvp_of, orthonormalize_rows, projected_hessian_eigs
+from polca_lightning.core.losses import causal_lm_token_loss
 
 F64 = torch.float64
 

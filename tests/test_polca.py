@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from _tiny import TinyMLP, addition_batch, tiny_lm
-from polca_lightning.engine import DirectionalDerivatives
-from polca_lightning.functional import FunctionalTokenLoss, ParameterSpace
-from polca_lightning.losses import causal_lm_token_loss, classifier_token_loss
-from polca_lightning.polca import coverage, needs_curvature, polca_interval
+from polca_lightning.core.engine import DirectionalDerivatives
+from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace
+from polca_lightning.core.losses import causal_lm_token_loss, classifier_token_loss
+from polca_lightning.core.polca import coverage, needs_curvature, polca_interval
 
 
 def _complete_basis(d, seed=0):

@@ -7,10 +7,10 @@ from torch.utils.data import DataLoader
 
 from _tiny import AdditionModule, addition_batch, batches, tiny_lm
 from polca_lightning import POLCACallback, open_store
-from polca_lightning._precision import precision_scope
-from polca_lightning.engine import DirectionalDerivatives
-from polca_lightning.functional import ParameterSpace, evaluation_mode
-from polca_lightning.losses import causal_lm_token_loss
+from polca_lightning.core._precision import precision_scope
+from polca_lightning.core.engine import DirectionalDerivatives
+from polca_lightning.core.functional import ParameterSpace, evaluation_mode
+from polca_lightning.core.losses import causal_lm_token_loss
 
 MATMUL, CONV = torch.backends.cuda.matmul, torch.backends.cudnn.conv
 

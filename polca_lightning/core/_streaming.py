@@ -204,7 +204,7 @@ def orthonormalize_rows(
     Block Gram-Schmidt against ``basis`` (twice: the basis is orthonormal only to its own
     precision), then Cholesky QR of the Gram matrix (twice where once falls short of the
     storage precision). Every inner product is accumulated in float64 a column chunk at a
-    time (:class:`~polca_lightning._streaming.RowStream`), and the rows are updated a chunk at
+    time (:class:`~polca_lightning.core._streaming.RowStream`), and the rows are updated a chunk at
     a time, so nothing of size ``[k, d]`` or ``[K, d]`` is ever copied, in float64 or at all:
     ``vectors`` and ``basis`` may live in host memory while the chunks are multiplied on
     ``device``. The result equals ``Q`` of the QR factorisation ``vectorsᵀ = Q R`` (after

@@ -10,7 +10,7 @@
   the ops autocast lists (matmuls, linear layers, convolutions) in bfloat16, the rest
   (softmax, norms, losses) in float32.
 
-The scope is entered inside :func:`~polca_lightning.functional.evaluation_mode` (which
+The scope is entered inside :func:`~polca_lightning.core.functional.evaluation_mode` (which
 turns the training run's autocast off) and everything it changes is restored on exit.
 """
 

@@ -76,7 +76,7 @@ class PerSampleJacobians:
     """``g [K, B, P]`` (and ``c``) of one batch by per-sample Jacobians, vmapped or looped.
 
     Args:
-        fn: the :class:`~polca_lightning.functional.FunctionalTokenLoss`.
+        fn: the :class:`~polca_lightning.core.functional.FunctionalTokenLoss`.
         rtol: relative tolerance of the checks (a sample alone against the batch, vmapped against
             looped); ``atol`` is a tenth of it, relative to the largest value.
     """
