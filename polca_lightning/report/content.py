@@ -94,6 +94,8 @@ __all__ = [
     "close_figure",
     "markdown_table",
     "vectors_without_clusters",
+    "logger_classes",
+    "loggers_of",
 ]
 
 log = logging.getLogger("polca_lightning")
@@ -158,6 +160,26 @@ def close_figure(fig) -> None:
     if plt is not None:
         plt.close(fig)
     fig.clear()
+
+
+def logger_classes(name: str) -> tuple[type, ...]:
+    """The logger class ``name`` (``"WandbLogger"``, ``"TensorBoardLogger"``) of
+    ``lightning.pytorch`` and, when installed, of ``pytorch_lightning`` (two different
+    classes when both packages are installed)."""
+    classes = []
+    for module in ("lightning.pytorch.loggers", "pytorch_lightning.loggers"):
+        try:
+            classes.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(classes)
+
+
+def loggers_of(trainer_or_loggers, classes: tuple[type, ...]) -> list:
+    """The loggers of a trainer, or among a list of loggers, that are ``classes`` (Lightning's
+    ``LearningRateMonitor`` picks its loggers the same way); an empty list when none."""
+    loggers = getattr(trainer_or_loggers, "loggers", trainer_or_loggers) or []
+    return [lg for lg in loggers if classes and isinstance(lg, classes)]
 
 
 def send_report(items: Iterable[ReportItem], sinks: Iterable[ReportSink]) -> list:

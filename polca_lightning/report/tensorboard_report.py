@@ -40,7 +40,9 @@ from typing import Callable
 
 import numpy as np
 
-from polca_lightning.report.content import ReportItem, markdown_table, report_items, send_report
+from polca_lightning.report.content import (
+    ReportItem, logger_classes, loggers_of, markdown_table, report_items, send_report,
+)
 from polca_lightning.report.folder import folder_file
 
 __all__ = ["tensorboard_logger_classes", "tensorboard_loggers", "tensorboard_tags", "TensorBoardSink",
@@ -53,25 +55,13 @@ MAX_TEXT_ROWS = 200
 
 
 def tensorboard_logger_classes() -> tuple[type, ...]:
-    """``TensorBoardLogger`` of ``lightning.pytorch`` and, when installed, of
-    ``pytorch_lightning`` (two different classes when both packages are installed)."""
-    classes = []
-    for module in ("lightning.pytorch.loggers", "pytorch_lightning.loggers"):
-        try:
-            mod = __import__(module, fromlist=["TensorBoardLogger"])
-            classes.append(mod.TensorBoardLogger)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(classes)
+    """``TensorBoardLogger`` of ``lightning.pytorch`` and, when installed, of ``pytorch_lightning``."""
+    return logger_classes("TensorBoardLogger")
 
 
 def tensorboard_loggers(trainer_or_loggers) -> list:
     """The TensorBoard loggers of a trainer, or among a list of loggers (empty list when none)."""
-    classes = tensorboard_logger_classes()
-    loggers = getattr(trainer_or_loggers, "loggers", trainer_or_loggers) or []
-    if not classes:
-        return []
-    return [lg for lg in loggers if isinstance(lg, classes)]
+    return loggers_of(trainer_or_loggers, tensorboard_logger_classes())
 
 
 def tensorboard_tags(item: ReportItem, prefix: str = "polca_report") -> list[tuple[str, str]]:

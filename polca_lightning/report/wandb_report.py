@@ -59,7 +59,7 @@ from typing import Callable
 
 import numpy as np
 
-from polca_lightning.report.content import ReportItem, report_items, send_report
+from polca_lightning.report.content import ReportItem, logger_classes, loggers_of, report_items, send_report
 
 __all__ = ["wandb_logger_classes", "wandb_loggers", "wandb_keys", "WandbSink", "log_report", "figure_to_image"]
 
@@ -67,25 +67,13 @@ log = logging.getLogger("polca_lightning")
 
 
 def wandb_logger_classes() -> tuple[type, ...]:
-    """``WandbLogger`` of ``lightning.pytorch`` and, when installed, of ``pytorch_lightning``
-    (two different classes when both packages are installed)."""
-    classes = []
-    for module in ("lightning.pytorch.loggers", "pytorch_lightning.loggers"):
-        try:
-            mod = __import__(module, fromlist=["WandbLogger"])
-            classes.append(mod.WandbLogger)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(classes)
+    """``WandbLogger`` of ``lightning.pytorch`` and, when installed, of ``pytorch_lightning``."""
+    return logger_classes("WandbLogger")
 
 
 def wandb_loggers(trainer_or_loggers) -> list:
     """The W&B loggers of a trainer, or among a list of loggers (empty list when none)."""
-    classes = wandb_logger_classes()
-    loggers = getattr(trainer_or_loggers, "loggers", trainer_or_loggers) or []
-    if not classes:
-        return []
-    return [lg for lg in loggers if isinstance(lg, classes)]
+    return loggers_of(trainer_or_loggers, wandb_logger_classes())
 
 
 def figure_to_image(fig, dpi: int = 100):
