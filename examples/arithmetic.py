@@ -68,7 +68,7 @@ def token_labels(batch: dict) -> dict:
 
 
 PRESETS = {
-    # CPU default: the prototype's model (DESIGN.md) with snapshots and basis steps where it
+    # CPU default: a 2-layer, d=128 model (docs/paper.md) with snapshots and basis steps where it
     # learns. At lr 1e-3 the loss is flat (tau) by step 330-475 of every seed we ran, so the
     # run stops at 600 steps, snapshots every 5 and adds a vector every 40 (3000 steps with
     # snapshots every 25 and a vector every 200 put 13 of 15 vectors on the flat tail)

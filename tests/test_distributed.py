@@ -3,7 +3,7 @@
 The run is launched with Lightning's ``ddp_spawn`` (``ddp`` re-runs the script, which
 pytest is not). Everything the spawned processes need is picklable and module-level.
 Training is made identical on both sides, so that any difference left is the callback's
-(see DESIGN.md, Pitfalls): the data are sharded by hand (``use_distributed_sampler=False``;
+(a difference in the data or the loss would hide in the comparison): the data are sharded by hand (``use_distributed_sampler=False``;
 rank ``r`` takes samples ``r, r+W, ...`` of each global batch of 16), the loss is a mean
 over tokens (every addition sequence has 4 loss tokens, so DDP's average of the two
 shard means is the single-process mean), and the optimiser is plain SGD.

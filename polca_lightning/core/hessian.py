@@ -309,7 +309,7 @@ def hvp_of(
     ``<g, v>``) and keeps nothing between calls. ``"forward_over_reverse"``
     (``torch.func.jvp`` of ``torch.func.grad``) pushes a tangent through one
     forward+backward pass; it needs forward-mode AD for every op (not the fused attention
-    kernels, see DESIGN.md). Measured on CPU with ``benchmarks/hessian_lanczos.py`` (an MLP
+    kernels: docs/engines.md). Measured on CPU with ``benchmarks/hessian_lanczos.py`` (an MLP
     and a small transformer), one HVP costs about 1.6-3.2 loss+gradient evaluations with
     ``"double_backward"`` against 2.8-4.6 with ``"forward_over_reverse"``, so
     ``"double_backward"`` is the cheaper one there and the default; re-measure on GPU.

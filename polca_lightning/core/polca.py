@@ -1,6 +1,6 @@
 """POLCA of one interval, in four orders, and the coverage diagnostic (pure tensor math).
 
-Notation (DESIGN.md): interval ``i`` runs from snapshot ``i`` to ``i+1``; for basis
+Notation (docs/math.md): interval ``i`` runs from snapshot ``i`` to ``i+1``; for basis
 vector ``b`` and token ``x``
 
 - ``g_i(x,b) = <b, grad l_x(theta_i)>``, ``delta_i(b) = <b, theta_{i+1} - theta_i>``,
