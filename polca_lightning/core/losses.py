@@ -84,6 +84,23 @@ def _sequence_logits(module: nn.Module, input_ids: Tensor, attention_mask: Tenso
     return logits
 
 
+def _lm_batch(batch: Any, who: str, *, labels_required: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(input_ids, labels, attention_mask)`` of a language-model batch: a mapping with
+    ``input_ids`` (and ``labels``, ``attention_mask``), an ``(input_ids, labels)`` pair, or,
+    where labels are not required, a tensor of ``input_ids`` that is its own labels."""
+    if isinstance(batch, Tensor) and not labels_required:
+        return batch, batch, None
+    if isinstance(batch, Mapping):
+        input_ids = _first_present(batch, ["input_ids"], who)
+        labels = _first_present(batch, ["labels"], who) if labels_required else batch.get("labels", input_ids)
+        return input_ids, labels, batch.get("attention_mask")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1], None
+    accepted = ("an (input_ids, labels) pair or a mapping with 'input_ids' and 'labels'" if labels_required else
+                "a tensor of input_ids, an (input_ids, labels) pair or a mapping with 'input_ids'")
+    raise TypeError(f"{who}: expected a batch that is {accepted}, got {type(batch).__name__}")
+
+
 def causal_lm_token_loss(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token next-token cross-entropy of a causal language model.
 
@@ -106,20 +123,7 @@ def causal_lm_token_loss(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor,
         >>> loss.shape, mask[:, 0].any().item()
         (torch.Size([2, 5]), False)
     """
-    attention_mask = None
-    if isinstance(batch, Tensor):
-        input_ids, labels = batch, batch
-    elif isinstance(batch, Mapping):
-        input_ids = _first_present(batch, ["input_ids"], "causal_lm_token_loss")
-        labels = batch.get("labels", input_ids)
-        attention_mask = batch.get("attention_mask")
-    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-        input_ids, labels = batch
-    else:
-        raise TypeError(
-            "causal_lm_token_loss: expected a batch that is a tensor of input_ids, an (input_ids, labels) "
-            f"pair or a mapping with 'input_ids', got {type(batch).__name__}"
-        )
+    input_ids, labels, attention_mask = _lm_batch(batch, "causal_lm_token_loss", labels_required=False)
     logits = _sequence_logits(module, input_ids, attention_mask, "causal_lm_token_loss")  # [B, L, V]
     target = labels[:, 1:]  # [B, L-1]: token p+1 is predicted at logit p
     valid = target != IGNORE_INDEX
@@ -159,18 +163,7 @@ def masked_lm_token_loss(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor,
         >>> mask.sum().item(), target[0, 2].item()
         (2, 3)
     """
-    attention_mask = None
-    if isinstance(batch, Mapping):
-        input_ids = _first_present(batch, ["input_ids"], "masked_lm_token_loss")
-        labels = _first_present(batch, ["labels"], "masked_lm_token_loss")
-        attention_mask = batch.get("attention_mask")
-    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-        input_ids, labels = batch
-    else:
-        raise TypeError(
-            "masked_lm_token_loss: expected an (input_ids, labels) pair or a mapping with 'input_ids' and "
-            f"'labels', got {type(batch).__name__}"
-        )
+    input_ids, labels, attention_mask = _lm_batch(batch, "masked_lm_token_loss", labels_required=True)
     logits = _sequence_logits(module, input_ids, attention_mask, "masked_lm_token_loss")  # [B, L, V]
     valid = labels != IGNORE_INDEX
     if attention_mask is not None:
