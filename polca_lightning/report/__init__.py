@@ -37,18 +37,20 @@ from polca_lightning.report.figures import (
 from polca_lightning.report.folder import write_report_folder
 from polca_lightning.report.pipeline import (
     ReportError,
-    Table,
     analyze_store,
+    default_report_dir,
     has_results,
     open_analysed_store,
+    report_after_fit,
+    result_variables,
+)
+from polca_lightning.report.tables import (
+    Table,
     appendix_g_table,
     cluster_targets_table,
-    default_report_dir,
     has_targets,
     kept_units,
     medoid_contexts_table,
-    report_after_fit,
-    result_variables,
     store_coverage,
     summary_table,
 )

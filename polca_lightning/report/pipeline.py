@@ -29,23 +29,13 @@ from polca_lightning.report.tables import (  # noqa: F401  (the tables stay impo
     summary_table,
 )
 
-__all__ = [
+__all__ = [  # the tables are importable from here too (report/tables.py)
     "ReportError",
-    "Table",
     "analyze_store",
     "open_analysed_store",
     "has_results",
     "result_variables",
     "default_report_dir",
-    "kept_units",
-    "store_coverage",
-    "summary_table",
-    "medoid_contexts_table",
-    "has_targets",
-    "cluster_targets_table",
-    "appendix_g_table",
-    "binary_labels",
-    "signal_table",
     "report_after_fit",
 ]
 
