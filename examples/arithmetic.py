@@ -9,7 +9,7 @@ After training the callback clusters the trajectories and logs the figures to W&
 (offline: no account needed; ``wandb sync`` uploads the run later).
 
 Usage:
-    python examples/arithmetic.py                  # the default run (about 10 min on 2 CPU cores)
+    python examples/arithmetic.py                  # the default run (about 11 min on 2 CPU cores)
     python examples/arithmetic.py --tiny           # seconds: the CI smoke run
     python examples/arithmetic.py --seeds 0 1 2    # 3 runs and the table of their mean and spread
     python examples/arithmetic.py --paper          # the paper's settings (appendix E): a GPU job
