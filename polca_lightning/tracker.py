@@ -224,7 +224,10 @@ class POLCATracker:
         for chunk in self.dd.direction_chunks(directions, theta):
             for i, batch in enumerate(self.my_probe):  # one batch at a time, so ranks interleave in probe order
                 results[i].append(self.dd(theta, [batch], chunk, curvature=curvature))
-        cat = lambda parts, name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        def cat(parts, name):  # one chunk (the basis on the device): no copy
+            if getattr(parts[0], name) is None or len(parts) == 1:
+                return getattr(parts[0], name)
+            return torch.cat([getattr(p, name) for p in parts])
         out = [(r[0].loss, cat(r, "g"), cat(r, "c")) for r in results]
         parts = self.coll.gather(out)
         ordered = [parts[i % self.coll.world_size][i // self.coll.world_size] for i in range(len(self.probe))]

@@ -124,13 +124,9 @@ def write_report_folder(ds, out_dir, *, method: str = "polca", decode: Callable[
             an analysed store).
         out_dir: folder to write (created if needed).
         method: analysis method of the per-vector figures and tables.
-        decode: ``decode(sequence, position) -> str`` for the medoid contexts' text column.
-        decode_target: ``decode_target(token_id) -> str`` for the text of the clusters'
-            most common targets (table and figures).
-        k_nearest: tokens per cluster in the medoid-contexts table.
-        top_targets: targets per cluster in the cluster-targets table and figures.
+        decode, decode_target, k_nearest, top_targets, progress: as for
+            :func:`~polca_lightning.report.content.report_items`.
         dpi: resolution of the PNGs.
-        progress: progress bar over vectors.
 
     Returns:
         ``out_dir`` as a Path (layout in the module docstring).

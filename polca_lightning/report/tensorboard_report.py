@@ -145,15 +145,11 @@ def log_report_tensorboard(logger, ds, *, method: str = "polca", decode: Callabl
         ds: store + results Dataset (``analyze_store``'s return value, or
             ``open_analysed_store`` of an analysed store).
         method: analysis method of the per-vector figures and tables.
-        decode: ``decode(sequence, position) -> str`` for the medoid contexts' text column.
-        decode_target: ``decode_target(token_id) -> str`` for the text of the clusters'
-            most common targets (table and figure).
         step: step of the report (the run's last step; default: the last snapshot's).
-        k_nearest: tokens per cluster in the medoid-contexts table.
-        top_targets: targets per cluster in the cluster-targets table and figure.
+        decode, decode_target, k_nearest, top_targets, progress: as for
+            :func:`~polca_lightning.report.content.report_items`.
         prefix: tag prefix.
         csv: also write the tables as CSV in ``<log_dir>/polca_report`` (local log dirs).
-        progress: progress bar over vectors.
 
     Returns:
         The tags written (table at the module top).

@@ -151,14 +151,10 @@ def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int]
         ds: store + results Dataset (``analyze_store``'s return value, or ``open_store``
             of an analysed store).
         method: analysis method of the per-vector figures and tables.
-        decode: ``decode(sequence, position) -> str`` for the medoid contexts' text column.
-        decode_target: ``decode_target(token_id) -> str`` for the text of the clusters'
-            most common targets (table and figure).
         step: step of the report (the run's last step; default: the last snapshot's).
-        k_nearest: tokens per cluster in the medoid-contexts table.
-        top_targets: targets per cluster in the cluster-targets table and figure.
+        decode, decode_target, k_nearest, top_targets, progress: as for
+            :func:`~polca_lightning.report.content.report_items`.
         prefix: key prefix.
-        progress: progress bar over vectors.
 
     Returns:
         The keys logged (table at the module top).
