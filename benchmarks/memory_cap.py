@@ -2,7 +2,7 @@
 
 The work measured, on a ``polca_lightning.toy.TinyTransformer`` of a few million
 parameters (``--d-model``, ``--layers``) and 3-digit addition data, with a
-:class:`~polca_lightning.tracker.POLCATracker` that writes nothing (``writer=None``):
+:class:`~polca_lightning.tracker.POLCATracker` that writes nothing (a ``NullWriter``):
 
 1. snapshot 0 (the loss of every probe token);
 2. a basis step of ``K`` Hessian eigenvectors at snapshot 0 (the projected Lanczos, the
@@ -51,6 +51,7 @@ def _child(args) -> dict:
     from polca_lightning.core.functional import ParameterSpace
     from polca_lightning.core.losses import causal_lm_token_loss
     from polca_lightning.toy import TinyTransformer, addition_data
+    from polca_lightning.config import POLCAConfig
     from polca_lightning.tracker import POLCATracker
 
     torch.set_num_threads(1)
@@ -64,10 +65,9 @@ def _child(args) -> dict:
                 for i in range(0, n, size)]
 
     probe, hessian = data(args.probe, 1, 32), data(args.hessian, 2, 16)
-    kwargs = dict(order="trapezoid", k=args.k, max_basis=args.k, writer=None, engine="forward",
-                  memory_cap=args.memory_cap, basis_on_device=args.basis_on_device, lanczos_tol=args.tol,
-                  progress=False)
-    tracker = POLCATracker(model, causal_lm_token_loss, space, probe, hessian, **kwargs)
+    config = POLCAConfig(order="trapezoid", k=args.k, max_basis=args.k, engine="forward",
+                         memory_cap=args.memory_cap, basis_on_device=args.basis_on_device, lanczos_tol=args.tol)
+    tracker = POLCATracker(model, causal_lm_token_loss, space, probe, hessian, config, progress=False)
     batch = data(16, 3, 16)[0]
     peak_sampled, stop = [0], threading.Event()
 

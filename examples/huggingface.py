@@ -169,8 +169,8 @@ def engine_summary(callback: POLCACallback) -> str:
     """Which engine the callback uses for 1 and for ``max_basis`` directions, and the costs ``auto`` measured."""
     dd = callback.tracker.dd
     theta = dd.space.flatten(dd.module)
-    picks = {k: dd.choose(theta, callback.tracker.probe, k, curvature=False) for k in (1, callback.max_basis)}
-    text = f"engine {callback.engine!r}: " + ", ".join(f"{e} for K={k}" for k, e in picks.items())
+    picks = {k: dd.choose(theta, callback.tracker.probe, k, curvature=False) for k in (1, callback.config.max_basis)}
+    text = f"engine {callback.config.engine!r}: " + ", ".join(f"{e} for K={k}" for k, e in picks.items())
     if dd.calibration:
         c = dd.calibration
         text += (f" (measured on a probe batch of {len(callback.probe_batches[0]['input_ids'])} sequences: "

@@ -18,6 +18,7 @@ if not _logging.getLogger().hasHandlers():  # the application configured no logg
 
 from polca_lightning.ablation import ablate_directions
 from polca_lightning.callback import POLCACallback
+from polca_lightning.config import POLCAConfig
 from polca_lightning.core.engine import DirectionalDerivatives, EngineError
 from polca_lightning.core.functional import ParameterSpace
 from polca_lightning.core.hessian import EigenResult, projected_hessian_eigs
@@ -29,6 +30,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "POLCACallback",
+    "POLCAConfig",
     "open_store",
     "StoreError",
     "TokenIndex",

@@ -12,12 +12,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
-from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
-from polca_lightning.core._precision import check_compute_precision
+from polca_lightning.config import POLCAConfig
+from polca_lightning.core.functional import ParameterSpace
 from polca_lightning.core.losses import resolve_token_loss
-from polca_lightning.core.polca import ORDERS, needs_curvature
+from polca_lightning.core.polca import needs_curvature
 from polca_lightning.store.location import resolve_store
-from polca_lightning.store import WEIGHTS_COMPRESSORS, StoreWriter, TokenIndex, check_weights_compressors
+from polca_lightning.store import (
+    WEIGHTS_COMPRESSORS, NullWriter, StoreWriter, TokenIndex, check_store_path, check_weights_compressors,
+)
 from polca_lightning.tracker import Collective, POLCATracker, TorchDistributed
 
 __all__ = ["POLCACallback"]
@@ -27,9 +29,9 @@ log = logging.getLogger("polca_lightning")
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+def _callable_or_none(name: str, value: Any, expected: str) -> Callable | None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name}: expected a callable {expected}, got {value!r}")
     return value
 
 
@@ -86,14 +88,10 @@ class POLCACallback(Callback):
             ``token_loss`` method if it has one, else the causal-LM built-in.
         token_labels: optional ``batch -> {name: tensor[batch, positions]}``; each name
             becomes a token coordinate of the store.
-        snapshot_every: N, optimizer steps between snapshots.
-        basis_every: M, optimizer steps between basis steps (a multiple of N).
-        k: vectors per basis step.
-        max_basis: at most this many basis vectors.
-        order: ``"first"``, ``"second"``, ``"trapezoid"`` (default) or ``"exact"``.
-        basis: ``"hessian"``, ``"random"`` (orthonormal) or a callable
-            ``(module, step, basis [K, d]) -> [k, d]`` (orthonormalised against the basis).
-        parameters: names or shell patterns of the parameters to decompose (default all).
+        snapshot_every, basis_every, k, max_basis, order, basis, parameters: what is decomposed,
+            and when; engine, memory_cap, basis_on_device, compute_precision, lanczos_tol,
+            seed: how. The fields of :class:`~polca_lightning.config.POLCAConfig`, which
+            documents and checks them; the callback keeps them as :attr:`config`.
         mode: ``"w-"`` refuses an existing store, ``"a"`` resumes (with ``ckpt_path``),
             ``"w"`` overwrites.
         storage_options: options of a URL store's filesystem, as ``xarray.open_zarr`` takes
@@ -101,18 +99,6 @@ class POLCACallback(Callback):
             write of the store, the analysis after fit included.
         weights_compressors: zarr 3 compressors of the ``weights`` snapshots (``None``: raw);
             default :data:`polca_lightning.store.WEIGHTS_COMPRESSORS`.
-        engine: ``"auto"``, ``"forward"`` or ``"reverse"``.
-        memory_cap: bytes one chunk of derivative work, of the eigensolver's products and of the
-            orthonormalisation may use on the model's device.
-        basis_on_device: keep the basis and the eigensolver's Krylov vectors on the model's
-            device (fastest); ``False``: in host memory (pinned with CUDA), streamed to the device
-            in chunks of at most ``memory_cap`` bytes, for models whose basis does not fit there.
-        compute_precision: ``"float32"`` (default), ``"tf32"`` (CUDA matmuls in TF32; a no-op
-            without CUDA) or ``"bf16"`` (bfloat16 autocast, CUDA or CPU): the arithmetic of the
-            directional derivatives ``g`` and ``c``; losses, HVPs and ``delta`` stay float32.
-            Recorded in the store's config, so a resume must use the same.
-        lanczos_tol: relative residual at which the eigensolver stops.
-        seed: seed of the eigensolver's start vectors and of random bases.
         analyze: run the analysis and reports after fit (:func:`polca_lightning.report.report_after_fit`).
         analysis_kwargs: settings for :func:`polca_lightning.analysis.analyze` (e.g. ``min_samples``).
         decode: ``decode(sequence_index, position) -> str``, the text of a probe token's context,
@@ -125,7 +111,12 @@ class POLCACallback(Callback):
         ablate: with ``analyze``, undo the final model's movement along each basis vector
             and store every probe token's loss change (:func:`polca_lightning.ablation.ablate_directions`;
             one pass over the probe data per vector).
-        progress: progress bars for eigensolves and backfills.
+        progress: progress bars for eigensolves, backfills and snapshots that take long.
+
+    Attributes:
+        config: the :class:`~polca_lightning.config.POLCAConfig` of the run (the store records
+            its :meth:`~polca_lightning.config.POLCAConfig.to_dict` as the ``config`` attribute).
+        tracker: the :class:`~polca_lightning.tracker.POLCATracker`, from ``on_fit_start`` on.
 
     Raises:
         ValueError, TypeError: a bad argument, naming it, what was expected and what came.
@@ -168,84 +159,40 @@ class POLCACallback(Callback):
         ablate: bool = True,
         progress: bool = True,
     ):
+        self.config = POLCAConfig(  # checks every setting of the decomposition
+            snapshot_every=snapshot_every, basis_every=basis_every, k=k, max_basis=max_basis, order=order,
+            basis=basis, parameters=parameters, engine=engine, memory_cap=memory_cap,
+            basis_on_device=basis_on_device, compute_precision=compute_precision, lanczos_tol=lanczos_tol, seed=seed,
+        )
         location = resolve_store(store, storage_options)  # a URL fsspec cannot open fails here
         self.store, self.storage_options = location.target, location.storage_options  # Path, or a URL
         self.weights_compressors = check_weights_compressors(weights_compressors)
-        self.snapshot_every = _positive_int("snapshot_every", snapshot_every)
-        self.basis_every = _positive_int("basis_every", basis_every)
-        if self.basis_every % self.snapshot_every:
-            raise ValueError(
-                f"basis_every: expected a multiple of snapshot_every ({snapshot_every}), got {basis_every}"
-            )
-        self.k = _positive_int("k", k)
-        self.max_basis = _positive_int("max_basis", max_basis)
-        if order not in ORDERS:
-            raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
-        self.order = order
-        if not (callable(basis) or basis in ("hessian", "random")):
-            raise ValueError(f"basis: expected 'hessian', 'random' or a callable, got {basis!r}")
-        self.basis = basis
         if mode not in ("w-", "a", "w"):
             raise ValueError(f"mode: expected 'w-' (new store), 'a' (resume) or 'w' (overwrite), got {mode!r}")
         self.mode = mode
-        if token_loss is not None and not callable(token_loss):
-            raise TypeError(f"token_loss: expected a callable (module, batch) -> (loss, mask), got {token_loss!r}")
-        if token_labels is not None and not callable(token_labels):
-            raise TypeError(f"token_labels: expected a callable batch -> {{name: tensor}}, got {token_labels!r}")
-        if parameters is not None and (isinstance(parameters, str) or not all(isinstance(p, str) for p in parameters)):
-            raise TypeError(f"parameters: expected a list of names or patterns, got {parameters!r}")
-        if engine not in ("auto", "forward", "reverse"):
-            raise ValueError(f"engine: expected 'auto', 'forward' or 'reverse', got {engine!r}")
-        if not (isinstance(lanczos_tol, float) and 0 < lanczos_tol < 1):
-            raise ValueError(f"lanczos_tol: expected a float in (0, 1), got {lanczos_tol!r}")
         self.probe_batches = _batches("probe_data", probe_data)
-        self.hessian_batches = _batches("hessian_data", hessian_data) if basis == "hessian" else []
-        if basis != "hessian" and hessian_data is not None:
-            self.hessian_batches = _batches("hessian_data", hessian_data)
-        self.token_loss, self.token_labels = token_loss, token_labels
-        self.parameters, self.engine, self.memory_cap = parameters, engine, memory_cap
-        self.basis_on_device, self.lanczos_tol, self.seed = bool(basis_on_device), lanczos_tol, int(seed)
-        self.compute_precision = check_compute_precision(compute_precision)
-        self.analyze, self.progress = bool(analyze), bool(progress)
+        needs_hessian = basis == "hessian"
+        self.hessian_batches = _batches("hessian_data", hessian_data) if needs_hessian or hessian_data is not None else []
+        self.token_loss = _callable_or_none("token_loss", token_loss, "(module, batch) -> (loss, mask)")
+        self.token_labels = _callable_or_none("token_labels", token_labels, "batch -> {name: tensor}")
+        self.decode = _callable_or_none("decode", decode, "(sequence_index, position) -> str")
+        self.decode_target = _callable_or_none("decode_target", decode_target, "token_id -> str")
         if analysis_kwargs is not None and not isinstance(analysis_kwargs, Mapping):
             raise TypeError(f"analysis_kwargs: expected a dict of analyze() settings, got {type(analysis_kwargs).__name__}")
-        if decode is not None and not callable(decode):
-            raise TypeError(f"decode: expected a callable (sequence_index, position) -> str, got {decode!r}")
-        self.analysis_kwargs, self.decode = dict(analysis_kwargs or {}), decode
-        if decode_target is not None and not callable(decode_target):
-            raise TypeError(f"decode_target: expected a callable token_id -> str, got {decode_target!r}")
-        self.decode_target = decode_target
+        self.analysis_kwargs = dict(analysis_kwargs or {})
         if lca_directions is not None and (isinstance(lca_directions, bool) or not isinstance(lca_directions, int)
                                            or lca_directions < 0):
             raise ValueError(f"lca_directions: expected a non-negative int or None, got {lca_directions!r}")
-        self.lca_directions = self.max_basis if lca_directions is None else lca_directions
+        self.lca_directions = max_basis if lca_directions is None else lca_directions
         if not isinstance(ablate, bool):
             raise TypeError(f"ablate: expected True or False, got {ablate!r}")
-        self.ablate = ablate
+        self.analyze, self.ablate, self.progress = bool(analyze), ablate, bool(progress)
         self.tracker: POLCATracker | None = None
-        self.writer: StoreWriter | None = None
+        self.writer: StoreWriter | NullWriter | None = None
         self._last_step = -1
         self._resume_state: dict | None = None
 
     # ------------------------------------------------------------- settings
-    @property
-    def config(self) -> dict:
-        """The run settings stored in the store's attributes (a resume must match them)."""
-        return {
-            "snapshot_every": self.snapshot_every,
-            "basis_every": self.basis_every,
-            "k": self.k,
-            "max_basis": self.max_basis,
-            "order": self.order,
-            "basis": self.basis if isinstance(self.basis, str) else getattr(self.basis, "__name__", "callable"),
-            "parameters": self.parameters,
-            "lanczos_tol": self.lanczos_tol,
-            "seed": self.seed,
-            "compute_precision": self.compute_precision,
-            "n_probe_batches": len(self.probe_batches),
-            "n_hessian_batches": len(self.hessian_batches),
-        }
-
     @property
     def state_key(self) -> str:  # one state per store path
         return self._generate_state_key(store=str(self.store))
@@ -260,7 +207,7 @@ class POLCACallback(Callback):
             "n_basis": t.n_basis if t else 0,
             # the engine costs measured at the start: a resumed run makes the same choices
             # and so computes the same numbers
-            "engine_calibration": t.dd.calibration if t else None,
+            "engine_calibration": t.calibration if t else None,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -279,103 +226,57 @@ class POLCACallback(Callback):
         _on_rank_zero(trainer, self._check_store)  # DDP: rank 0 checks, every rank raises
 
     def _check_store(self) -> None:
-        from polca_lightning.store import check_store_path
-
         check_store_path(self.store, self.mode, self.storage_options)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         token_loss = resolve_token_loss(pl_module, self.token_loss)
-        space = ParameterSpace.from_module(pl_module, self.parameters)
+        space = ParameterSpace.from_module(pl_module, self.config.parameters)
         device = pl_module.device
         probe = [move_data_to_device(b, device) for b in self.probe_batches]
         hessian = [move_data_to_device(b, device) for b in self.hessian_batches]
-        tokens = self._token_index(pl_module, token_loss, space, probe)
-        collective = TorchDistributed() if trainer.world_size > 1 else Collective()
-        self.tracker = POLCATracker(
-            pl_module, token_loss, space, probe, hessian, order=self.order, k=self.k, max_basis=self.max_basis,
-            basis=self.basis, writer=None, collective=collective, engine=self.engine,
-            memory_cap=self.memory_cap, basis_on_device=self.basis_on_device,
-            compute_precision=self.compute_precision, lanczos_tol=self.lanczos_tol,
-            seed=self.seed, log_metrics=lambda m, step: self._log(trainer, m, step), progress=self.progress,
-        )
-        with self.tracker._timed("setup"):  # the engine check and its cost calibration
-            self._check_engine(space)  # before the store exists: a model we cannot differentiate leaves nothing behind
-        self.writer = self.tracker.writer = _on_rank_zero(  # DDP: only rank 0 writes; a refusal raises everywhere
-            trainer,
-            lambda: StoreWriter(
+        stored = self._run_config(trainer, pl_module, space)
+
+        def open_writer(tokens: TokenIndex) -> StoreWriter | NullWriter:
+            # after the tracker's checks: bad probe data or a model we cannot differentiate
+            # leaves nothing behind. DDP: only rank 0 writes; a refusal raises everywhere
+            writer = _on_rank_zero(trainer, lambda: StoreWriter(
                 self.store, mode=self.mode, tokens=tokens, parameters=list(zip(space.names, space.shapes)),
-                order=self.order, config=self._run_config(trainer, pl_module, space), max_basis=self.max_basis,
-                with_curvature=needs_curvature(self.order), storage_options=self.storage_options,
-                weights_compressors=self.weights_compressors,
-            ),
+                order=self.config.order, config=stored, max_basis=self.config.max_basis,
+                with_curvature=needs_curvature(self.config.order), storage_options=self.storage_options,
+                weights_compressors=self.weights_compressors, resumable_changes=POLCAConfig.resumable_changes(),
+            ))
+            return writer if writer is not None else NullWriter()
+
+        self.tracker = POLCATracker(
+            pl_module, token_loss, space, probe, hessian, self.config, open_writer=open_writer,
+            collective=TorchDistributed() if trainer.world_size > 1 else Collective(),
+            token_labels=self.token_labels, calibration=(self._resume_state or {}).get("engine_calibration"),
+            log_metrics=lambda m, step: self._log(trainer, m, step), progress=self.progress,
         )
+        self.writer = self.tracker.writer
         self._resume(trainer)
 
     def _run_config(self, trainer: Trainer, pl_module: LightningModule, space: ParameterSpace) -> dict:
-        """:attr:`config` plus what the run itself decides: the dtype the callback computes in (the
-        parameters'; autocast is off while it computes, so ``bf16-mixed`` training gives float32; the
-        store holds float32 whatever it is), the training precision, and the parameters left out of the
-        decomposition because they are frozen (``requires_grad=False``)."""
+        """What the store records as its ``config``: :meth:`POLCAConfig.to_dict` plus what the
+        run itself decides (:data:`~polca_lightning.config.RUN_FACTS`): the number of probe and
+        Hessian batches, the dtype the callback computes in (the parameters'; autocast is off while
+        it computes, so ``bf16-mixed`` training gives float32; the store holds float32 whatever it
+        is), the training precision, and the parameters left out of the decomposition because they
+        are frozen (``requires_grad=False``)."""
         params = dict(pl_module.named_parameters())
         dtype = functools.reduce(torch.promote_types, [params[n].dtype for n in space.names])  # flatten()'s
-        return {
-            **self.config,
+        facts = {
+            "n_probe_batches": len(self.probe_batches),
+            "n_hessian_batches": len(self.hessian_batches),
             "compute_dtype": str(dtype).removeprefix("torch."),
             "training_precision": str(trainer.precision),
             "frozen_parameters": [n for n, p in pl_module.named_parameters() if not p.requires_grad],
         }
-
-    def _token_index(self, module, token_loss, space, probe) -> TokenIndex:
-        """Which positions are tokens, with their coordinates; validates the probe data on the way."""
-        fn = FunctionalTokenLoss(module, token_loss, space)
-        theta = space.flatten(module)
-        seq, pos, tgt, labels, offset = [], [], [], {}, 0
-        with evaluation_mode(module), torch.no_grad():
-            for batch in probe:
-                loss, mask, target = fn(theta, batch)
-                b, p = mask.nonzero(as_tuple=True)
-                seq.append(b + offset)
-                pos.append(p)
-                tgt.append(target[mask] if target is not None else torch.full_like(b, -1))
-                if self.token_labels is not None:
-                    for name, value in dict(self.token_labels(batch)).items():
-                        if not isinstance(value, Tensor) or value.shape != mask.shape:
-                            raise ValueError(
-                                f"token_labels: expected {name!r} as a tensor of shape {list(mask.shape)} "
-                                f"(like the loss), got {type(value).__name__}"
-                                f"{list(value.shape) if isinstance(value, Tensor) else ''}"
-                            )
-                        labels.setdefault(name, []).append(value[mask])
-                offset += mask.shape[0]
-        n = sum(len(s) for s in seq)
-        if n == 0:
-            raise ValueError("probe_data: every token is masked; there is no loss-bearing token to decompose")
-        cat = lambda parts: torch.cat(parts).cpu().numpy()  # noqa: E731
-        return TokenIndex(cat(seq), cat(pos), cat(tgt), {k: cat(v) for k, v in labels.items()})
-
-    def _check_engine(self, space: ParameterSpace) -> None:
-        """One direction on one probe batch: an op neither engine handles fails here, before training."""
-        t = self.tracker
-        theta = space.flatten(t.module)
-        v = torch.zeros(1, space.dim, dtype=theta.dtype, device=theta.device)
-        v[0, 0] = 1.0
-        t.dd(theta, t.probe[:1], v, curvature=t.curvature)
-        saved = (self._resume_state or {}).get("engine_calibration")
-        if self.engine == "auto" and saved:
-            t.dd.calibration = dict(saved)
-        elif self.engine == "auto" and not t.dd._disabled:
-            # measured costs make the engine choice right on this machine and model; rank 0's
-            # measurement is used everywhere so that every rank computes the same way
-            with evaluation_mode(t.module):
-                cost = t.dd.calibrate(theta, t.probe[0], max_directions=min(16, self.max_basis))
-            keys = sorted(cost)
-            shared = t.coll.broadcast(torch.tensor([cost[k] for k in keys], dtype=torch.float64, device=theta.device))
-            cost = t.dd.calibration = dict(zip(keys, shared.tolist()))
-            log.info("POLCA: engine costs per probe batch (s): %s", {k: f"{v:.3g}" for k, v in cost.items()})
+        return {**self.config.to_dict(), **facts}
 
     def _resume(self, trainer: Trainer) -> None:
         state = self._resume_state
-        committed = self.writer.committed if self.writer is not None else (0, 0)
+        committed = self.writer.committed  # (0, 0) from a NullWriter: rank 0's is broadcast
         # on the model's device: NCCL broadcasts CUDA tensors only (gloo: CPU)
         committed = torch.tensor(committed, device=trainer.lightning_module.device)
         committed = tuple(int(x) for x in self.tracker.coll.broadcast(committed).tolist())
@@ -392,8 +293,7 @@ class POLCACallback(Callback):
                 f"store: {str(self.store)!r} holds {committed[0]} snapshots and {committed[1]} basis vectors, "
                 f"fewer than the checkpoint's {n_snapshots} and {n_basis}: it is not this run's store"
             )
-        if self.writer is not None:
-            self.writer.truncate(n_snapshots, n_basis)
+        self.writer.truncate(n_snapshots, n_basis)
         self.tracker.restore(n_snapshots)
         self._last_step = state["last_step"]
         log.info("POLCA: resumed %s at snapshot %d with %d basis vectors", self.store, n_snapshots, n_basis)
@@ -405,19 +305,19 @@ class POLCACallback(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         # with gradient accumulation several micro-batches see the same global_step
         step = trainer.global_step
-        if step != self._last_step and step % self.snapshot_every == 0:
+        if step != self._last_step and step % self.config.snapshot_every == 0:
             self._step(trainer, step)
 
     def _step(self, trainer: Trainer, step: int) -> None:
         self._last_step = step
         self.tracker.snapshot(step)
-        if step % self.basis_every == 0:
+        if step % self.config.basis_every == 0:
             with torch.enable_grad():
                 self.tracker.grow_basis(step)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.writer is not None:
-            self.writer.close(complete=True)
+        self.writer.close(complete=True)
+        if self.writer.writes:
             t = self.tracker
             log.info(
                 "POLCA: %d snapshots, %d basis vectors in %s; time %s", t.n_snapshots, t.n_basis, self.store,
@@ -443,7 +343,7 @@ class POLCACallback(Callback):
             from polca_lightning.lca import lca_baseline
 
             lca_baseline(self.store, t.module, t.token_loss, t.probe, self.lca_directions,
-                         engine=self.engine, progress=self.progress, storage_options=self.storage_options)
+                         engine=self.config.engine, progress=self.progress, storage_options=self.storage_options)
         if self.ablate:
             from polca_lightning.ablation import ablate_directions
 

@@ -25,7 +25,7 @@ import time
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace,
 from polca_lightning.core._streaming import RowStream, host_rows
 from polca_lightning.core.hessian import orthonormalize_rows, projected_hessian_eigs
 from polca_lightning.core.polca import coverage, needs_curvature, polca_interval
+from polca_lightning.config import POLCAConfig
+from polca_lightning.store import NullWriter, TokenIndex
 
 __all__ = ["POLCATracker", "Collective"]
 
@@ -103,25 +105,33 @@ def _orthonormalize(vectors: Tensor, basis: Tensor | None, what: str, memory_cap
 class POLCATracker:
     """Snapshots, basis growth, interval POLCA and backfill for one training run.
 
+    Construction prepares the run before anything is written: it indexes the probe tokens
+    (validating the probe data and the token labels), checks on one probe batch that an
+    engine can differentiate the model and, with ``engine="auto"``, measures both engines'
+    costs; only then does it open the writer.
+
     Args:
         module: the model being trained (read, never modified).
         token_loss: the token-loss contract.
         space: the selected parameters.
         probe_batches, hessian_batches: lists of batches, already on the model's device.
-        order: POLCA order of the ``polca`` variable.
-        k, max_basis: vectors per basis step, and at most this many in all.
-        basis: ``"hessian"``, ``"random"`` or ``callable(module, step, basis [K, d]) -> [k, d]``.
-        writer: the :class:`~polca_lightning.store.StoreWriter` (``None`` on ranks > 0).
+        config: the run's :class:`~polca_lightning.config.POLCAConfig`.
+        open_writer: ``open_writer(tokens) -> writer``, called once the checks pass with the
+            :class:`~polca_lightning.store.TokenIndex` of the probe tokens: a
+            :class:`~polca_lightning.store.StoreWriter` where this process writes, a
+            :class:`~polca_lightning.store.NullWriter` where it does not (``None``: a
+            ``NullWriter``, for a tracker that writes nothing).
         collective: :class:`Collective` (single process) or :class:`TorchDistributed`.
-        engine, memory_cap, compute_precision: passed to
-            :class:`~polca_lightning.core.engine.DirectionalDerivatives`; ``memory_cap`` also bounds
-            the chunks of the eigensolver's and the orthonormalisation's products.
-        basis_on_device: keep the basis and the eigensolver's Krylov vectors on the model's
-            device; else in host memory (pinned where CUDA is available), streamed to the
-            device a chunk of at most ``memory_cap`` bytes at a time.
-        lanczos_tol, seed: eigensolver tolerance and seed (deterministic across ranks).
-        log_metrics: ``callable(dict, step)`` for scalars; progress: show bars on long work.
+        token_labels: optional ``batch -> {name: tensor[batch, positions]}``, each name a
+            token coordinate.
+        calibration: engine costs measured by an earlier run (a resumed run's checkpoint),
+            used instead of measuring them again, so that a resumed run makes the same choices.
+        log_metrics: ``callable(dict, step)`` for scalars; progress: show bars on long work
+            (a snapshot's derivatives get one only where they take more than two seconds).
     """
+
+    #: seconds a snapshot's derivatives run before their progress bar shows
+    bar_delay = 2.0
 
     def __init__(
         self,
@@ -130,33 +140,26 @@ class POLCATracker:
         space: ParameterSpace,
         probe_batches: Sequence[Any],
         hessian_batches: Sequence[Any],
+        config: POLCAConfig,
         *,
-        order: str,
-        k: int,
-        max_basis: int,
-        basis: str | Callable = "hessian",
-        writer=None,
+        open_writer: Callable[[TokenIndex], Any] | None = None,
         collective: Collective | None = None,
-        engine: str = "auto",
-        memory_cap: int = 1 << 30,
-        basis_on_device: bool = True,
-        compute_precision: str = "float32",
-        lanczos_tol: float = 1e-3,
-        seed: int = 0,
+        token_labels: Callable[[Any], Mapping[str, Tensor]] | None = None,
+        calibration: Mapping[str, float] | None = None,
         log_metrics: Callable[[dict, int], None] | None = None,
         progress: bool = True,
     ):
-        self.module, self.space, self.order = module, space, order
-        self.k, self.max_basis, self.basis_kind = k, max_basis, basis
-        self.writer = writer
+        if not isinstance(config, POLCAConfig):
+            raise TypeError(f"config: expected a POLCAConfig, got {type(config).__name__}")
+        self.config = config
+        self.module, self.space, self.order = module, space, config.order
         self.coll = collective or Collective()
-        self.basis_on_device, self.lanczos_tol, self.seed = basis_on_device, lanczos_tol, seed
         self.log_metrics = log_metrics or (lambda metrics, step: None)
         self.progress = progress
-        self.curvature = needs_curvature(order)
+        self.curvature = needs_curvature(config.order)
         self.token_loss = token_loss
-        self.dd = DirectionalDerivatives(module, token_loss, space, engine=engine, memory_cap=memory_cap,
-                                         compute_precision=compute_precision)
+        self.dd = DirectionalDerivatives(module, token_loss, space, engine=config.engine,
+                                         memory_cap=config.memory_cap, compute_precision=config.compute_precision)
         r, w = self.coll.rank, self.coll.world_size
         self.probe = list(probe_batches)
         self.my_probe = self.probe[r::w]
@@ -172,6 +175,66 @@ class POLCATracker:
         self.basis_steps: list[int] = []
         self.n_snapshots = 0
         self.prev: dict | None = None  # theta, loss, g, c at the last snapshot
+        # before the store exists: bad probe data, or a model no engine can differentiate,
+        # leave nothing behind
+        self.tokens = self._index_tokens(token_labels)
+        with self._timed("setup"):
+            self._check_engine(calibration)
+        self.writer = open_writer(self.tokens) if open_writer is not None else NullWriter()
+
+    @property
+    def calibration(self) -> dict | None:
+        """The engine costs measured at the start (``None`` unless ``engine="auto"``)."""
+        return self.dd.calibration
+
+    def _index_tokens(self, token_labels) -> TokenIndex:
+        """Which positions of the probe data are tokens, with their coordinates; validates the
+        probe data and the labels on the way."""
+        fn = FunctionalTokenLoss(self.module, self.token_loss, self.space)
+        theta = self._theta()
+        seq, pos, tgt, labels, offset = [], [], [], {}, 0
+        with evaluation_mode(self.module), torch.no_grad():
+            for batch in self.probe:
+                loss, mask, target = fn(theta, batch)
+                b, p = mask.nonzero(as_tuple=True)
+                seq.append(b + offset)
+                pos.append(p)
+                tgt.append(target[mask] if target is not None else torch.full_like(b, -1))
+                if token_labels is not None:
+                    for name, value in dict(token_labels(batch)).items():
+                        if not isinstance(value, Tensor) or value.shape != mask.shape:
+                            raise ValueError(
+                                f"token_labels: expected {name!r} as a tensor of shape {list(mask.shape)} "
+                                f"(like the loss), got {type(value).__name__}"
+                                f"{list(value.shape) if isinstance(value, Tensor) else ''}"
+                            )
+                        labels.setdefault(name, []).append(value[mask])
+                offset += mask.shape[0]
+        if sum(len(s) for s in seq) == 0:
+            raise ValueError("probe_data: every token is masked; there is no loss-bearing token to decompose")
+        cat = lambda parts: torch.cat(parts).cpu().numpy()  # noqa: E731
+        return TokenIndex(cat(seq), cat(pos), cat(tgt), {k: cat(v) for k, v in labels.items()})
+
+    def _check_engine(self, calibration: Mapping[str, float] | None) -> None:
+        """One direction on one probe batch, so that an op neither engine handles fails here;
+        with ``engine="auto"``, the engines' costs (``calibration``, or measured)."""
+        theta = self._theta()
+        v = torch.zeros(1, self.space.dim, dtype=theta.dtype, device=theta.device)
+        v[0, 0] = 1.0
+        self.dd(theta, self.probe[:1], v, curvature=self.curvature)
+        if self.config.engine != "auto":
+            return
+        if calibration:
+            self.dd.calibration = dict(calibration)
+        elif not self.dd.disabled:
+            # measured costs make the engine choice right on this machine and model; rank 0's
+            # measurement is used everywhere so that every rank computes the same way
+            with evaluation_mode(self.module):
+                cost = self.dd.calibrate(theta, self.probe[0], max_directions=min(16, self.config.max_basis))
+            keys = sorted(cost)
+            shared = self.coll.broadcast(torch.tensor([cost[k] for k in keys], dtype=torch.float64, device=theta.device))
+            cost = self.dd.calibration = dict(zip(keys, shared.tolist()))
+            log.info("POLCA: engine costs per probe batch (s): %s", {k: f"{v:.3g}" for k, v in cost.items()})
 
     # ----------------------------------------------------------------- helpers
     @contextmanager
@@ -200,30 +263,41 @@ class POLCATracker:
 
     def _storage(self, like: Tensor) -> torch.device:
         """Where the basis lives: the model's device, or the host."""
-        return like.device if self.basis_on_device else torch.device("cpu")
+        return like.device if self.config.basis_on_device else torch.device("cpu")
 
     def _new_rows(self, n: int, like: Tensor) -> Tensor:
         """``[n, d]`` where the basis lives (pinned host memory when it is off a CUDA device)."""
-        if self.basis_on_device:
+        if self.config.basis_on_device:
             return torch.empty(n, self.space.dim, dtype=like.dtype, device=like.device)
         return host_rows(n, self.space.dim, like.dtype, pin=like.device.type == "cuda")
 
     def _append_basis(self, vecs: Tensor, like: Tensor) -> None:
         """Rows ``vecs`` after the basis, in storage allocated once for ``max_basis`` rows."""
         if self._rows is None:
-            self._rows = self._new_rows(min(self.max_basis, self.space.dim), like)
+            self._rows = self._new_rows(min(self.config.max_basis, self.space.dim), like)
         K0 = self.n_basis
         self._rows[K0 : K0 + vecs.shape[0]].copy_(vecs)  # across devices where the basis is in host memory
         self.basis = self._rows[: K0 + vecs.shape[0]]
 
-    def derivatives(self, theta: Tensor, directions: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Loss ``[T]``, ``g`` and ``c`` ``[K, T]`` over all probe tokens (gathered in probe order)."""
+    def derivatives(self, theta: Tensor, directions: Tensor | None,
+                    desc: str | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Loss ``[T]``, ``g`` and ``c`` ``[K, T]`` over all probe tokens (gathered in probe order).
+
+        ``desc``: the title of a progress bar over the probe batches, shown where the work
+        takes more than :attr:`bar_delay` seconds.
+        """
         curvature = self.curvature and directions is not None
         results = [[] for _ in self.my_probe]
+        n_chunks = self.dd.n_direction_chunks(directions, theta)
+        bar = self._bar(desc, len(self.my_probe) * n_chunks, unit=" batches", delay=self.bar_delay) if desc else None
         # a basis in host memory comes to the device a chunk of rows at a time, each copied once
         for chunk in self.dd.direction_chunks(directions, theta):
             for i, batch in enumerate(self.my_probe):  # one batch at a time, so ranks interleave in probe order
                 results[i].append(self.dd(theta, [batch], chunk, curvature=curvature))
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
         def cat(parts, name):  # one chunk (the basis on the device): no copy
             if getattr(parts[0], name) is None or len(parts) == 1:
                 return getattr(parts[0], name)
@@ -262,9 +336,8 @@ class POLCATracker:
             curvature=None if start["c"] is None else start["c"][local],
         )
         self.guarded += int(out.guarded.sum())
-        if self.writer is not None:
-            with self._timed("io"):
-                self.writer.write_interval(index, rows.start, delta, out.values, out.first)
+        with self._timed("io"):
+            self.writer.write_interval(index, rows.start, delta, out.values, out.first)
         return {"values": out.values, "first": out.first}
 
     # -------------------------------------------------------------- lifecycle
@@ -273,18 +346,17 @@ class POLCATracker:
         with self._timed("snapshot"):
             theta = self._theta()
             self._theta_device = theta.device
+        j = self.n_snapshots
         with self._timed("interval"), evaluation_mode(self.module):
-            loss, g, c = self.derivatives(theta, self.basis)
+            loss, g, c = self.derivatives(theta, self.basis, desc=f"POLCA snapshot {j} at step {step}")
         now = {"theta": theta, "loss": loss, "g": g, "c": c}
         metrics = {}
-        j = self.n_snapshots
-        if self.writer is not None:
-            with self._timed("io"):
-                self.writer.write_snapshot(j, step, loss, theta)
-                if g is not None:
-                    self.writer.write_directional_grad(j, 0, g)
-                    if c is not None:
-                        self.writer.write_curvature(j, 0, c)
+        with self._timed("io"):
+            self.writer.write_snapshot(j, step, loss, theta)
+            if g is not None:
+                self.writer.write_directional_grad(j, 0, g)
+                if c is not None:
+                    self.writer.write_curvature(j, 0, c)
         if j > 0 and self.n_basis:
             with self._timed("interval"):
                 eigen = torch.tensor(self.eigenvalues, dtype=torch.float64)
@@ -306,14 +378,13 @@ class POLCATracker:
         return metrics
 
     def _commit(self, n_snapshots: int, n_basis: int) -> None:
-        if self.writer is not None:
-            with self._timed("io"):
-                self.writer.commit(n_snapshots, n_basis)
+        with self._timed("io"):
+            self.writer.commit(n_snapshots, n_basis)
 
     def _new_directions(self, step: int, k: int) -> tuple[Tensor, Tensor, dict]:
         theta = self.prev["theta"]
         existing = self.basis
-        if self.basis_kind == "hessian":
+        if self.config.basis == "hessian":
             fn = FunctionalTokenLoss(self.module, self.token_loss, self.space)
             with evaluation_mode(self.module):
                 with torch.no_grad():
@@ -329,13 +400,13 @@ class POLCATracker:
 
                 def shown(n: int, relative: Tensor) -> None:  # HVPs so far, and the residual against tol
                     bar.update(n - bar.n)
-                    bar.set_postfix_str(f"relative residual {relative.max().item():.1e} (tol {self.lanczos_tol:g})")
+                    bar.set_postfix_str(f"relative residual {relative.max().item():.1e} (tol {self.config.lanczos_tol:g})")
 
                 # half-precision models: the eigensolver works in float32
                 work = theta.dtype if theta.dtype in (torch.float32, torch.float64) else torch.float32
                 res = projected_hessian_eigs(
                     lambda v: hvp(v.to(theta.dtype)).to(work), self.space.dim, k,
-                    existing, tol=self.lanczos_tol, seed=self.seed + self.n_basis, dtype=work, device=theta.device,
+                    existing, tol=self.config.lanczos_tol, seed=self.config.seed + self.n_basis, dtype=work, device=theta.device,
                     storage_device=self._storage(theta), memory_cap=self.dd.memory_cap,
                     progress=shown if bar is not None else None,
                 )
@@ -343,14 +414,14 @@ class POLCATracker:
                     bar.close()
             info = {"n_hvp": res.n_hvp, "residual": (res.residuals / res.eigenvalues.abs().max()).max().item()}
             return res.eigenvectors.to(theta.dtype), res.eigenvalues, info
-        if self.basis_kind == "random":
-            gen = torch.Generator().manual_seed(self.seed + self.n_basis)
+        if self.config.basis == "random":
+            gen = torch.Generator().manual_seed(self.config.seed + self.n_basis)
             vecs = self._new_rows(k, theta)
             for i in range(k):  # a row at a time: no [k, d] float64 draw
                 vecs[i].copy_(torch.randn(self.space.dim, generator=gen, dtype=torch.float64))
             vecs = _orthonormalize(vecs, existing, "random", self.dd.memory_cap, theta.device)
         else:
-            raw = self.basis_kind(self.module, step, existing)
+            raw = self.config.basis(self.module, step, existing)
             if not isinstance(raw, Tensor) or raw.dim() != 2 or raw.shape[1] != self.space.dim:
                 raise ValueError(
                     f"basis: expected the callable to return a tensor [k, {self.space.dim}], got "
@@ -361,16 +432,17 @@ class POLCATracker:
             vecs = _orthonormalize(vecs, existing, "returned", self.dd.memory_cap, theta.device)
         return vecs.to(theta.dtype), torch.full((vecs.shape[0],), float("nan"), dtype=torch.float64), {}
 
-    def _bar(self, desc: str, total: int | None, unit: str = "it"):
+    def _bar(self, desc: str, total: int | None, unit: str = "it", delay: float = 0.0):
+        """A tqdm bar on rank 0 with ``progress`` (else ``None``); ``delay``: seconds before it shows."""
         if not self.progress or self.coll.rank != 0:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, delay=delay)
 
     def grow_basis(self, step: int) -> dict:
         """Add up to ``k`` vectors at the last snapshot and backfill them over every earlier snapshot."""
-        k = min(self.k, self.max_basis - self.n_basis, self.space.dim - self.n_basis)
+        k = min(self.config.k, self.config.max_basis - self.n_basis, self.space.dim - self.n_basis)
         if k <= 0 or self.prev is None:
             return {}
         start_time = time.perf_counter()
@@ -380,7 +452,7 @@ class POLCATracker:
             except FloatingPointError as err:
                 warnings.warn(f"POLCA: basis step at {step} skipped: {err}", RuntimeWarning, stacklevel=2)
                 return {}
-            if self.basis_kind == "hessian":
+            if self.config.basis == "hessian":
                 # Lanczos vectors are orthogonal to the basis only to the working precision,
                 # and float32 errors accumulate over basis steps: re-orthonormalise in float64
                 vecs = _orthonormalize(vecs, self.basis, "eigen", self.dd.memory_cap, self.prev["theta"].device)
@@ -390,9 +462,8 @@ class POLCATracker:
         self._append_basis(vecs, self.prev["theta"])
         self.eigenvalues += eigen.tolist()
         self.basis_steps += [step] * vecs.shape[0]
-        if self.writer is not None:
-            with self._timed("io"):
-                self.writer.write_basis(K0, vecs, eigen, np.full(vecs.shape[0], step))
+        with self._timed("io"):
+            self.writer.write_basis(K0, vecs, eigen, np.full(vecs.shape[0], step))
         with self._timed("backfill"):
             self._backfill(rows, vecs, eigen)
         self._commit(self.n_snapshots, self.n_basis)
@@ -418,7 +489,7 @@ class POLCATracker:
         """Parameters of an earlier snapshot, read from the store on rank 0 and broadcast."""
         with self._timed("io"):
             out = torch.empty_like(like)
-            if self.writer is not None:
+            if self.writer.writes:
                 out.copy_(torch.from_numpy(np.asarray(self.writer.read_weights(snapshot))).to(like))
             return self.coll.broadcast(out)
 
@@ -426,7 +497,7 @@ class POLCATracker:
         """``g`` of the new vectors at every snapshot, and POLCA of every interval, in order."""
         last = self.n_snapshots - 1
         theta_last = self.prev["theta"]
-        if self.writer is not None and last > 0:
+        if last > 0:
             with self._timed("io"):
                 self.writer.flush()
         bar = self._bar(f"POLCA backfill of {vecs.shape[0]} vector(s)", last + 1)
@@ -436,11 +507,10 @@ class POLCATracker:
             with evaluation_mode(self.module):
                 loss, g, c = self.derivatives(theta, vecs)
             current = {"theta": theta, "loss": loss, "g": g, "c": c}
-            if self.writer is not None:
-                with self._timed("io"):
-                    self.writer.write_directional_grad(i, rows.start, g)
-                    if c is not None:
-                        self.writer.write_curvature(i, rows.start, c)
+            with self._timed("io"):
+                self.writer.write_directional_grad(i, rows.start, g)
+                if c is not None:
+                    self.writer.write_curvature(i, rows.start, c)
             if previous is not None:  # g, c here hold the new vectors only: rows 0.. locally
                 self._interval(i - 1, previous, current, rows, slice(0, vecs.shape[0]), eigen)
             previous = current
@@ -460,7 +530,7 @@ class POLCATracker:
         like = self._theta()
         self._theta_device = like.device
         K = 0
-        if self.writer is not None:
+        if self.writer.writes:
             vectors, eigen, steps = self.writer.read_basis()
             K = len(eigen)
         K = int(self.coll.broadcast(torch.tensor([K], device=like.device)).item())
@@ -468,11 +538,11 @@ class POLCATracker:
             self._rows, self.basis = None, None
             row = torch.zeros(self.space.dim, dtype=like.dtype, device=like.device)
             for i in range(K):  # a row at a time through the model's device (NCCL broadcasts CUDA tensors only)
-                if self.writer is not None:
+                if self.writer.writes:
                     row.copy_(torch.from_numpy(np.asarray(vectors[i])).to(row))
                 self._append_basis(self.coll.broadcast(row)[None], like)
             meta = torch.zeros(2, K, dtype=torch.float64, device=like.device)
-            if self.writer is not None:
+            if self.writer.writes:
                 meta[0] = torch.from_numpy(np.asarray(eigen, dtype=np.float64))
                 meta[1] = torch.from_numpy(np.asarray(steps, dtype=np.float64))
             meta = self.coll.broadcast(meta)
@@ -481,5 +551,5 @@ class POLCATracker:
         self.n_snapshots = n_snapshots
         theta = self._weights(n_snapshots - 1, like)
         with evaluation_mode(self.module):
-            loss, g, c = self.derivatives(theta, self.basis)
+            loss, g, c = self.derivatives(theta, self.basis, desc=f"POLCA resume at snapshot {n_snapshots - 1}")
         self.prev = {"theta": theta, "loss": loss, "g": g, "c": c}

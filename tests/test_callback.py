@@ -218,6 +218,7 @@ def test_bad_input_fails_before_training(tmp_path):
         with pytest.raises(error, match=message):
             trainer(tmp_path, 4, [polca(tmp_path, f"bad{i}.zarr", **kwargs)]).fit(module, TRAIN)
         assert _untouched(module, before)
+        assert not (tmp_path / f"bad{i}.zarr").exists()  # refused before the store was created
 
 
 def test_read_only_store_path_fails_before_training(tmp_path):

@@ -43,13 +43,36 @@ from polca_lightning.core._precision import PRECISIONS, check_compute_precision,
 from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
 from polca_lightning.core.losses import TokenLoss
 
-__all__ = ["DirectionalDerivatives", "DerivativeResult", "EngineError", "estimate_cost", "PRECISIONS"]
+__all__ = ["DirectionalDerivatives", "DerivativeResult", "EngineError", "estimate_cost", "PRECISIONS", "ENGINES",
+           "check_engine", "check_memory_cap"]
 
 EngineError.__module__ = __name__  # public here
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "forward", "reverse")
+
+
+def check_engine(value: Any) -> str:
+    """``value`` if it is one of :data:`ENGINES`.
+
+    Raises:
+        ValueError: anything else, naming the argument and the choices.
+    """
+    if not isinstance(value, str) or value not in ENGINES:
+        raise ValueError(f"engine: expected one of {ENGINES}, got {value!r}")
+    return value
+
+
+def check_memory_cap(value: Any) -> int:
+    """``value`` if it is a positive int (bytes).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"memory_cap: expected a positive int (bytes), got {value!r}")
+    return value
 
 # Cost of each engine in plain forward passes over the probe set, measured by
 # benchmarks/engine.py on 2 CPU cores (see the README's table). ``auto`` replaces them
@@ -157,18 +180,14 @@ class DirectionalDerivatives:
         memory_cap: int = 1 << 30,
         compute_precision: str = "float32",
     ):
-        if engine not in ENGINES:
-            raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
-        if isinstance(memory_cap, bool) or not isinstance(memory_cap, int) or memory_cap < 1:
-            raise ValueError(f"memory_cap: expected a positive int (bytes), got {memory_cap!r}")
         self.module = module
         self.space = space
-        self.engine = engine
-        self.memory_cap = memory_cap
+        self.engine = check_engine(engine)
+        self.memory_cap = check_memory_cap(memory_cap)
         self._work_cap = memory_cap  # what the engines' chunks may use (less while directions are streamed)
         self.compute_precision = check_compute_precision(compute_precision)
         self.fn = FunctionalTokenLoss(module, token_loss, space)
-        self._disabled: dict[str, str] = {}  # engine -> why it cannot run this model
+        self._disabled: dict[str, str] = {}  # engine -> why it cannot run this model (see `disabled`)
         self.calibration: dict | None = None  # measured costs, see calibrate()
         self._activation_cache: dict = {}
         # reverse mode from activations where every selected parameter allows it; checked
@@ -221,6 +240,15 @@ class DirectionalDerivatives:
     def _on_other_device(directions: Tensor, theta: Tensor) -> bool:
         return directions.device != theta.device
 
+    def _rows_per_chunk(self, theta: Tensor) -> int:
+        return max(1, (self.memory_cap // 2) // (self.space.dim * theta.element_size()))
+
+    def n_direction_chunks(self, directions: Tensor | None, theta: Tensor) -> int:
+        """How many chunks :meth:`direction_chunks` yields for ``directions``."""
+        if directions is None or not self._on_other_device(directions, theta):
+            return 1
+        return -(-directions.shape[0] // self._rows_per_chunk(theta))
+
     def direction_chunks(self, directions: Tensor | None, theta: Tensor) -> Iterator[Tensor | None]:
         """``directions`` on ``theta``'s device: as they are, or a chunk of rows at a time.
 
@@ -233,9 +261,8 @@ class DirectionalDerivatives:
         if directions is None or not self._on_other_device(directions, theta):
             yield directions
             return
-        row_bytes = self.space.dim * theta.element_size()
-        rows = max(1, (self.memory_cap // 2) // row_bytes)
-        self._work_cap = max(1, self.memory_cap - rows * row_bytes)
+        rows = self._rows_per_chunk(theta)
+        self._work_cap = max(1, self.memory_cap - rows * self.space.dim * theta.element_size())
         try:
             for start in range(0, directions.shape[0], rows):
                 yield directions[start : start + rows].to(device=theta.device, dtype=theta.dtype, non_blocking=True)
@@ -271,6 +298,11 @@ class DirectionalDerivatives:
             cost = estimate_cost(k, per_seq, mask.shape[1], curvature, activations=self._ghost is not None)
         usable = {e: c for e, c in cost.items() if e not in self._disabled}
         return min(usable or cost, key=(usable or cost).get)
+
+    @property
+    def disabled(self) -> dict[str, str]:
+        """Engines dropped from ``auto``'s choice on this model, with the first line of why."""
+        return dict(self._disabled)
 
     def calibrate(self, theta: Tensor, batch: Any, max_directions: int = 16) -> dict:
         """Measure both engines on one batch, so that ``auto`` picks by measured cost.

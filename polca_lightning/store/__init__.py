@@ -3,8 +3,8 @@
 - ``schema``: the data contract: variable names and layout, dimensions, chunking, the
   format version, the store errors and the path checks (layout table in its docstring).
 - ``reader``: :func:`open_store`, a lazy ``xarray.Dataset`` trimmed to what is committed.
-- ``writer``: :class:`StoreWriter` (the background writer the callback uses) and
-  :func:`write_analysis` (analysis results beside the training data).
+- ``writer``: :class:`StoreWriter` (the background writer the callback uses),
+  :class:`NullWriter` (what the ranks that do not write hold) and :func:`write_analysis` (analysis results beside the training data).
 - ``location``: local paths and fsspec URLs (``s3://bucket/run.zarr``) with their
   ``storage_options``.
 
@@ -27,11 +27,12 @@ from polca_lightning.store.schema import (
     check_store_path,
     check_weights_compressors,
 )
-from polca_lightning.store.writer import StoreWriter, drop_marked_variables, write_analysis
+from polca_lightning.store.writer import NullWriter, StoreWriter, drop_marked_variables, write_analysis
 
 __all__ = [
     "open_store",
     "StoreWriter",
+    "NullWriter",
     "write_analysis",
     "drop_marked_variables",
     "TokenIndex",

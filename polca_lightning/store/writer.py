@@ -1,4 +1,5 @@
-"""Writing a POLCA store: the background writer (:class:`StoreWriter`) and :func:`write_analysis`.
+"""Writing a POLCA store: the background writer (:class:`StoreWriter`), :class:`NullWriter` (the
+writer of a process that writes nothing) and :func:`write_analysis`.
 
 Imports the schema (``store/schema.py``), never the reader.
 
@@ -158,6 +159,8 @@ class StoreWriter:
         parameters: ``[(name, shape), ...]`` of the selected parameters, in order.
         order: POLCA order of the ``polca`` variable.
         config: JSON-able run settings, stored as the ``config`` attribute.
+        resumable_changes: keys of ``config`` a resume may set otherwise (the others must
+            match the stored ones).
         max_basis: most basis vectors the run will find.
         with_curvature: create the ``curvature`` variable.
         store_weights: create the ``weights`` variable (needed for backfill).
@@ -182,11 +185,13 @@ class StoreWriter:
         >>> w.write_snapshot(0, step=0, loss=loss0, weights=theta0); w.commit(1, 0); w.close()
     """
 
+    writes = True  #: it writes a store (:class:`NullWriter`: ``False``)
+
     def __init__(self, path: Any, *, mode: str = "w-", tokens: TokenIndex,
                  parameters: list[tuple[str, tuple[int, ...]]], order: str, config: dict,
                  max_basis: int, with_curvature: bool, store_weights: bool = True,
                  background: bool = True, storage_options: dict | None = None,
-                 weights_compressors: Any = WEIGHTS_COMPRESSORS):
+                 weights_compressors: Any = WEIGHTS_COMPRESSORS, resumable_changes: tuple[str, ...] = ()):
         if mode not in ("w-", "w", "a"):
             raise ValueError(f"mode must be 'w-', 'w' or 'a', got {mode!r}")
         if not isinstance(tokens, TokenIndex):
@@ -210,6 +215,7 @@ class StoreWriter:
             "max_basis": self.max_basis, "parameters": _jsonable(self.parameters, "parameters"),
             "config": _jsonable(dict(config), "config"), "token_labels": list(tokens.labels),
         }
+        self._resumable_changes = frozenset(resumable_changes)
         exists = check_store_path(self.location, mode)
         if mode == "w":
             _remove_store(self.location)
@@ -278,7 +284,8 @@ class StoreWriter:
                 i = int(np.flatnonzero(old != values)[0])
                 checks.append((f"token coordinate {name!r} at token {i}", int(old[i]), int(values[i])))
         old_config, new_config = attrs.get("config", {}), self._settings["config"]
-        for key in sorted(set(old_config) | set(new_config), key=lambda k: (k not in new_config, k)):
+        compared = (set(old_config) | set(new_config)) - self._resumable_changes
+        for key in sorted(compared, key=lambda k: (k not in new_config, k)):
             checks.append((f"config[{key!r}]", old_config.get(key, "<absent>"), new_config.get(key, "<absent>")))
         for name, old, new in checks:
             if not _same_json(old, new):
@@ -496,6 +503,33 @@ class StoreWriter:
 
 
 StoreWriter.__module__ = "polca_lightning.store"
+
+
+class NullWriter:
+    """The writer of a process that writes no store: a DDP rank other than 0.
+
+    Takes every call :class:`StoreWriter` takes and keeps nothing; :attr:`writes` is
+    ``False``, and the reads return ``None``, so that a tracker holding one receives the
+    data from the writing rank instead (a broadcast).
+    """
+
+    writes = False
+    committed = (0, 0)
+
+    def write_snapshot(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing is written."""
+
+    write_directional_grad = write_curvature = write_basis = write_interval = write_snapshot
+    commit = truncate = flush = close = write_snapshot
+
+    def read_weights(self, snapshot: int) -> None:
+        """Nothing was written: ``None``."""
+
+    def read_basis(self) -> None:
+        """Nothing was written: ``None``."""
+
+
+NullWriter.__module__ = "polca_lightning.store"
 
 
 def _shrink_array(array: zarr.Array, new_shape: tuple[int, ...]) -> None:
