@@ -94,6 +94,9 @@ def test_the_store_records_the_callbacks_config(tmp_path):
     assert set(stored) - set(cb.config.to_dict()) == set(RUN_FACTS)
     assert POLCAConfig.from_dict(stored) == cb.config
     assert stored["n_probe_batches"] == 2 and stored["compute_dtype"] == "float32"
+    again = POLCACallback(tmp_path / "again.zarr", batches(8, 8, seed=1), batches(8, 8, seed=2),
+                          **vars(POLCAConfig.from_dict(stored)))  # the docs' way to rerun with a store's settings
+    assert again.config == cb.config
 
 
 def test_resume_may_change_how_the_numbers_are_computed_but_not_which(tmp_path):

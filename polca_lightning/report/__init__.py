@@ -24,6 +24,7 @@ Example:
     >>> write_report_folder(ds, "runs/polca.zarr.report")
 """
 
+from polca_lightning.report import figures as _figures
 from polca_lightning.report.content import ReportItem, Series, report_items, send_report
 from polca_lightning.report.figures import (
     ablation_figure,
@@ -73,13 +74,7 @@ __all__ = [
     "appendix_g_table",
     "store_coverage",
     "kept_units",
-    "projected_loss_figure",
-    "exact_loss_figure",
-    "label_composition_figure",
-    "cluster_targets_figure",
-    "coverage_figure",
-    "appendix_g_figure",
-    "ablation_figure",
+    *(name for name in _figures.__all__ if name.endswith("_figure")),
     "report_items",
     "send_report",
     "ReportItem",
