@@ -415,6 +415,11 @@ def test_write_analysis(tmp_path):
     with pytest.raises(StoreError, match="overwrite"):
         write_analysis(path, {"cluster": (("basis", "token"), cluster, {})}, overwrite=False)
 
+    training = open_store(path, analysis=False)  # the training data alone
+    assert not {"cluster", "method", "homogeneity", "cluster_id"} & set(training.variables)
+    assert set(training.data_vars) == set(open_store(path).data_vars) - {"cluster", "homogeneity"}
+    assert "carry" in training.coords and training.sizes["basis"] == 3
+
     # Re-running replaces: new values, new sizes of its own dims.
     write_analysis(path, {"homogeneity": (("method", "cluster_id"), np.ones((2, 3)), {})})
     for ds in (open_store(path), xr.open_zarr(path)):

@@ -42,7 +42,7 @@ class _ZarrBackendArray(BackendArray):
         return np.asarray(self._array.oindex[key])
 
 
-def open_store(path: Any, *, storage_options: dict | None = None) -> xr.Dataset:
+def open_store(path: Any, *, storage_options: dict | None = None, analysis: bool = True) -> xr.Dataset:
     """Open a POLCA store lazily as a labelled :class:`xarray.Dataset`.
 
     Every variable is cut to the committed lengths, so a store still being written (or
@@ -56,6 +56,8 @@ def open_store(path: Any, *, storage_options: dict | None = None) -> xr.Dataset:
             ``xarray.open_zarr(url, storage_options=...)`` takes them (for S3: ``key``,
             ``secret``, ``endpoint_url`` or ``client_kwargs={"endpoint_url": ...}``);
             without them the filesystem reads its environment (``AWS_*`` variables).
+        analysis: with the analysis results (:func:`write_analysis`'s variables); ``False``:
+            the training data alone (the layout's variables and the token coordinates).
 
     Returns:
         The Dataset: the variables of the module docstring plus analysis results.
@@ -71,6 +73,7 @@ def open_store(path: Any, *, storage_options: dict | None = None) -> xr.Dataset:
         >>> ds.polca.sel(basis=0).sum("interval")      # projected loss change per token
         >>> ds.loss.sel(step=100)                       # the snapshot at optimizer step 100
         >>> ds.polca.sel(interval_end_step=100)         # the interval that ends there
+        >>> open_store("runs/polca.zarr", analysis=False)  # the training data, without the results
         >>> ds = open_store("s3://bucket/run.zarr", storage_options={"endpoint_url": "http://minio:9000"})
     """
     group = _open_polca_group(path, storage_options=storage_options)
@@ -79,6 +82,8 @@ def open_store(path: Any, *, storage_options: dict | None = None) -> xr.Dataset:
     coord_names = set(attrs.pop("coordinates", "").split())
     variables: dict[str, xr.Variable] = {}
     for name, array in sorted(group.arrays(), key=lambda item: item[0]):
+        if not analysis and name not in TRAINING_SPECS and name not in coord_names:
+            continue
         dims = array.metadata.dimension_names
         if dims is None or any(d is None for d in dims):
             warnings.warn(f"open_store: skipping array {name!r}: it has no dimension_names", UserWarning, stacklevel=2)
