@@ -43,6 +43,7 @@ from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace,
 from polca_lightning.core.losses import TokenLoss
 from polca_lightning.store.location import resolve_store
 from polca_lightning.store import open_store, write_analysis
+from polca_lightning.store.schema import BASIS, BASIS_VECTORS, SNAPSHOT, STEP, TOKEN, WEIGHTS
 
 __all__ = ["ablate_directions", "ablated_parameters"]
 
@@ -114,10 +115,10 @@ def ablate_directions(
     store = resolve_store(store, storage_options)
     ds = open_store(store)
     space = ParameterSpace.of_store(module, ds, "the ablation")
-    if "basis_vectors" not in ds or ds.sizes["snapshot"] < 2:
-        raise ValueError(f"store: {store} has {ds.sizes['snapshot']} snapshot(s) and "
-                         f"{ds.sizes.get('basis', 0)} basis vectors; the ablation needs a basis, a first and a last")
-    K, T = ds.sizes["basis"], ds.sizes["token"]
+    if BASIS_VECTORS not in ds or ds.sizes[SNAPSHOT] < 2:
+        raise ValueError(f"store: {store} has {ds.sizes[SNAPSHOT]} snapshot(s) and "
+                         f"{ds.sizes.get(BASIS, 0)} basis vectors; the ablation needs a basis, a first and a last")
+    K, T = ds.sizes[BASIS], ds.sizes[TOKEN]
     chosen = list(range(K)) if vectors is None else [int(v) for v in vectors]
     bad = [v for v in chosen if not 0 <= v < K]
     if bad:
@@ -125,11 +126,11 @@ def ablate_directions(
 
     device = next(module.parameters()).device
     dtype = next(module.parameters()).dtype
-    weights = ds["weights"]
+    weights = ds[WEIGHTS]
     theta_0 = torch.from_numpy(np.asarray(weights[0].values)).to(device, dtype)
     theta_end = torch.from_numpy(np.asarray(weights[-1].values)).to(device, dtype)
     moved = (theta_end - theta_0).double()
-    basis = np.asarray(ds["basis_vectors"].values)
+    basis = np.asarray(ds[BASIS_VECTORS].values)
     fn = FunctionalTokenLoss(module, token_loss, space)
     change = np.full((K, T), np.nan)
     coefficient = np.full(K, np.nan)
@@ -159,11 +160,11 @@ def ablate_directions(
     if write:
         attrs = {"description": "loss change of every probe token when the final model's movement along the "
                                 "vector is undone: l(theta_end - <theta_end - theta_0, b> b) - l(theta_end)",
-                 "first_step": int(ds["step"].values[0]), "last_step": int(ds["step"].values[-1])}
+                 "first_step": int(ds[STEP].values[0]), "last_step": int(ds[STEP].values[-1])}
         write_analysis(store, {
-            "ablation_loss_change": (("basis", "token"), change.astype(np.float32), attrs),
-            "ablation_coefficient": (("basis",), coefficient, {"description": "<theta_end - theta_0, b>"}),
-            "ablation_end_loss": (("token",), out["end_loss"].astype(np.float32),
+            "ablation_loss_change": ((BASIS, TOKEN), change.astype(np.float32), attrs),
+            "ablation_coefficient": ((BASIS,), coefficient, {"description": "<theta_end - theta_0, b>"}),
+            "ablation_end_loss": ((TOKEN,), out["end_loss"].astype(np.float32),
                                   {"description": "loss at the last snapshot, as the ablation computes it"}),
         })
     return out

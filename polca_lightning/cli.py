@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from polca_lightning.store.schema import BASIS, BASIS_STEP, EIGENVALUE, SEQUENCE, SNAPSHOT, STEP, TOKEN
+
 __all__ = ["main", "build_parser"]
 
 PROG = "polca"
@@ -257,7 +259,7 @@ def _open(path: str):
 def _require_complete(ds, path: str, force: bool) -> None:
     if not ds.attrs.get("complete", False) and not force:
         raise CLIError(f"the store {str(path)!r} is not complete (still being written, or its run stopped early) "
-                       f"with {ds.sizes.get('snapshot', 0)} committed snapshots; pass --force to use that part")
+                       f"with {ds.sizes.get(SNAPSHOT, 0)} committed snapshots; pass --force to use that part")
 
 
 def _analysis_settings(args):
@@ -299,7 +301,7 @@ def _fmt_steps(steps: np.ndarray) -> str:
 def cmd_info(args) -> int:
     ds = _open(args.store)
     a = ds.attrs
-    steps = np.asarray(ds["step"].values)
+    steps = np.asarray(ds[STEP].values)
     lines = [f"POLCA store {args.store}"]
     if a.get("complete", False):
         lines.append("complete:    yes (the run closed the store)")
@@ -308,16 +310,16 @@ def cmd_info(args) -> int:
                      "what follows is its committed part")
     lines.append(f"order:       {a.get('order', '?')}")
     lines.append(f"snapshots:   {_fmt_steps(steps)}")
-    n_basis = int(ds.sizes.get("basis", 0))
+    n_basis = int(ds.sizes.get(BASIS, 0))
     lines.append(f"basis:       {n_basis} of max {a.get('max_basis', '?')} vectors")
     if n_basis:
-        bsteps = np.asarray(ds["basis_step"].values)
+        bsteps = np.asarray(ds[BASIS_STEP].values)
         joined = ", ".join(f"{int(s)}: {int((bsteps == s).sum())}" for s in np.unique(bsteps))
         lines.append(f"  joined at step (count): {joined}")
-        eig = np.asarray(ds["eigenvalue"].values, dtype=np.float64)
+        eig = np.asarray(ds[EIGENVALUE].values, dtype=np.float64)
         lines.append("  eigenvalues: " + " ".join(f"{e:.4g}" for e in eig))
-    n_tok = int(ds.sizes.get("token", 0))
-    n_seq = np.unique(np.asarray(ds["sequence"].values)).size if n_tok else 0
+    n_tok = int(ds.sizes.get(TOKEN, 0))
+    n_seq = np.unique(np.asarray(ds[SEQUENCE].values)).size if n_tok else 0
     lines.append(f"tokens:      {n_tok} in {n_seq} sequences")
     labels = list(a.get("token_labels", []))
     if labels:

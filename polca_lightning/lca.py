@@ -27,6 +27,7 @@ from polca_lightning.core.losses import TokenLoss
 from polca_lightning.core.polca import polca_interval
 from polca_lightning.store.location import resolve_store
 from polca_lightning.store import open_store, write_analysis
+from polca_lightning.store.schema import INTERVAL, SNAPSHOT, TOKEN, WEIGHTS
 
 __all__ = ["lca_baseline"]
 
@@ -67,15 +68,15 @@ def lca_baseline(
     order = order if order in ("first", "trapezoid") else "trapezoid"  # no eigenvalue or curvature here
     n = int(min(n_directions, space.dim))
     device = next(module.parameters()).device
-    last = torch.from_numpy(np.asarray(ds["weights"][-1].values))
+    last = torch.from_numpy(np.asarray(ds[WEIGHTS][-1].values))
     chosen = torch.topk(last.abs(), n).indices.sort().values  # [n] indices on the param axis
     directions = torch.zeros(n, space.dim, dtype=last.dtype)
     directions[torch.arange(n), chosen] = 1.0  # axis-aligned, [n, d]
     directions = directions.to(device)
     index = chosen.to(device)
     dd = DirectionalDerivatives(module, token_loss, space, engine=engine)
-    S = ds.sizes["snapshot"]
-    values = np.full((S - 1, n, ds.sizes["token"]), np.nan, dtype=np.float32)
+    S = ds.sizes[SNAPSHOT]
+    values = np.full((S - 1, n, ds.sizes[TOKEN]), np.nan, dtype=np.float32)
     deltas = np.full((S - 1, n), np.nan, dtype=np.float32)
     bar = None
     if progress:
@@ -85,7 +86,7 @@ def lca_baseline(
     previous = None
     with evaluation_mode(module):
         for i in range(S):
-            theta = torch.from_numpy(np.asarray(ds["weights"][i].values)).to(device)
+            theta = torch.from_numpy(np.asarray(ds[WEIGHTS][i].values)).to(device)
             g = dd(theta, probe_batches, directions).g  # [n, T]
             if previous is not None:
                 delta = theta[index] - previous[0][index]  # [n]
@@ -99,8 +100,8 @@ def lca_baseline(
         bar.close()
     attrs = {"order": order, "description": f"LCA along the {n} parameters largest in magnitude at the last snapshot"}
     write_analysis(store, {
-        "lca_polca": (("interval", "lca_basis", "token"), values, attrs),
-        "lca_delta": (("interval", "lca_basis"), deltas, {}),
+        "lca_polca": ((INTERVAL, "lca_basis", TOKEN), values, attrs),
+        "lca_delta": ((INTERVAL, "lca_basis"), deltas, {}),
         "lca_parameter": (("lca_basis",), chosen.numpy().astype(np.int64), {}),
     })
     return chosen.numpy()

@@ -29,6 +29,7 @@ import numpy as np
 
 from polca_lightning.analysis.methods import METHODS
 from polca_lightning.analysis.tables import Table, kept_units, plain_value as _py
+from polca_lightning.store.schema import BASIS, INTERVAL, TOKEN
 
 __all__ = ["ablated_units", "ablation_table", "ablation_summary"]
 
@@ -64,8 +65,8 @@ def _ablation_inputs(ds, units, method):
     for u in units:
         if not 0 <= u < change.shape[0] or not ablated[u]:
             raise ValueError(f"units: vector {u} was not ablated")
-    total = np.asarray(ds[METHODS[method].variable].sum("interval", skipna=False)
-                       .transpose("basis", "token").values, dtype=np.float64)  # [K, T]
+    total = np.asarray(ds[METHODS[method].variable].sum(INTERVAL, skipna=False)
+                       .transpose(BASIS, TOKEN).values, dtype=np.float64)  # [K, T]
     cluster = ds[METHODS[method].prefix + "cluster"]
     return units, change, total, lambda u: np.asarray(cluster.isel(basis=u).values)
 
@@ -113,8 +114,8 @@ def ablation_table(ds, units: Sequence[int] | None = None, method: str = "polca"
     labels = [labels] if isinstance(labels, str) else list(labels or [])
     values = []
     for label in labels:
-        if label not in ds.coords or ds[label].dims != ("token",):
-            options = [c for c in ds.coords if ds[c].dims == ("token",)]
+        if label not in ds.coords or ds[label].dims != (TOKEN,):
+            options = [c for c in ds.coords if ds[c].dims == (TOKEN,)]
             raise ValueError(f"labels: expected token coordinates (of {options}), got {label!r}")
         values.append(np.asarray(ds[label].values))
         columns += [label, f"{label}_share"]

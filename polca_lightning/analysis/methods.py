@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from polca_lightning.store.schema import BASIS, DIRECTIONAL_GRAD, INTERVAL, LOSS, POLCA, POLCA_FIRST, SNAPSHOT, TOKEN
+
 from .trajectories import cumulative_fisher, loss_change, projected_loss
 
 __all__ = ["MethodSpec", "METHODS", "available_methods"]
@@ -55,25 +57,25 @@ class MethodSpec:
         """``[snapshot, token]`` float64 trajectory of ``unit`` over the first snapshots."""
         n_int = n_snapshots - 1
         if self.kind == "projected":
-            v = ds[self.variable].isel({self.unit_dim: unit, "interval": slice(0, n_int)})
-            return projected_loss(np.asarray(v.transpose("interval", "token").values))
+            v = ds[self.variable].isel({self.unit_dim: unit, INTERVAL: slice(0, n_int)})
+            return projected_loss(np.asarray(v.transpose(INTERVAL, TOKEN).values))
         if self.kind == "fisher":
-            v = ds[self.variable].isel({self.unit_dim: unit, "snapshot": slice(0, n_snapshots)})
-            return cumulative_fisher(np.asarray(v.transpose("snapshot", "token").values), n_int)
+            v = ds[self.variable].isel({self.unit_dim: unit, SNAPSHOT: slice(0, n_snapshots)})
+            return cumulative_fisher(np.asarray(v.transpose(SNAPSHOT, TOKEN).values), n_int)
         loss = np.asarray(
-            ds["loss"].isel(snapshot=slice(0, n_snapshots)).transpose("snapshot", "token").values,
+            ds[LOSS].isel(snapshot=slice(0, n_snapshots)).transpose(SNAPSHOT, TOKEN).values,
             dtype=np.float64,
         )
         return loss if self.kind == "loss" else loss_change(loss)
 
 
 METHODS = {
-    "polca": MethodSpec("polca", "polca", "basis", "projected", "own", "falling"),
-    "polca_first": MethodSpec("polca_first", "polca_first", "basis", "projected", "own", "falling"),
+    "polca": MethodSpec("polca", POLCA, BASIS, "projected", "own", "falling"),
+    "polca_first": MethodSpec("polca_first", POLCA_FIRST, BASIS, "projected", "own", "falling"),
     "lca": MethodSpec("lca", "lca_polca", "lca_basis", "projected", "own", "falling"),
-    "fisher": MethodSpec("fisher", "directional_grad", "basis", "fisher", "polca", "rising"),
-    "loss": MethodSpec("loss", "loss", None, "loss", "none", "falling"),
-    "loss_change": MethodSpec("loss_change", "loss", None, "loss_change", "none", "falling"),
+    "fisher": MethodSpec("fisher", DIRECTIONAL_GRAD, BASIS, "fisher", "polca", "rising"),
+    "loss": MethodSpec("loss", LOSS, None, "loss", "none", "falling"),
+    "loss_change": MethodSpec("loss_change", LOSS, None, "loss_change", "none", "falling"),
 }
 
 
@@ -84,7 +86,7 @@ def available_methods(ds) -> list[str]:
     for name, spec in METHODS.items():
         if spec.variable not in ds.variables:
             continue
-        if spec.filter == "polca" and "polca" not in ds.variables:
+        if spec.filter == "polca" and POLCA not in ds.variables:
             continue
         out.append(name)
     return out

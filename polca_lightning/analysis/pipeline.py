@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from polca_lightning.store.schema import LOSS, POSITION, SEQUENCE, SNAPSHOT, STEP, TARGET, TOKEN
+
 from .clustering import (
     FILTERED,
     OUTLIER,
@@ -49,7 +51,7 @@ __all__ = ["analyze", "AnalysisSettings", "complete_snapshots", "NON_LABEL_COORD
 log = logging.getLogger(__name__)
 
 #: token coordinates that are not labels to score against
-NON_LABEL_COORDS = ("token", "sequence", "position", "target")
+NON_LABEL_COORDS = (TOKEN, SEQUENCE, POSITION, TARGET)
 
 
 @dataclass(frozen=True)
@@ -183,14 +185,14 @@ def complete_snapshots(ds) -> int:
     A store written during training holds NaN for what is not computed yet; the
     analysis uses only the complete prefix.
     """
-    step = np.asarray(ds["step"].values, dtype=np.float64)
-    ok = np.isfinite(step) & np.isfinite(np.asarray(ds["loss"].transpose("snapshot", "token").values)).any(axis=1)
+    step = np.asarray(ds[STEP].values, dtype=np.float64)
+    ok = np.isfinite(step) & np.isfinite(np.asarray(ds[LOSS].transpose(SNAPSHOT, TOKEN).values)).any(axis=1)
     return int(ok.size if ok.all() else np.argmin(ok))
 
 
 def _check_token_coord(ds, name: str, what: str) -> np.ndarray:
-    if name not in ds.coords or ds[name].dims != ("token",):
-        coords = [c for c in ds.coords if ds[c].dims == ("token",)]
+    if name not in ds.coords or ds[name].dims != (TOKEN,):
+        coords = [c for c in ds.coords if ds[c].dims == (TOKEN,)]
         raise ValueError(f"{what} must name a token coordinate (one of {coords}), got {name!r}")
     return np.asarray(ds[name].values)
 
@@ -322,7 +324,7 @@ def analyze(ds, settings: AnalysisSettings | None = None, *, progress: bool = Fa
 
     data["tau"] = ((), inp.tau)
     data["onset_delta"] = ((), inp.delta)
-    data["mean_loss"] = (("snapshot",), inp.mean_loss)
+    data["mean_loss"] = ((SNAPSHOT,), inp.mean_loss)
     timings["total"] = time.perf_counter() - t_start
     attrs = {f"analysis_{k}": v for k, v in _settings_attrs(settings, inp).items()}
     attrs["analysis_timings"] = json.dumps({k: round(v, 4) for k, v in timings.items()})
@@ -351,7 +353,7 @@ class _Inputs:
 
 def _inputs(ds, settings: AnalysisSettings) -> _Inputs:
     """Stage 1: the store's side of the settings, checked against what the store holds."""
-    for var in ("step", "loss"):
+    for var in (STEP, LOSS):
         if var not in ds.variables:
             raise ValueError(f"ds must have a {var!r} variable (store contract), it has {list(ds.data_vars)}")
     avail = available_methods(ds)
@@ -361,7 +363,7 @@ def _inputs(ds, settings: AnalysisSettings) -> _Inputs:
             raise ValueError(f"method {m!r} needs variable {METHODS[m].variable!r} (and 'polca' for fisher), absent from ds")
     labels = settings.labels
     if labels is None:
-        labels = [c for c in ds.coords if ds[c].dims == ("token",) and c not in NON_LABEL_COORDS
+        labels = [c for c in ds.coords if ds[c].dims == (TOKEN,) and c not in NON_LABEL_COORDS
                   and np.issubdtype(ds[c].dtype, np.integer)]
     label_arrays = {name: _check_token_coord(ds, name, "labels") for name in labels}
     groups = None if settings.group_by is None else _check_token_coord(ds, settings.group_by, "group_by")
@@ -375,14 +377,14 @@ def _inputs(ds, settings: AnalysisSettings) -> _Inputs:
     n_snap = complete_snapshots(ds)
     if n_snap < 3:
         raise ValueError(f"need at least 3 complete snapshots to analyze, the store has {n_snap}")
-    step = np.asarray(ds["step"].values[:n_snap], dtype=np.float64)
+    step = np.asarray(ds[STEP].values[:n_snap], dtype=np.float64)
     delta, delta_rule = resolve_delta(settings.delta, step)
-    loss = np.asarray(ds["loss"].isel(snapshot=slice(0, n_snap)).transpose("snapshot", "token").values)
+    loss = np.asarray(ds[LOSS].isel(snapshot=slice(0, n_snap)).transpose(SNAPSHOT, TOKEN).values)
     mean_loss = np.nanmean(loss.astype(np.float64), axis=1)
     tau, tau_rule = resolve_tau(settings.tau, step, mean_loss, fraction=settings.tau_fraction,
                                 smooth=settings.tau_smooth)
     return _Inputs(methods, list(labels), label_arrays, groups, restrict_masks, restrict_groups, n_snap, step,
-                   delta, delta_rule, tau, tau_rule, mean_loss, int(ds.sizes["token"]))
+                   delta, delta_rule, tau, tau_rule, mean_loss, int(ds.sizes[TOKEN]))
 
 
 def _cluster_units(ds, inp: _Inputs, settings: AnalysisSettings, timings: dict, progress: bool) -> dict:
@@ -409,8 +411,8 @@ def _method_variables(ds, inp: _Inputs, settings: AnalysisSettings, per_method: 
     returns ``(data, coords, entries, clusterings)``, the last two as columns for ``_tables``."""
     n_snap, T, tau = inp.n_snap, inp.n_tokens, inp.tau
     n_cid = max([r.shape[0] for m in inp.methods for r in per_method[m]["size"]] + [0])
-    data, coords = {}, {"snapshot": ds["snapshot"].values[:n_snap] if "snapshot" in ds.coords else np.arange(n_snap),
-                        "token": ds["token"].values if "token" in ds.coords else np.arange(T),
+    data, coords = {}, {SNAPSHOT: ds[SNAPSHOT].values[:n_snap] if SNAPSHOT in ds.coords else np.arange(n_snap),
+                        TOKEN: ds[TOKEN].values if TOKEN in ds.coords else np.arange(T),
                         "cluster_id": np.arange(n_cid)}
     entries = {"method": [], "unit": [], "cluster": [], "size": [], "onset": [], "mean_token_onset": []}
     clusterings = {"method": [], "unit": [], "n_clusters": [], "n_clustered": [], "n_outliers": [], "n_filtered": []}
@@ -428,18 +430,18 @@ def _method_variables(ds, inp: _Inputs, settings: AnalysisSettings, per_method: 
         curves = np.full((len(r["curves"]), n_cid, n_snap), np.nan)
         for i, c in enumerate(r["curves"]):
             curves[i, : c.shape[1]] = c.T
-        data[p + "cluster"] = (U + ("token",), sq(np.stack(r["labels"])))
+        data[p + "cluster"] = (U + (TOKEN,), sq(np.stack(r["labels"])))
         data[p + "cluster_size"] = (U + ("cluster_id",), sq(size))
         data[p + "medoid"] = (U + ("cluster_id",), sq(_pad(r["medoid"], n_cid, -1, np.int64)))
         data[p + "cluster_onset"] = (U + ("cluster_id",), sq(onset))
         data[p + "cluster_mean_token_onset"] = (U + ("cluster_id",), sq(mtok))
         data[p + "hidden"] = (U + ("cluster_id",), sq(hidden_breakthrough(rule_onset, tau)))
-        data[p + "token_onset"] = (U + ("token",), sq(np.stack(r["token_onset"])))
-        data[p + "cluster_trajectory"] = (U + ("cluster_id", "snapshot"), sq(curves))
+        data[p + "token_onset"] = (U + (TOKEN,), sq(np.stack(r["token_onset"])))
+        data[p + "cluster_trajectory"] = (U + ("cluster_id", SNAPSHOT), sq(curves))
         if spec.filter == "own":
             data[p + "kept"] = (U, sq(np.array(r["kept"], dtype=bool)))
-            data[p + "token_kept"] = (U + ("token",), sq(np.stack(r["token_kept"])))
-            data[p + "final_projected_loss"] = (U + ("token",), sq(np.stack(r["final"])))
+            data[p + "token_kept"] = (U + (TOKEN,), sq(np.stack(r["token_kept"])))
+            data[p + "final_projected_loss"] = (U + (TOKEN,), sq(np.stack(r["final"])))
         for u, lab in enumerate(r["labels"]):
             n_c = r["size"][u].shape[0]
             clusterings["method"].append(m)

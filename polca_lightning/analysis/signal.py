@@ -39,6 +39,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from polca_lightning.store.schema import INTERVAL, LOSS, POLCA, SNAPSHOT, STEP, TOKEN
+
 from .clustering import reduce_trajectories, single_threaded_blas
 from .pipeline import complete_snapshots
 from .trajectories import projected_loss
@@ -71,13 +73,13 @@ def _sklearn():
 
 
 def _token_coords(ds) -> list[str]:
-    return [str(c) for c in ds.coords if ds[c].dims == ("token",) and c != "token"]
+    return [str(c) for c in ds.coords if ds[c].dims == (TOKEN,) and c != TOKEN]
 
 
 def _label_values(ds, label, n_tokens: int) -> tuple[np.ndarray, str]:
     """``([token] float64 label, its name)``; a coordinate name or a ``[token]`` array."""
     if isinstance(label, str):
-        if label not in ds.coords or ds[label].dims != ("token",):
+        if label not in ds.coords or ds[label].dims != (TOKEN,):
             raise ValueError(f"label: expected a token coordinate of the store (one of {_token_coords(ds)}), "
                              f"got {label!r}")
         values, name = np.asarray(ds[label].values), label
@@ -98,14 +100,14 @@ def _where_mask(ds, where, n_tokens: int) -> tuple[np.ndarray, str]:
     if isinstance(where, Mapping):
         mask, parts = np.ones(n_tokens, dtype=bool), []
         for coord, allowed in where.items():
-            if coord not in ds.coords or ds[coord].dims != ("token",):
+            if coord not in ds.coords or ds[coord].dims != (TOKEN,):
                 raise ValueError(f"where: expected token coordinates (one of {_token_coords(ds)}), got {coord!r}")
             allowed = [allowed] if np.ndim(allowed) == 0 else list(allowed)
             mask &= np.isin(np.asarray(ds[coord].values), allowed)
             parts.append(f"{coord} in {[v.item() if isinstance(v, np.generic) else v for v in allowed]}")
         return mask, " and ".join(parts) if parts else "all tokens"
     dims = getattr(where, "dims", None)
-    if dims is not None and tuple(dims) != ("token",):
+    if dims is not None and tuple(dims) != (TOKEN,):
         raise ValueError(f"where: expected a mask along ('token',), got dims {tuple(dims)}")
     mask = np.asarray(where)
     if mask.shape != (n_tokens,):
@@ -137,12 +139,12 @@ def _blocked_projected_loss(var, unit_dim: str, n_int: int, tokens: np.ndarray,
         ``(blocks [unit, n, blocks], final [unit, n])`` float64: the block means of
         ``projected_loss`` (snapshot 0 counts as the value 0) and its last value.
     """
-    var = var.transpose("interval", unit_dim, "token")
+    var = var.transpose(INTERVAL, unit_dim, TOKEN)
     K, n, nb = var.sizes[unit_dim], tokens.size, edges.size - 1
     block_of = np.repeat(np.arange(nb), np.diff(edges))  # [snapshot] -> block
     sums = np.zeros((nb, K, n))  # snapshot 0 adds 0 to block 0
     running = np.zeros((K, n))  # projected loss at the last snapshot read
-    slab = max(1, _SLAB_VALUES // max(1, K * var.sizes["token"]))
+    slab = max(1, _SLAB_VALUES // max(1, K * var.sizes[TOKEN]))
     for start in range(0, n_int, slab):
         stop = min(start + slab, n_int)
         p = np.asarray(var.isel(interval=slice(start, stop)).values)[:, :, tokens]  # [slab, K, n]
@@ -166,7 +168,7 @@ def _all_features(blocks: np.ndarray) -> np.ndarray:
                            for b in range(K)], axis=1)  # [n, K * keep]
 
 
-def signal_check(ds, label: str | Any, *, where=None, folds: int = 5, seed: int = 0, method: str = "polca"):
+def signal_check(ds, label: str | Any, *, where=None, folds: int = 5, seed: int = 0, method: str = POLCA):
     """How well each vector's projected-loss trajectory predicts a binary token label.
 
     Uses the complete snapshot prefix of the store (``complete_snapshots``). Tokens whose
@@ -217,19 +219,19 @@ def signal_check(ds, label: str | Any, *, where=None, folds: int = 5, seed: int 
     import xarray as xr
 
     LogisticRegression, roc_auc_score, StratifiedKFold, cross_val_score, make_pipeline, StandardScaler = _sklearn()
-    missing = [v for v in ("step", "loss", method) if v not in ds.variables]
+    missing = [v for v in (STEP, LOSS, method) if v not in ds.variables]
     if missing:
         raise ValueError(f"ds: the store lacks variable(s) {missing}; signal_check needs step, loss "
                          f"and the method's [interval, basis, token] variable")
     var = ds[method]
-    if var.ndim != 3 or "interval" not in var.dims or "token" not in var.dims:
+    if var.ndim != 3 or INTERVAL not in var.dims or TOKEN not in var.dims:
         raise ValueError(f"method: expected an [interval, basis, token] variable such as 'polca' or "
                          f"'polca_first', got {method!r} with dims {var.dims}")
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
         raise ValueError(f"folds: expected an int >= 2, got {folds!r}")
     folds = int(folds)
-    unit_dim = next(d for d in var.dims if d not in ("interval", "token"))
-    n_tokens = int(ds.sizes["token"])
+    unit_dim = next(d for d in var.dims if d not in (INTERVAL, TOKEN))
+    n_tokens = int(ds.sizes[TOKEN])
     y_all, label_name = _label_values(ds, label, n_tokens)
     mask, where_text = _where_mask(ds, where, n_tokens)
     with np.errstate(invalid="ignore"):
@@ -245,7 +247,7 @@ def signal_check(ds, label: str | Any, *, where=None, folds: int = 5, seed: int 
 
     edges = _block_edges(n_snap, TIME_POINTS)
     blocks, final = _blocked_projected_loss(var, unit_dim, n_snap - 1, tokens, edges)  # [K, n, nb], [K, n]
-    loss = np.asarray(ds["loss"].transpose("snapshot", "token").values[:n_snap], dtype=np.float64)[:, tokens]
+    loss = np.asarray(ds[LOSS].transpose(SNAPSHOT, TOKEN).values[:n_snap], dtype=np.float64)[:, tokens]
     loss_x = reduce_trajectories(loss.T, time_points=TIME_POINTS, n_components=None)  # [n, nb]
     finite = np.isfinite(blocks).all(axis=(0, 2)) & np.isfinite(loss_x).all(axis=1)  # [n]
     n_dropped = int((~finite).sum())

@@ -26,6 +26,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from polca_lightning.store.schema import (
+    BASIS, BASIS_STEP, DELTA, DIRECTIONAL_GRAD, EIGENVALUE, INTERVAL, LOSS, POLCA, POLCA_FIRST, POSITION, SEQUENCE,
+    SNAPSHOT, STEP, TARGET, TOKEN,
+)
+
 __all__ = ["make_synthetic_store", "planted_groups"]
 
 
@@ -152,14 +157,14 @@ def make_synthetic_store(
     directional_grad = np.concatenate([g, g[-1:]], axis=0)  # [snapshot, basis, token]
 
     data_vars = {
-        "step": (("snapshot",), step),
-        "loss": (("snapshot", "token"), loss.astype(dtype)),
-        "directional_grad": (("snapshot", "basis", "token"), directional_grad.astype(dtype)),
-        "delta": (("interval", "basis"), delta.astype(dtype)),
-        "polca": (("interval", "basis", "token"), polca.astype(dtype)),
-        "polca_first": (("interval", "basis", "token"), polca_first.astype(dtype)),
-        "eigenvalue": (("basis",), np.sort(rng.uniform(1, 50, n_basis))[::-1].copy()),
-        "basis_step": (("basis",), (np.arange(n_basis) * 10 * interval_steps).astype(np.int64)),
+        STEP: ((SNAPSHOT,), step),
+        LOSS: ((SNAPSHOT, TOKEN), loss.astype(dtype)),
+        DIRECTIONAL_GRAD: ((SNAPSHOT, BASIS, TOKEN), directional_grad.astype(dtype)),
+        DELTA: ((INTERVAL, BASIS), delta.astype(dtype)),
+        POLCA: ((INTERVAL, BASIS, TOKEN), polca.astype(dtype)),
+        POLCA_FIRST: ((INTERVAL, BASIS, TOKEN), polca_first.astype(dtype)),
+        EIGENVALUE: ((BASIS,), np.sort(rng.uniform(1, 50, n_basis))[::-1].copy()),
+        BASIS_STEP: ((BASIS,), (np.arange(n_basis) * 10 * interval_steps).astype(np.int64)),
     }
     del g, directional_grad, polca_first
     if lca:
@@ -169,17 +174,17 @@ def make_synthetic_store(
         lca_curves = np.einsum("lb,bst->slt", mix, curves)  # [snapshot, lca_basis, token]
         lca_curves += 0.3 * np.einsum("l,st->slt", np.abs(rng.normal(0, 1, n_lca)), loss - loss[:1])
         lca_polca = np.diff(lca_curves, axis=0) + rng.normal(0, noise, (S, n_lca, T))
-        data_vars["lca_polca"] = (("interval", "lca_basis", "token"), lca_polca.astype(dtype))
+        data_vars["lca_polca"] = ((INTERVAL, "lca_basis", TOKEN), lca_polca.astype(dtype))
     coords = {
-        "snapshot": np.arange(S + 1),
-        "interval": np.arange(S),
-        "basis": np.arange(n_basis),
-        "token": np.arange(T),
-        "sequence": ("token", sequence),
-        "position": ("token", position),
-        "target": ("token", target),
-        "place": ("token", place),
-        "carry": ("token", carry),
+        SNAPSHOT: np.arange(S + 1),
+        INTERVAL: np.arange(S),
+        BASIS: np.arange(n_basis),
+        TOKEN: np.arange(T),
+        SEQUENCE: (TOKEN, sequence),
+        POSITION: (TOKEN, position),
+        TARGET: (TOKEN, target),
+        "place": (TOKEN, place),
+        "carry": (TOKEN, carry),
     }
     return xr.Dataset(
         data_vars, coords=coords, attrs={"order": "second", "planted": json.dumps(planted)}

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from polca_lightning.store.schema import SNAPSHOT
+
 from .methods import METHODS
 
 __all__ = ["Table", "plain_value", "kept_units", "cluster_members", "unit_trajectories"]
@@ -58,7 +60,7 @@ def _prefix(method: str) -> str:
 def _n_snapshots(ds, method: str) -> int:
     """Snapshots the analysis used (the complete prefix; results are NaN-padded past it)."""
     var = ds[_prefix(method) + "cluster_trajectory"]
-    return int(var.attrs.get("analysis_n_snapshots_used", var.sizes["snapshot"]))
+    return int(var.attrs.get("analysis_n_snapshots_used", var.sizes[SNAPSHOT]))
 
 
 def _check_results(ds, method: str) -> str:

@@ -82,6 +82,7 @@ from polca_lightning.report.tables import (
     store_coverage,
     summary_table,
 )
+from polca_lightning.store.schema import POLCA
 
 __all__ = [
     "KINDS",
@@ -215,7 +216,7 @@ def vectors_without_clusters(ds, method: str = "polca") -> list[int]:
 
 
 def _signal_method(method: str) -> str:
-    return method if method in ("polca", "polca_first") else "polca"
+    return method if method in ("polca", "polca_first") else POLCA
 
 
 def _vector_items(ds, u: int, method: str, decode_target, top_targets: int, ablated: bool) -> Iterator[ReportItem]:

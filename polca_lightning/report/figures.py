@@ -21,6 +21,7 @@ from polca_lightning.analysis.methods import METHODS
 from polca_lightning.analysis.tables import (  # noqa: F401  (cluster_members, unit_trajectories: also importable from here)
     _check_results, _n_snapshots, _prefix, cluster_members, unit_trajectories,
 )
+from polca_lightning.store.schema import BASIS, BASIS_STEP, EIGENVALUE, LOSS, SNAPSHOT, STEP, TOKEN
 
 __all__ = [
     "projected_loss_figure",
@@ -47,7 +48,7 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 6.4, height: fl
 
 
 def _steps(ds, n: int) -> np.ndarray:
-    return np.asarray(ds["step"].values[:n], dtype=np.float64)
+    return np.asarray(ds[STEP].values[:n], dtype=np.float64)
 
 
 def _tau(ds) -> float:
@@ -59,13 +60,13 @@ def _unit_sel(ds, unit, method):
 
 
 def _title(ds, unit, method, what):
-    if METHODS[method].unit_dim != "basis":
+    if METHODS[method].unit_dim != BASIS:
         return f"{method}: {what}"
     bits = [f"vector {unit}"]
-    if "eigenvalue" in ds.variables and np.isfinite(float(ds["eigenvalue"].values[unit])):
-        bits.append(f"λ={float(ds['eigenvalue'].values[unit]):.3g}")
-    if "basis_step" in ds.variables:
-        bits.append(f"joined at step {int(ds['basis_step'].values[unit])}")
+    if EIGENVALUE in ds.variables and np.isfinite(float(ds[EIGENVALUE].values[unit])):
+        bits.append(f"λ={float(ds[EIGENVALUE].values[unit]):.3g}")
+    if BASIS_STEP in ds.variables:
+        bits.append(f"joined at step {int(ds[BASIS_STEP].values[unit])}")
     return f"{method} {', '.join(bits)}: {what}"
 
 
@@ -147,7 +148,7 @@ def exact_loss_figure(ds, unit: int, *, method: str = "polca"):
     _check_results(ds, method)
     labels, n_c = cluster_members(ds, unit, method)
     n_snap = _n_snapshots(ds, method)
-    loss = np.asarray(ds["loss"].isel(snapshot=slice(0, n_snap)).transpose("snapshot", "token").values,
+    loss = np.asarray(ds[LOSS].isel(snapshot=slice(0, n_snap)).transpose(SNAPSHOT, TOKEN).values,
                       dtype=np.float64)
     step = _steps(ds, n_snap)
     fig, axes = new_figure()

@@ -28,6 +28,7 @@ from polca_lightning.report.tables import (  # noqa: F401  (the tables stay impo
     store_coverage,
     summary_table,
 )
+from polca_lightning.store.schema import SNAPSHOT, STEP
 
 __all__ = [  # the tables are importable from here too (report/tables.py)
     "ReportError",
@@ -65,7 +66,7 @@ def result_variables(res, store) -> dict[str, tuple[tuple[str, ...], np.ndarray,
     from polca_lightning.store import RESERVED_NAMES
 
     skip = set(RESERVED_NAMES) | set(store.attrs.get("token_labels", [])) | {"coordinates"}
-    n_snap = int(store.sizes.get("snapshot", 0))
+    n_snap = int(store.sizes.get(SNAPSHOT, 0))
     out = {}
     for name in list(res.data_vars) + list(res.coords):
         if name in skip:
@@ -74,10 +75,10 @@ def result_variables(res, store) -> dict[str, tuple[tuple[str, ...], np.ndarray,
         if var.ndim == 0:
             continue
         values = np.asarray(var.values)
-        if "snapshot" in var.dims and var.sizes["snapshot"] < n_snap:
-            axis = var.dims.index("snapshot")
+        if SNAPSHOT in var.dims and var.sizes[SNAPSHOT] < n_snap:
+            axis = var.dims.index(SNAPSHOT)
             pad = [(0, 0)] * values.ndim
-            pad[axis] = (0, n_snap - var.sizes["snapshot"])
+            pad[axis] = (0, n_snap - var.sizes[SNAPSHOT])
             values = np.pad(values.astype(np.float64), pad, constant_values=np.nan)
         out[name] = (tuple(var.dims), values, {**res.attrs, **var.attrs})
     return out
@@ -233,7 +234,7 @@ def report_after_fit(store_path, trainer=None, *, loggers=None, step: int | None
         ) from error
     out = None
     try:
-        step = int(ds["step"].values[-1]) if step is None else int(step)
+        step = int(ds[STEP].values[-1]) if step is None else int(step)
         sinks = [WandbSink(lg, step) for lg in wandb_loggers(loggers)]
         sinks += [TensorBoardSink(lg.experiment, step, csv_dir=_csv_dir(lg, lg.experiment))
                   for lg in tensorboard_loggers(loggers)]

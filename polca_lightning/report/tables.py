@@ -12,6 +12,10 @@ import numpy as np
 
 from polca_lightning.analysis.methods import METHODS
 from polca_lightning.analysis.tables import Table, cluster_members, kept_units, plain_value, unit_trajectories
+from polca_lightning.store.schema import (
+    BASIS, BASIS_STEP, EIGENVALUE, INTERVAL, LOSS, POLCA, POLCA_FIRST, POSITION, SEQUENCE, SNAPSHOT, STEP, TARGET,
+    TOKEN,
+)
 
 __all__ = [
     "Table",
@@ -50,14 +54,14 @@ def store_coverage(ds) -> dict:
         dict of ``[interval]`` arrays (``interval``, ``step`` = end step of the interval)
         and ``summary`` (dict of floats).
     """
-    loss = np.asarray(ds["loss"].transpose("snapshot", "token").values, dtype=np.float64)  # [S, T]
+    loss = np.asarray(ds[LOSS].transpose(SNAPSHOT, TOKEN).values, dtype=np.float64)  # [S, T]
     real = np.diff(loss, axis=0)  # [I, T]
     out: dict[str, Any] = {}
-    parts = [("", "polca")] + ([("first_", "polca_first")] if "polca_first" in ds.variables else [])
+    parts = [("", POLCA)] + ([("first_", POLCA_FIRST)] if POLCA_FIRST in ds.variables else [])
     ok = np.isfinite(real).all(axis=1)
     alloc_by = {}
     for prefix, name in parts:
-        var = ds[name].transpose("interval", "basis", "token")
+        var = ds[name].transpose(INTERVAL, BASIS, TOKEN)
         alloc = np.empty_like(real)  # [I, T]; one interval at a time keeps memory at one [K, T] slab
         for i in range(real.shape[0]):
             alloc[i] = np.asarray(var[i].values, dtype=np.float64).sum(0)
@@ -65,7 +69,7 @@ def store_coverage(ds) -> dict:
         ok &= np.isfinite(alloc).all(axis=1)
     idx = np.flatnonzero(ok)
     out["interval"] = idx
-    out["step"] = np.asarray(ds["step"].values, dtype=np.int64)[idx + 1]
+    out["step"] = np.asarray(ds[STEP].values, dtype=np.int64)[idx + 1]
     r = real[idx]
     out["real"] = r.mean(axis=1)
     summary = {"real": float(r.sum(0).mean()) if idx.size else float("nan"), "n_intervals": int(idx.size)}
@@ -107,8 +111,8 @@ def summary_table(ds, method: str = "polca") -> Table:
         n_c = int((np.asarray(ds[p + "cluster_size"].isel({spec.unit_dim: u}).values) > 0).sum())
         hidden = np.asarray(ds[p + "hidden"].isel({spec.unit_dim: u}).values, dtype=bool)[:n_c]
         onset = np.asarray(ds[p + "cluster_onset"].isel({spec.unit_dim: u}).values)[:n_c]
-        row = [u, _py(ds["eigenvalue"].values[u]) if "eigenvalue" in ds.variables else None,
-               _py(ds["basis_step"].values[u]) if "basis_step" in ds.variables else None,
+        row = [u, _py(ds[EIGENVALUE].values[u]) if EIGENVALUE in ds.variables else None,
+               _py(ds[BASIS_STEP].values[u]) if BASIS_STEP in ds.variables else None,
                u in kept, int((cl != -2).sum()), n_c, int((cl == -1).sum()), int(hidden.sum()),
                " ".join(f"{o:g}" for o in onset)]
         sel = (em == method) & (eu == u)
@@ -147,9 +151,9 @@ def medoid_contexts_table(ds, method: str = "polca", *, k: int = 5, units=None,
     if decode is not None:
         columns.append("text")
     p = METHODS[method].prefix
-    coords = {name: np.asarray(ds[name].values) for name in ["sequence", "position"] + labels}
-    n_tokens = coords["sequence"].shape[0]
-    coords["target"] = np.asarray(ds["target"].values) if "target" in ds.variables else np.full(n_tokens, -1)
+    coords = {name: np.asarray(ds[name].values) for name in [SEQUENCE, POSITION] + labels}
+    n_tokens = coords[SEQUENCE].shape[0]
+    coords[TARGET] = np.asarray(ds[TARGET].values) if TARGET in ds.variables else np.full(n_tokens, -1)
     rows = []
     for u in kept_units(ds, method) if units is None else units:
         cl, n_c = cluster_members(ds, u, method)
@@ -164,11 +168,11 @@ def medoid_contexts_table(ds, method: str = "polca", *, k: int = 5, units=None,
             order = np.argsort(dist, kind="stable")[:k]
             for rank, j in enumerate(order):
                 t = int(members[j])
-                row = [u, c, rank, t] + [int(coords[n][t]) for n in ("sequence", "position", "target")]
+                row = [u, c, rank, t] + [int(coords[n][t]) for n in (SEQUENCE, POSITION, TARGET)]
                 row.append(float(dist[j]))
                 row += [int(coords[n][t]) for n in labels]
                 if decode is not None:
-                    row.append(str(decode(int(coords["sequence"][t]), int(coords["position"][t]))))
+                    row.append(str(decode(int(coords[SEQUENCE][t]), int(coords[POSITION][t]))))
                 rows.append(row)
     return Table(columns, rows)
 
@@ -176,9 +180,9 @@ def medoid_contexts_table(ds, method: str = "polca", *, k: int = 5, units=None,
 def has_targets(ds) -> bool:
     """Whether a store Dataset records target token ids (a ``target`` coordinate with at
     least one token whose target is known, i.e. ``>= 0``)."""
-    if "target" not in ds.variables:
+    if TARGET not in ds.variables:
         return False
-    return bool((np.asarray(ds["target"].values) >= 0).any())
+    return bool((np.asarray(ds[TARGET].values) >= 0).any())
 
 
 def cluster_targets_table(ds, method: str = "polca", *, top: int = 5, units=None,
@@ -225,7 +229,7 @@ def cluster_targets_table(ds, method: str = "polca", *, top: int = 5, units=None
         raise TypeError(f"decode_target: expected a callable token_id -> str, got {decode_target!r}")
     if not has_targets(ds):
         return None
-    target = np.asarray(ds["target"].values).astype(np.int64)  # [token]
+    target = np.asarray(ds[TARGET].values).astype(np.int64)  # [token]
     ids, counts = np.unique(target[target >= 0], return_counts=True)
     base = dict(zip(ids.tolist(), (counts / target.size).tolist()))
     columns = ["vector", "cluster", "cluster_size", "rank", "target", "count", "share", "base_share"]
@@ -289,7 +293,7 @@ def binary_labels(ds) -> list[str]:
     once negative values ("not applicable", e.g. ``-1``) are left out."""
     out = []
     for lab in _labels(ds):
-        if lab not in ds.coords or ds[lab].dims != ("token",) or ds[lab].dtype.kind not in "biuf":
+        if lab not in ds.coords or ds[lab].dims != (TOKEN,) or ds[lab].dtype.kind not in "biuf":
             continue
         values = np.unique(np.asarray(ds[lab].values))
         values = values[np.isfinite(values) & (values >= 0)]

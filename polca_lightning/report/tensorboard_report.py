@@ -44,6 +44,7 @@ from polca_lightning.report.content import (
     ReportItem, logger_classes, loggers_of, markdown_table, report_items, send_report,
 )
 from polca_lightning.report.folder import folder_file
+from polca_lightning.store.schema import STEP
 
 __all__ = ["tensorboard_logger_classes", "tensorboard_loggers", "tensorboard_tags", "TensorBoardSink",
            "log_report_tensorboard"]
@@ -155,7 +156,7 @@ def log_report_tensorboard(logger, ds, *, method: str = "polca", decode: Callabl
         The tags written (table at the module top).
     """
     writer = getattr(logger, "experiment", logger)
-    step = int(ds["step"].values[-1]) if step is None else int(step)
+    step = int(ds[STEP].values[-1]) if step is None else int(step)
     items = report_items(ds, method=method, decode=decode, decode_target=decode_target, k_nearest=k_nearest,
                          top_targets=top_targets, progress=progress)
     sink = TensorBoardSink(writer, step, prefix, csv_dir=_csv_dir(logger, writer) if csv else None)

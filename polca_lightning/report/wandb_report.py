@@ -60,6 +60,7 @@ from typing import Callable
 import numpy as np
 
 from polca_lightning.report.content import ReportItem, logger_classes, loggers_of, report_items, send_report
+from polca_lightning.store.schema import STEP
 
 __all__ = ["wandb_logger_classes", "wandb_loggers", "wandb_keys", "WandbSink", "log_report", "figure_to_image"]
 
@@ -163,7 +164,7 @@ def log_report(logger, ds, *, method: str = "polca", decode: Callable[[int, int]
         >>> from lightning.pytorch.loggers import WandbLogger
         >>> keys = log_report(WandbLogger(project="polca", offline=True), open_analysed_store("runs/polca.zarr"))
     """
-    step = int(ds["step"].values[-1]) if step is None else int(step)
+    step = int(ds[STEP].values[-1]) if step is None else int(step)
     items = report_items(ds, method=method, decode=decode, decode_target=decode_target, k_nearest=k_nearest,
                          top_targets=top_targets, progress=progress)
     (keys,) = send_report(items, [WandbSink(logger, step, prefix)])

@@ -15,13 +15,13 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from polca_lightning.store.schema import (
-    TRAINING_SPECS, StoreError, _lengths, _open_polca_group,
+    BASIS_STEP, INTERVAL_END_STEP, INTERVAL_START_STEP, STEP, TRAINING_SPECS, StoreError, _lengths, _open_polca_group,
 )
 
 __all__ = ["open_store", "STEP_INDEXES"]
 
 #: step coordinates that :func:`open_store` indexes, so that ``.sel`` takes optimizer steps
-STEP_INDEXES = ("step", "interval_start_step", "interval_end_step", "basis_step")
+STEP_INDEXES = (STEP, INTERVAL_START_STEP, INTERVAL_END_STEP, BASIS_STEP)
 
 
 # ---------------------------------------------------------------------------- reading

@@ -5,6 +5,8 @@ The store is a Zarr v3 group that a training run fills and users reload.
 Written during training by one process (:class:`StoreWriter`, used by the callback),
 read lazily with :func:`open_store` or, as it is, with ``xarray.open_zarr(path)``
 (every array carries ``dimension_names``). Names are stable; analysis code relies on them.
+Each name has a constant below (``LOSS = "loss"``, ``SNAPSHOT = "snapshot"``, ...) that
+the package's code uses in place of the spelled-out string.
 
 A store is a local directory or a URL that fsspec opens (``s3://bucket/run.zarr``,
 ``gs://...``, ``memory://...``), with ``storage_options`` for its filesystem as
@@ -71,13 +73,63 @@ from polca_lightning.store.location import StoreLocation, resolve_store
 
 __all__ = ["FORMAT_KEY", "FORMAT_VERSION", "TRAINING_DIMS", "TRAINING_SPECS", "RESERVED_NAMES",
            "BUILTIN_TOKEN_COORDS", "WEIGHTS_COMPRESSORS", "StoreError", "StoreExistsError", "StoreWriteError",
-           "TokenIndex", "check_store_path", "check_weights_compressors"]
+           "TokenIndex", "check_store_path", "check_weights_compressors",
+           # variable, dimension and token coordinate names
+           "STEP", "INTERVAL_START_STEP", "INTERVAL_END_STEP", "LOSS", "DIRECTIONAL_GRAD", "CURVATURE", "DELTA",
+           "POLCA", "POLCA_FIRST", "EIGENVALUE", "BASIS_STEP", "BASIS_VECTORS", "WEIGHTS",
+           "SNAPSHOT", "INTERVAL", "BASIS", "TOKEN", "PARAM", "SEQUENCE", "POSITION", "TARGET"]
 
 FORMAT_KEY = "polca_lightning_format"
 FORMAT_VERSION = 1
 
-TRAINING_DIMS = ("snapshot", "interval", "basis", "token", "param")
-BUILTIN_TOKEN_COORDS = ("sequence", "position", "target")
+# Names of the dimensions, the training variables and the built-in token coordinates.
+#: Dimension: one entry per snapshot of the weights (grows during training).
+SNAPSHOT = "snapshot"
+#: Dimension: interval ``i`` runs from snapshot ``i`` to ``i+1`` (one fewer than snapshots).
+INTERVAL = "interval"
+#: Dimension: one entry per basis vector (grows up to ``max_basis``).
+BASIS = "basis"
+#: Dimension: one entry per probe token.
+TOKEN = "token"
+#: Dimension: one entry per (flattened) model parameter.
+PARAM = "param"
+
+#: Coordinate ``[snapshot]``: optimizer step of each snapshot.
+STEP = "step"
+#: Coordinate ``[interval]``: step of snapshot i, where interval i starts.
+INTERVAL_START_STEP = "interval_start_step"
+#: Coordinate ``[interval]``: step of snapshot i+1, where interval i ends.
+INTERVAL_END_STEP = "interval_end_step"
+#: Variable ``[snapshot, token]``: per-token loss.
+LOSS = "loss"
+#: Variable ``[snapshot, basis, token]``: directional derivative g_i(x,b).
+DIRECTIONAL_GRAD = "directional_grad"
+#: Variable ``[snapshot, basis, token]``: directional curvature c_i(x,b), only if ``with_curvature``.
+CURVATURE = "curvature"
+#: Variable ``[interval, basis]``: parameter change along b, delta_i(b).
+DELTA = "delta"
+#: Variable ``[interval, basis, token]``: POLCA of the order in its attribute ``order``.
+POLCA = "polca"
+#: Variable ``[interval, basis, token]``: first-order POLCA.
+POLCA_FIRST = "polca_first"
+#: Variable ``[basis]``: eigenvalue lambda_b, NaN for vectors without one.
+EIGENVALUE = "eigenvalue"
+#: Coordinate ``[basis]``: optimizer step at which b joined the basis.
+BASIS_STEP = "basis_step"
+#: Variable ``[basis, param]``: the basis B, rows orthonormal.
+BASIS_VECTORS = "basis_vectors"
+#: Variable ``[snapshot, param]``: parameter snapshots, only if ``store_weights``.
+WEIGHTS = "weights"
+
+#: Token coordinate: index of the probe sequence the token comes from.
+SEQUENCE = "sequence"
+#: Token coordinate: position of the token in its sequence.
+POSITION = "position"
+#: Token coordinate: target token id, -1 where there is none.
+TARGET = "target"
+
+TRAINING_DIMS = (SNAPSHOT, INTERVAL, BASIS, TOKEN, PARAM)
+BUILTIN_TOKEN_COORDS = (SEQUENCE, POSITION, TARGET)
 
 _BYTES_PER_CHUNK = 4 << 20  # aim for chunks of at most ~4 MiB (float32)
 
@@ -98,19 +150,19 @@ class _Spec:
 
 # name -> layout; `curvature` and `weights` exist only when the run asks for them.
 TRAINING_SPECS: dict[str, _Spec] = {
-    "step": _Spec(("snapshot",), "int64", "optimizer step of each snapshot", True),
-    "interval_start_step": _Spec(("interval",), "int64", "step of snapshot i, where interval i starts", True),
-    "interval_end_step": _Spec(("interval",), "int64", "step of snapshot i+1, where interval i ends", True),
-    "loss": _Spec(("snapshot", "token"), "float32", "per-token loss l_x(theta_i)"),
-    "directional_grad": _Spec(("snapshot", "basis", "token"), "float32", "g_i(x,b) = <b, grad l_x(theta_i)>"),
-    "curvature": _Spec(("snapshot", "basis", "token"), "float32", "c_i(x,b) = b^T hess l_x(theta_i) b"),
-    "delta": _Spec(("interval", "basis"), "float32", "delta_i(b) = <b, theta_{i+1} - theta_i>"),
-    "polca": _Spec(("interval", "basis", "token"), "float32", "POLCA of the configured order (attribute `order`)"),
-    "polca_first": _Spec(("interval", "basis", "token"), "float32", "first-order POLCA g_i(x,b) delta_i(b)"),
-    "eigenvalue": _Spec(("basis",), "float32", "eigenvalue found for b (NaN when none)"),
-    "basis_step": _Spec(("basis",), "int64", "optimizer step at which b joined the basis", True),
-    "basis_vectors": _Spec(("basis", "param"), "float32", "basis B, rows orthonormal"),
-    "weights": _Spec(("snapshot", "param"), "float32", "flattened parameters at each snapshot"),
+    STEP: _Spec((SNAPSHOT,), "int64", "optimizer step of each snapshot", True),
+    INTERVAL_START_STEP: _Spec((INTERVAL,), "int64", "step of snapshot i, where interval i starts", True),
+    INTERVAL_END_STEP: _Spec((INTERVAL,), "int64", "step of snapshot i+1, where interval i ends", True),
+    LOSS: _Spec((SNAPSHOT, TOKEN), "float32", "per-token loss l_x(theta_i)"),
+    DIRECTIONAL_GRAD: _Spec((SNAPSHOT, BASIS, TOKEN), "float32", "g_i(x,b) = <b, grad l_x(theta_i)>"),
+    CURVATURE: _Spec((SNAPSHOT, BASIS, TOKEN), "float32", "c_i(x,b) = b^T hess l_x(theta_i) b"),
+    DELTA: _Spec((INTERVAL, BASIS), "float32", "delta_i(b) = <b, theta_{i+1} - theta_i>"),
+    POLCA: _Spec((INTERVAL, BASIS, TOKEN), "float32", "POLCA of the configured order (attribute `order`)"),
+    POLCA_FIRST: _Spec((INTERVAL, BASIS, TOKEN), "float32", "first-order POLCA g_i(x,b) delta_i(b)"),
+    EIGENVALUE: _Spec((BASIS,), "float32", "eigenvalue found for b (NaN when none)"),
+    BASIS_STEP: _Spec((BASIS,), "int64", "optimizer step at which b joined the basis", True),
+    BASIS_VECTORS: _Spec((BASIS, PARAM), "float32", "basis B, rows orthonormal"),
+    WEIGHTS: _Spec((SNAPSHOT, PARAM), "float32", "flattened parameters at each snapshot"),
 }
 # Names analysis results may never take (token label coordinates are added per store).
 RESERVED_NAMES = frozenset(TRAINING_SPECS) | frozenset(TRAINING_DIMS) | frozenset(BUILTIN_TOKEN_COORDS)
@@ -165,7 +217,7 @@ class TokenIndex:
 
     def coordinates(self) -> dict[str, np.ndarray]:
         """All token coordinates by name: sequence, position, target, then the labels."""
-        return {"sequence": self.sequence, "position": self.position, "target": self.target, **self.labels}
+        return {SEQUENCE: self.sequence, POSITION: self.position, TARGET: self.target, **self.labels}
 
 
 def _as_int64(values: Any, name: str) -> np.ndarray:
@@ -255,12 +307,12 @@ def _chunk_plan(n_tokens: int, n_params: int, max_basis: int) -> dict[str, tuple
     par = min(n_params, _BYTES_PER_CHUNK // 4)                       # <= 1M params per chunk
     small = max(1, min(max_basis, 1 << 16))
     return {
-        "step": (1024,), "interval_start_step": (1024,), "interval_end_step": (1024,),
-        "loss": (1, tok),
-        "directional_grad": (1, bas, tok), "curvature": (1, bas, tok),
-        "polca": (1, bas, tok), "polca_first": (1, bas, tok),
-        "delta": (64, small), "eigenvalue": (small,), "basis_step": (small,),
-        "basis_vectors": (1, par), "weights": (1, par),
+        STEP: (1024,), INTERVAL_START_STEP: (1024,), INTERVAL_END_STEP: (1024,),
+        LOSS: (1, tok),
+        DIRECTIONAL_GRAD: (1, bas, tok), CURVATURE: (1, bas, tok),
+        POLCA: (1, bas, tok), POLCA_FIRST: (1, bas, tok),
+        DELTA: (64, small), EIGENVALUE: (small,), BASIS_STEP: (small,),
+        BASIS_VECTORS: (1, par), WEIGHTS: (1, par),
         "token_coord": (min(n_tokens, 1 << 20),),
     }
 
@@ -440,7 +492,7 @@ def _n_params(parameters: list[tuple[str, tuple[int, ...]]]) -> int:
 
 def _lengths(attrs: dict) -> dict[str, int]:
     n_snapshots, n_basis = int(attrs.get("committed_snapshots", 0)), int(attrs.get("committed_basis", 0))
-    return {"snapshot": n_snapshots, "interval": max(n_snapshots - 1, 0), "basis": n_basis}
+    return {SNAPSHOT: n_snapshots, INTERVAL: max(n_snapshots - 1, 0), BASIS: n_basis}
 
 
 
