@@ -26,6 +26,8 @@ import zarr
 
 from polca_lightning.store.location import resolve_store
 from polca_lightning.store.schema import (
+    BASIS, BASIS_STEP, BASIS_VECTORS, CURVATURE, DELTA, DIRECTIONAL_GRAD, EIGENVALUE, INTERVAL, INTERVAL_END_STEP,
+    INTERVAL_START_STEP, LOSS, PARAM, POLCA, POLCA_FIRST, SEQUENCE, SNAPSHOT, STEP, TOKEN, WEIGHTS,
     BUILTIN_TOKEN_COORDS, FORMAT_KEY, FORMAT_VERSION, RESERVED_NAMES, TRAINING_SPECS, WEIGHTS_COMPRESSORS,
     StoreError, StoreWriteError, TokenIndex, _as_float32, _as_index, _as_int64, _chunk_plan, _consolidate,
     _fill_value_for, _jsonable, _lengths, _n_params, _open_polca_group, _remove_store, _same_json, _to_numpy,
@@ -229,7 +231,7 @@ class StoreWriter:
         attrs = self._group.attrs
         self._steps: dict[int, int] = {}
         self._truncate_now(int(attrs["committed_snapshots"]), int(attrs["committed_basis"]))  # drop crash leftovers
-        self._steps = {i: int(s) for i, s in enumerate(self._arrays["step"][: self._committed[0]])}
+        self._steps = {i: int(s) for i, s in enumerate(self._arrays[STEP][: self._committed[0]])}
         if attrs.get("complete", False):  # being written again; this rewrite of zarr.json
             self._group.update_attributes({"complete": False})  # also drops the stale consolidated metadata
         self._queue = BackgroundQueue(f"the POLCA store {str(self.path)!r}", background)
@@ -249,25 +251,25 @@ class StoreWriter:
             "coordinates": " ".join(coords),
         })
         chunks = _chunk_plan(self.n_tokens, self.n_params, self.max_basis)
-        sizes = {"snapshot": 0, "interval": 0, "basis": 0, "token": self.n_tokens, "param": self.n_params}
+        sizes = {SNAPSHOT: 0, INTERVAL: 0, BASIS: 0, TOKEN: self.n_tokens, PARAM: self.n_params}
         for name, spec in TRAINING_SPECS.items():
-            if (name == "curvature" and not self.with_curvature) or (name == "weights" and not self.store_weights):
+            if (name == CURVATURE and not self.with_curvature) or (name == WEIGHTS and not self.store_weights):
                 continue
             attributes = {"description": spec.description}
-            if name == "polca":
+            if name == POLCA:
                 attributes["order"] = self.order
             # The big float arrays other than the weights are stored raw: zstd saved ~8% on
             # float32 data here and made writing 2.5x slower (and held the GIL away from
             # training). The weights get WEIGHTS_COMPRESSORS (see its comment for the figures).
-            big = "token" in spec.dims or "param" in spec.dims
-            compressors = self.weights_compressors if name == "weights" else (None if big else "auto")
+            big = TOKEN in spec.dims or PARAM in spec.dims
+            compressors = self.weights_compressors if name == WEIGHTS else (None if big else "auto")
             group.create_array(name, shape=tuple(sizes[d] for d in spec.dims), chunks=chunks[name],
                                dtype=spec.dtype, fill_value=_fill_value_for(np.dtype(spec.dtype)),
                                compressors=compressors, dimension_names=spec.dims,
                                attributes=attributes)
         for name, values in self.tokens.coordinates().items():
             arr = group.create_array(name, shape=(self.n_tokens,), chunks=chunks["token_coord"], dtype="int64",
-                                     fill_value=-1, dimension_names=("token",),
+                                     fill_value=-1, dimension_names=(TOKEN,),
                                      attributes={"description": "token label" if name in labels else f"token {name}"})
             arr[:] = values
         return group
@@ -275,7 +277,7 @@ class StoreWriter:
     def _verify_resume(self) -> None:
         attrs = self._group.attrs
         stored_tokens = {name: self._group[name][:] for name in (*BUILTIN_TOKEN_COORDS, *attrs.get("token_labels", []))}
-        checks = [("number of probe tokens", len(stored_tokens["sequence"]), self.n_tokens)]
+        checks = [("number of probe tokens", len(stored_tokens[SEQUENCE]), self.n_tokens)]
         checks += [(k, attrs.get(k), v) for k, v in self._settings.items() if k not in ("config", "parameters")]
         checks.append(("parameters", attrs.get("parameters"), self._settings["parameters"]))
         for name, values in self.tokens.coordinates().items():
@@ -296,13 +298,13 @@ class StoreWriter:
     # ------------------------------------------------------------------ writer-thread side
     def _ensure(self, dim: str, n: int) -> None:
         """Grow every array along `dim` to at least `n` (interval stays snapshot - 1)."""
-        if dim == "interval":
-            return self._ensure("snapshot", n + 1)
+        if dim == INTERVAL:
+            return self._ensure(SNAPSHOT, n + 1)
         if n <= self._lengths[dim]:
             return None
         self._lengths[dim] = n
-        if dim == "snapshot":
-            self._lengths["interval"] = n - 1
+        if dim == SNAPSHOT:
+            self._lengths[INTERVAL] = n - 1
         self._resize_all(grow=True)
         return None
 
@@ -316,44 +318,44 @@ class StoreWriter:
         # Commit the shorter lengths first: a kill during the shrink leaves a valid store.
         self._group.update_attributes({"committed_snapshots": n_snapshots, "committed_basis": n_basis})
         self._committed = (n_snapshots, n_basis)
-        self._lengths = {"snapshot": n_snapshots, "interval": max(n_snapshots - 1, 0), "basis": n_basis}
+        self._lengths = {SNAPSHOT: n_snapshots, INTERVAL: max(n_snapshots - 1, 0), BASIS: n_basis}
         self._resize_all(grow=False)
         self._steps = {i: s for i, s in self._steps.items() if i < n_snapshots}
 
     def _write_snapshot(self, index: int, step: int, loss: np.ndarray, weights: np.ndarray | None) -> None:
-        self._ensure("snapshot", index + 1)
+        self._ensure(SNAPSHOT, index + 1)
         a = self._arrays
-        a["step"][index] = step
-        a["loss"][index, :] = loss
+        a[STEP][index] = step
+        a[LOSS][index, :] = loss
         if weights is not None:
-            a["weights"][index, :] = weights
+            a[WEIGHTS][index, :] = weights
         self._steps[index] = step
         if index - 1 in self._steps:  # interval index-1 ends here
-            a["interval_start_step"][index - 1] = self._steps[index - 1]
-            a["interval_end_step"][index - 1] = step
+            a[INTERVAL_START_STEP][index - 1] = self._steps[index - 1]
+            a[INTERVAL_END_STEP][index - 1] = step
         if index + 1 in self._steps:  # rewriting an earlier snapshot
-            a["interval_start_step"][index] = step
+            a[INTERVAL_START_STEP][index] = step
 
     def _write_rows(self, name: str, time_dim: str, index: int, basis_start: int, values: np.ndarray) -> None:
         self._ensure(time_dim, index + 1)
-        self._ensure("basis", basis_start + len(values))
+        self._ensure(BASIS, basis_start + len(values))
         self._arrays[name][index, basis_start: basis_start + len(values)] = values
 
     def _write_basis(self, start: int, vectors: np.ndarray, eigenvalue: np.ndarray, step: np.ndarray) -> None:
         stop = start + len(vectors)
-        self._ensure("basis", stop)
-        self._arrays["basis_vectors"][start:stop] = vectors
-        self._arrays["eigenvalue"][start:stop] = eigenvalue
-        self._arrays["basis_step"][start:stop] = step
+        self._ensure(BASIS, stop)
+        self._arrays[BASIS_VECTORS][start:stop] = vectors
+        self._arrays[EIGENVALUE][start:stop] = eigenvalue
+        self._arrays[BASIS_STEP][start:stop] = step
 
     def _write_interval(self, i: int, start: int, delta, polca, polca_first) -> None:
-        self._write_rows("delta", "interval", i, start, delta)
-        self._write_rows("polca", "interval", i, start, polca)
-        self._write_rows("polca_first", "interval", i, start, polca_first)
+        self._write_rows(DELTA, INTERVAL, i, start, delta)
+        self._write_rows(POLCA, INTERVAL, i, start, polca)
+        self._write_rows(POLCA_FIRST, INTERVAL, i, start, polca_first)
 
     def _commit(self, n_snapshots: int, n_basis: int) -> None:
-        self._ensure("snapshot", n_snapshots)  # a reader trims to these; never beyond the shapes
-        self._ensure("basis", n_basis)
+        self._ensure(SNAPSHOT, n_snapshots)  # a reader trims to these; never beyond the shapes
+        self._ensure(BASIS, n_basis)
         self._group.update_attributes({"committed_snapshots": n_snapshots, "committed_basis": n_basis})
         self._committed = (n_snapshots, n_basis)
 
@@ -385,7 +387,7 @@ class StoreWriter:
         """Queue ``g`` [kb, T] for basis rows ``basis_start:basis_start+kb`` at `snapshot`."""
         snapshot = _as_index(snapshot, "snapshot")
         start, g = self._rows(basis_start, g, "g")
-        self._submit(lambda: self._write_rows("directional_grad", "snapshot", snapshot, start, g), g)
+        self._submit(lambda: self._write_rows(DIRECTIONAL_GRAD, SNAPSHOT, snapshot, start, g), g)
 
     def write_curvature(self, snapshot: int, basis_start: int, c: Any) -> None:
         """Queue ``c`` [kb, T] like :meth:`write_directional_grad` (``with_curvature`` runs only)."""
@@ -393,7 +395,7 @@ class StoreWriter:
             raise StoreError("this store was created with with_curvature=False: it has no curvature variable")
         snapshot = _as_index(snapshot, "snapshot")
         start, c = self._rows(basis_start, c, "c")
-        self._submit(lambda: self._write_rows("curvature", "snapshot", snapshot, start, c), c)
+        self._submit(lambda: self._write_rows(CURVATURE, SNAPSHOT, snapshot, start, c), c)
 
     def write_basis(self, basis_start: int, vectors: Any, eigenvalue: Any, basis_step: Any) -> None:
         """Queue basis rows: `vectors` [kb, d], `eigenvalue` [kb] (NaN allowed), `basis_step` [kb]."""
@@ -412,8 +414,8 @@ class StoreWriter:
     def write_interval(self, interval: int, basis_start: int, delta: Any, polca: Any, polca_first: Any) -> None:
         """Queue interval values: `delta` [kb], `polca` and `polca_first` [kb, T]."""
         interval = _as_index(interval, "interval")
-        start, polca = self._rows(basis_start, polca, "polca")
-        _, polca_first = self._rows(basis_start, polca_first, "polca_first")
+        start, polca = self._rows(basis_start, polca, POLCA)
+        _, polca_first = self._rows(basis_start, polca_first, POLCA_FIRST)
         delta = _as_float32(np.reshape(_to_numpy(delta), -1), "delta", (len(polca),))
         if polca_first.shape != polca.shape:
             raise ValueError(f"polca_first has shape {polca_first.shape}, polca {polca.shape}")
@@ -472,22 +474,22 @@ class StoreWriter:
         """Flattened parameters [d] of committed `snapshot`."""
         if not self.store_weights:
             raise StoreError("this store was created with store_weights=False: it holds no weights")
-        return self._arrays["weights"][self._snapshot_index(snapshot), :]
+        return self._arrays[WEIGHTS][self._snapshot_index(snapshot), :]
 
     def read_steps(self) -> np.ndarray:
         """Steps [S] of the committed snapshots."""
-        return self._arrays["step"][: self.committed[0]]
+        return self._arrays[STEP][: self.committed[0]]
 
     def read_basis(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Committed basis: vectors [K, d], eigenvalue [K], basis_step [K]."""
         k = self.committed[1]
         a = self._arrays
-        return a["basis_vectors"][:k], a["eigenvalue"][:k], a["basis_step"][:k]
+        return a[BASIS_VECTORS][:k], a[EIGENVALUE][:k], a[BASIS_STEP][:k]
 
     def read_directional_grad(self, snapshot: int) -> np.ndarray:
         """g [K, T] of committed `snapshot` over the committed basis."""
         index = self._snapshot_index(snapshot)
-        return self._arrays["directional_grad"][index, : self._committed[1], :]
+        return self._arrays[DIRECTIONAL_GRAD][index, : self._committed[1], :]
 
     def truncate(self, n_snapshots: int, n_basis: int) -> None:
         """Drop everything past `n_snapshots` snapshots and `n_basis` vectors (resume from an
@@ -579,7 +581,7 @@ def write_analysis(path: Any, variables: dict[str, tuple[tuple[str, ...], Any, d
     attrs = dict(group.attrs)
     reserved = RESERVED_NAMES | set(attrs.get("token_labels", [])) | {"coordinates"}
     existing = {name: arr for name, arr in group.arrays()}
-    sizes = {**_lengths(attrs), "token": existing["sequence"].shape[0], "param": _n_params(attrs["parameters"])}
+    sizes = {**_lengths(attrs), TOKEN: existing[SEQUENCE].shape[0], PARAM: _n_params(attrs["parameters"])}
     for name, arr in existing.items():  # dims of the analysis variables that stay
         if name not in reserved and name not in variables and arr.metadata.dimension_names:
             for d, n in zip(arr.metadata.dimension_names, arr.shape):
