@@ -32,7 +32,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import xarray as xr
 
 import sys
 

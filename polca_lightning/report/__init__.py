@@ -26,7 +26,7 @@ Example:
 
 from polca_lightning.report import figures as _figures
 from polca_lightning.report.content import ReportItem, Series, report_items, send_report
-from polca_lightning.report.figures import (
+from polca_lightning.report.figures import (  # noqa: F401 (exported: the figures of figures.__all__)
     ablation_figure,
     appendix_g_figure,
     cluster_targets_figure,
