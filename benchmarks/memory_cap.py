@@ -29,6 +29,7 @@ GPU holds the model, a few d-vectors and at most ``memory_cap`` of chunks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -43,6 +44,32 @@ MiB = 1 << 20
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def _peak():
+    """``{"baseline", "peak", "seconds"}`` of the work inside: RSS before, peak RSS during."""
+    import gc
+
+    peak_sampled, stop, out = [0], threading.Event(), {}
+
+    def sample():
+        while not stop.is_set():
+            peak_sampled[0] = max(peak_sampled[0], _rss())
+            time.sleep(0.002)
+
+    gc.collect()
+    out["baseline"] = _rss()
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = time.perf_counter() - start
+        stop.set()
+        thread.join()
+        out["peak"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_sampled[0])
 
 
 def _child(args) -> dict:
@@ -65,43 +92,28 @@ def _child(args) -> dict:
                 for i in range(0, n, size)]
 
     probe, hessian = data(args.probe, 1, 32), data(args.hessian, 2, 16)
-    config = POLCAConfig(order="trapezoid", k=args.k, max_basis=args.k, engine="forward",
+    engine = "auto" if args.phase == "setup" else "forward"
+    config = POLCAConfig(order="trapezoid", k=args.k, max_basis=args.k, engine=engine,
                          memory_cap=args.memory_cap, basis_on_device=args.basis_on_device, lanczos_tol=args.tol)
+    if args.phase == "setup":  # the tracker's setup: token index, engine check, both engines' costs measured
+        with _peak() as measured:
+            POLCATracker(model, causal_lm_token_loss, space, probe, hessian, config, progress=False)
+        return {"d": space.dim, **measured}
     tracker = POLCATracker(model, causal_lm_token_loss, space, probe, hessian, config, progress=False)
     batch = data(16, 3, 16)[0]
-    peak_sampled, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak_sampled[0] = max(peak_sampled[0], _rss())
-            time.sleep(0.002)
-
-    import gc
-
-    gc.collect()
-    baseline = _rss()
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    start = time.perf_counter()
-    tracker.snapshot(0)
-    tracker.grow_basis(0)
-    with torch.no_grad():  # one SGD step, so that snapshot 1 has an interval
-        loss, mask, _ = causal_lm_token_loss(model, batch)
-    with torch.enable_grad():
-        loss, mask, _ = causal_lm_token_loss(model, batch)
-        grads = torch.autograd.grad(loss[mask].mean(), list(model.parameters()))
-    with torch.no_grad():
-        for p, g in zip(model.parameters(), grads):
-            p -= 1e-2 * g
-    del grads
-    tracker.snapshot(1)
-    seconds = time.perf_counter() - start
-    stop.set()
-    thread.join()
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_sampled[0])
+    with _peak() as measured:
+        tracker.snapshot(0)
+        tracker.grow_basis(0)
+        with torch.enable_grad():  # one SGD step, so that snapshot 1 has an interval
+            loss, mask, _ = causal_lm_token_loss(model, batch)
+            grads = torch.autograd.grad(loss[mask].mean(), list(model.parameters()))
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), grads):
+                p -= 1e-2 * g
+        del grads
+        tracker.snapshot(1)
     m = min(max(2 * args.k + 10, 20), space.dim)
-    return {"d": space.dim, "baseline": baseline, "peak": peak, "rows": m + 1 + args.k, "seconds": seconds,
-            "n_basis": tracker.n_basis}
+    return {"d": space.dim, **measured, "rows": m + 1 + args.k, "n_basis": tracker.n_basis}
 
 
 def main() -> None:
@@ -114,22 +126,24 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-2, help="Lanczos tolerance (memory does not depend on it)")
     parser.add_argument("--tight", type=int, default=8 * MiB, help="the tight memory_cap, bytes")
     parser.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(phase="work")
     args = parser.parse_args()
     if args.child is not None:
         for key, value in json.loads(args.child).items():
             setattr(args, key, value)
         print(json.dumps(_child(args)))
         return
-    settings = [(True, 1 << 30), (False, 1 << 30), (True, args.tight), (False, args.tight)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "1"}
-    rows = []
-    for on_device, cap in settings:
-        child = json.dumps({"basis_on_device": on_device, "memory_cap": cap})
-        out = subprocess.run([sys.executable, __file__, "--child", child, "--d-model", str(args.d_model),
+
+    def run(**child) -> dict:  # one measurement in a fresh process
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(child), "--d-model", str(args.d_model),
                               "--layers", str(args.layers), "-k", str(args.k), "--probe", str(args.probe),
                               "--hessian", str(args.hessian), "--tol", str(args.tol)],
                              env=env, capture_output=True, text=True, check=True)
-        rows.append((on_device, cap, json.loads(out.stdout.strip().splitlines()[-1])))
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    settings = [(True, 1 << 30), (False, 1 << 30), (True, args.tight), (False, args.tight)]
+    rows = [(on_device, cap, run(basis_on_device=on_device, memory_cap=cap)) for on_device, cap in settings]
     d = rows[0][2]["d"]
     model = d * 4
     storage = rows[0][2]["rows"] * model
@@ -143,6 +157,15 @@ def main() -> None:
         excess = extra - storage
         print(f"{str(on_device):>15} {cap / MiB:>14.0f} {extra / MiB:>13.0f} {excess / MiB:>10.0f} "
               f"{excess / (cap + model):>18.2f} {excess / model:>12.1f} {r['seconds']:>8.1f}")
+    print("setup (the tracker's construction with engine='auto': token index, engine check with the activation "
+          "path's check against per-sample Jacobians, both engines' costs measured):")
+    print(f"{'memory_cap MiB':>14} {'peak-base MiB':>13} {'bytes/parameter':>15} {'(peak-base)/(cap+model)':>23} "
+          f"{'seconds':>8}")
+    for cap in (1 << 30, args.tight):
+        r = run(basis_on_device=True, memory_cap=cap, phase="setup")
+        extra = r["peak"] - r["baseline"]
+        print(f"{cap / MiB:>14.0f} {extra / MiB:>13.0f} {extra / d:>15.1f} {extra / (cap + model):>23.2f} "
+              f"{r['seconds']:>8.1f}")
 
 
 if __name__ == "__main__":

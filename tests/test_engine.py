@@ -550,3 +550,77 @@ def test_an_op_without_a_vmap_rule_runs_one_direction_and_one_sample_at_a_time()
     forward = DirectionalDerivatives(model, classifier_token_loss, space, engine="forward")
     forward(space.flatten(model), [batch], V)
     assert not forward._vmap_directions  # the vmap over directions failed, one at a time did not
+
+
+@pytest.mark.parametrize("curvature", [False, True])
+def test_vmapped_per_sample_jacobians_hold_only_what_memory_cap_allows(monkeypatch, curvature):
+    from polca_lightning.core._jacobians import PerSampleJacobians
+    from polca_lightning.core.functional import FunctionalTokenLoss, evaluation_mode
+
+    model = tiny_lm()  # float64
+    space = ParameterSpace.from_module(model)
+    fn = FunctionalTokenLoss(model, causal_lm_token_loss, space)
+    theta, V, batch = space.flatten(model), _orthonormal(3, space.dim), addition_batch(6)
+    seen = []
+    original = PerSampleJacobians._vmapped_positions
+
+    def spy(self, theta, leaves, spec, batched, n, cols, directions, curvature, samples_per_chunk, *out):
+        seen.append((cols.numel(), max(1, min(n, samples_per_chunk))))
+        return original(self, theta, leaves, spec, batched, n, cols, directions, curvature, samples_per_chunk, *out)
+
+    monkeypatch.setattr(PerSampleJacobians, "_vmapped_positions", spy)
+    with evaluation_mode(model):
+        loss, mask, _ = fn(theta, batch)
+        p = int(mask.any(0).sum())
+        whole = PerSampleJacobians(fn)._vmapped(theta, batch, loss, mask, V, curvature, 1 << 30)
+        assert seen == [(p, 6)]  # everything fits: every position of every sample in one go
+        row = space.dim * 8 * (2 + (3 if curvature else 0))  # one position's Jacobian row and its copies
+        for cap, group in ((3 * row, 3), (1, 1), (2 * p * row, p)):
+            seen.clear()
+            parts = PerSampleJacobians(fn)._vmapped(theta, batch, loss, mask, V, curvature, cap)
+            assert sum(c for c, _ in seen) == p and max(c for c, _ in seen) == group, cap
+            assert all(c * s * row <= max(cap, row) for c, s in seen), (cap, seen)  # rows in flight
+            for a, b in zip(parts, whole):
+                if a is not None:
+                    assert torch.allclose(a[:, mask], b[:, mask], rtol=1e-12, atol=1e-14), cap
+
+
+def test_the_check_tolerance_grows_with_the_float32_rounding_of_a_dot_product_over_d():
+    from polca_lightning.core.engine import check_rtol
+
+    eps = 2.0**-24
+    assert check_rtol("float32", 10_000) == 1e-4  # small models: the fixed float32 tolerance
+    assert check_rtol("float32", 10**8) == pytest.approx(8 * eps * 1e4)  # 4.8e-3 at 100M parameters
+    assert check_rtol("float32", 4 * 10**8) == pytest.approx(2 * check_rtol("float32", 10**8))  # sqrt(d)
+    assert check_rtol("bf16", 10**8) == 5e-2  # bfloat16's own is larger still
+    with pytest.raises(ValueError, match="compute_precision"):
+        check_rtol("fp8", 10)
+
+
+@pytest.mark.parametrize("error", [1e-2, -3e-3])
+def test_an_activation_path_that_is_off_by_more_than_rounding_is_refused(monkeypatch, error):
+    from polca_lightning.core import engine as engine_module
+    from polca_lightning.core._jacobians import PerSampleJacobians
+    from polca_lightning.core.functional import FunctionalTokenLoss, evaluation_mode
+
+    honest = engine_module.ghost_reverse
+
+    def off(*args, **kwargs):  # a planted error of `error` of each value
+        loss, mask, g = honest(*args, **kwargs)
+        return loss, mask, g * (1 + error)
+
+    model = tiny_lm(dtype=torch.float32)
+    space = ParameterSpace.from_module(model)
+    theta, V, batch = space.flatten(model), _orthonormal(3, space.dim).float(), addition_batch(6)
+    kept = DirectionalDerivatives(model, causal_lm_token_loss, space, engine="reverse")
+    kept(theta, [batch], V)
+    assert kept._ghost is not None  # the honest path agrees to float32 rounding
+    monkeypatch.setattr(engine_module, "ghost_reverse", off)
+    dd = DirectionalDerivatives(model, causal_lm_token_loss, space, engine="reverse")
+    out = dd(theta, [batch], V)
+    assert dd._ghost is None  # refused: per-sample Jacobians from then on
+    fn = FunctionalTokenLoss(model, causal_lm_token_loss, space)
+    with evaluation_mode(model):
+        loss, mask, _ = fn(theta, batch)
+        ref, _ = PerSampleJacobians(fn)._looped(theta, batch, loss, mask, V, False)
+    assert (out.g - ref[:, mask]).abs().max() <= 1e-5 * ref[:, mask].abs().max()

@@ -79,11 +79,15 @@ class PerSampleJacobians:
         fn: the :class:`~polca_lightning.core.functional.FunctionalTokenLoss`.
         rtol: relative tolerance of the checks (a sample alone against the batch, vmapped against
             looped); ``atol`` is a tenth of it, relative to the largest value.
+        g_rtol: the tolerance of the vmapped-against-looped check of ``g`` and ``c`` (default
+            ``rtol``): dot products over every parameter, whose float32 rounding grows with
+            their length (see :func:`~polca_lightning.core.engine.check_rtol`).
     """
 
-    def __init__(self, fn, rtol: float = 1e-4):
+    def __init__(self, fn, rtol: float = 1e-4, g_rtol: float | None = None):
         self.fn = fn
         self.rtol = rtol
+        self.g_rtol = rtol if g_rtol is None else g_rtol
         self.vmapped = True  # False once the vmapped way failed or disagreed
         self.checked = False  # the vmapped way was compared with the looped one
         self.batched_backward = True  # looped: every position of a sample in one vmapped backward pass
@@ -113,7 +117,7 @@ class PerSampleJacobians:
                 first = int(mask.any(1).nonzero()[0, 0])  # a sample with tokens
                 ref = self._looped(theta, batch, loss, mask, directions, curvature, samples=[first],
                                    memory_cap=memory_cap)
-                if all(agree(o[:, first][:, mask[first]], r[:, first][:, mask[first]], self.rtol, self.rtol / 10)
+                if all(agree(o[:, first][:, mask[first]], r[:, first][:, mask[first]], self.g_rtol, self.g_rtol / 10)
                        for o, r in zip(out, ref) if o is not None):
                     return out
                 log.info("POLCA: vmapped per-sample Jacobians disagree with a real batch of one; "
@@ -131,10 +135,30 @@ class PerSampleJacobians:
             )
 
     def _vmapped(self, theta, batch, loss, mask, directions, curvature, memory_cap):
-        fn = self.fn
+        """Per-sample Jacobians, vmapped over samples. Each sample's Jacobian rows (``[p, d]``)
+        exist only for a group of positions at a time, so that a chunk of samples' rows fits in
+        ``memory_cap`` (one position of one sample at least: a model whose ``[p, d]`` Jacobian
+        does not fit runs a forward pass per group of positions instead)."""
         n, K = mask.shape[0], directions.shape[0]
         cols = mask.any(0).nonzero().squeeze(1)  # positions any sample differentiates, [p]
         leaves, spec, batched = batch_leaves(batch, n)
+        per_row = theta.numel() * theta.element_size() * (2 + (K if curvature else 0))  # one position's row and its copy
+        group = max(1, min(max(1, cols.numel()), memory_cap // per_row))
+        g = theta.new_zeros(K, n, mask.shape[1])
+        c = torch.zeros_like(g) if curvature else None
+        alone = torch.full_like(loss, float("nan"))
+        for first in range(0, max(1, cols.numel()), group):
+            part_cols = cols[first : first + group]
+            self._vmapped_positions(theta, leaves, spec, batched, n, part_cols, directions, curvature,
+                                    memory_cap // max(1, part_cols.numel() * per_row), g, c, alone)
+        self._check_alone(alone, loss, mask)
+        return g, c
+
+    def _vmapped_positions(self, theta, leaves, spec, batched, n, cols, directions, curvature, samples_per_chunk,
+                           g, c, alone) -> None:
+        """``g``, ``c`` and ``alone`` at positions ``cols`` of every sample, ``samples_per_chunk``
+        samples at a time (one at least)."""
+        fn = self.fn
 
         def sample_loss(t, *sample):  # sample: the per-sample leaves, each without its batch dimension
             full = list(leaves)
@@ -161,12 +185,7 @@ class PerSampleJacobians:
             g, c, value = vmap(both)(directions)  # [K, p] each
             return g, c, value[0]
 
-        item = theta.element_size()
-        per_sample = max(1, cols.numel()) * theta.numel() * item * (2 + (K if curvature else 0))
-        chunk = max(1, min(n, memory_cap // per_sample))
-        g = theta.new_zeros(K, n, mask.shape[1])
-        c = torch.zeros_like(g) if curvature else None
-        alone = torch.full_like(loss, float("nan"))
+        chunk = max(1, min(n, samples_per_chunk))
         for start in range(0, n, chunk):
             part = [leaves[i][start : start + chunk] for i in batched]
             if curvature:
@@ -176,8 +195,6 @@ class PerSampleJacobians:
                 gp, value = vmap(project, out_dims=(1, 0))(*part)  # [K, bc, p], [bc, p]
             g[:, start : start + chunk, cols] = gp.to(g.dtype)
             alone[start : start + chunk, cols] = value.to(alone.dtype)
-        self._check_alone(alone, loss, mask)
-        return g, c
 
     def _looped(self, theta, batch, loss, mask, directions, curvature, samples=None, memory_cap=1 << 30):
         fn = self.fn
