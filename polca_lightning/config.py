@@ -66,8 +66,10 @@ class POLCAConfig:
             that require gradients); kept as a tuple.
         engine: ``"auto"`` (the cheaper, by costs measured on the model at the start),
             ``"forward"`` or ``"reverse"``: how the directional derivatives are computed.
-        memory_cap: bytes one chunk of derivative work, of the eigensolver's products and
-            of the orthonormalisation may use on the model's device.
+        memory_cap: bytes one chunk of derivative work (per-sample Jacobian rows included),
+            of the eigensolver's products and of the orthonormalisation may use on the
+            model's device; it also bounds how many random directions (up to 16, two at
+            least) the engine calibration holds there.
         basis_on_device: keep the basis and the eigensolver's Krylov vectors on the model's
             device (fastest); ``False``: in host memory (pinned with CUDA), streamed to the
             device in chunks of at most ``memory_cap`` bytes, for models whose basis does

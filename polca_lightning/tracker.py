@@ -229,8 +229,11 @@ class POLCATracker:
         elif not self.dd.disabled:
             # measured costs make the engine choice right on this machine and model; rank 0's
             # measurement is used everywhere so that every rank computes the same way
+            # up to 16 random directions (d-vectors on the model's device), as many as memory_cap holds
+            # (two at least: a cost per direction needs two points)
+            fits = max(2, self.config.memory_cap // (self.space.dim * theta.element_size()))
             with evaluation_mode(self.module):
-                cost = self.dd.calibrate(theta, self.probe[0], max_directions=min(16, self.config.max_basis))
+                cost = self.dd.calibrate(theta, self.probe[0], max_directions=min(16, self.config.max_basis, fits))
             keys = sorted(cost)
             shared = self.coll.broadcast(torch.tensor([cost[k] for k in keys], dtype=torch.float64, device=theta.device))
             cost = self.dd.calibration = dict(zip(keys, shared.tolist()))

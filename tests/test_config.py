@@ -179,3 +179,22 @@ def test_a_long_snapshot_shows_a_progress_bar(capsys, monkeypatch):
     tracker.snapshot(1)
     err = capsys.readouterr().err
     assert "POLCA snapshot 1 at step 1" in err and "0/2 [" in err  # two probe batches, the basis in one chunk
+
+
+def test_the_calibration_holds_as_many_random_directions_as_memory_cap_allows(monkeypatch):
+    from polca_lightning.core.engine import DirectionalDerivatives
+
+    asked = []
+    original = DirectionalDerivatives.calibrate
+
+    def spy(self, theta, batch, max_directions=16):
+        asked.append(max_directions)
+        return original(self, theta, batch, max_directions=max_directions)
+
+    monkeypatch.setattr(DirectionalDerivatives, "calibrate", spy)
+    for cap, expected in ((1 << 30, 8), (1, 2)):  # 8 = max_basis; 2: the fewest that give a cost per direction
+        tracker = _tracker(config=POLCAConfig(k=2, max_basis=8, engine="auto", memory_cap=cap))
+        assert asked[-1] == expected and tracker.calibration is not None, cap
+    row = ParameterSpace.from_module(AdditionModule().net).dim * 4
+    _tracker(config=POLCAConfig(k=2, max_basis=8, engine="auto", memory_cap=5 * row))
+    assert asked[-1] == 5
