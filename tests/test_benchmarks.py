@@ -51,3 +51,16 @@ def test_scale_quick_prints_every_table(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[11] == "3 (capped at 3)"  # HVPs: the cap was honoured and counted
     assert all(math.isfinite(float(cells[i].removesuffix(" s"))) for i in (3, 4, 6, 7, 8, 9, 10))
+
+
+def test_check_tolerance_prints_a_row_per_model_and_every_honest_path_passes():
+    script = SCALE.parent / "check_tolerance.py"
+    proc = subprocess.run([sys.executable, str(script), "--sizes", "32x1,64x1", "--seeds", "2"], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCALE.parents[1])},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:] if line.strip()]
+    assert len(rows) == 4
+    for row in rows:
+        assert row[6] == "True"  # the activation path agrees with per-sample Jacobians within the check
+        assert float(row[2]) < float(row[5]) / 10  # its largest scaled difference, under the check's atol
