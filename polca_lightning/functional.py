@@ -1,12 +1,5 @@
 """Moved to :mod:`polca_lightning.core.functional`; this path keeps working for one release."""
 
-import warnings as _warnings
+from polca_lightning._moved import moved_getattr
 
-from polca_lightning.core import functional as _moved
-
-
-def __getattr__(name: str):
-    value = getattr(_moved, name)  # AttributeError for a name the module never had
-    _warnings.warn(f"polca_lightning.functional.{name} moved to polca_lightning.core.functional.{name}; "
-                   "the old path goes away in the next release", DeprecationWarning, stacklevel=2)
-    return value
+__getattr__ = moved_getattr(__name__, "polca_lightning.core.functional")

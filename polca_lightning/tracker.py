@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from polca_lightning.core.engine import DirectionalDerivatives
-from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode
+from polca_lightning.core.functional import ParameterSpace, evaluation_mode
 from polca_lightning.core._streaming import RowStream, host_rows
 from polca_lightning.core.hessian import orthonormalize_rows, projected_hessian_eigs
 from polca_lightning.core.polca import coverage, needs_curvature, polca_interval
@@ -90,18 +90,6 @@ class TorchDistributed(Collective):
         return tensor
 
 
-def _orthonormalize(vectors: Tensor, basis: Tensor | None, what: str, memory_cap: int | None = None,
-                    device=None) -> Tensor:
-    """Rows of ``vectors`` made orthonormal to each other and to ``basis``, in place, with float64
-    inner products formed a chunk of ``memory_cap`` bytes at a time on ``device``
-    (:func:`~polca_lightning.core.hessian.orthonormalize_rows`: no float64 copy of either).
-
-    Raises:
-        ValueError: a row (nearly) in the span of the basis and the rows before it.
-    """
-    return orthonormalize_rows(vectors, basis, memory_cap=memory_cap, device=device, what=what)
-
-
 class POLCATracker:
     """Snapshots, basis growth, interval POLCA and backfill for one training run.
 
@@ -120,7 +108,8 @@ class POLCATracker:
             :class:`~polca_lightning.store.TokenIndex` of the probe tokens: a
             :class:`~polca_lightning.store.StoreWriter` where this process writes, a
             :class:`~polca_lightning.store.NullWriter` where it does not (``None``: a
-            ``NullWriter``, for a tracker that writes nothing).
+            ``NullWriter``, for a tracker that writes nothing: it cannot backfill a basis step
+            over earlier snapshots, whose weights it reads back from the store).
         collective: :class:`Collective` (single process) or :class:`TorchDistributed`.
         token_labels: optional ``batch -> {name: tensor[batch, positions]}``, each name a
             token coordinate.
@@ -152,7 +141,7 @@ class POLCATracker:
         if not isinstance(config, POLCAConfig):
             raise TypeError(f"config: expected a POLCAConfig, got {type(config).__name__}")
         self.config = config
-        self.module, self.space, self.order = module, space, config.order
+        self.module, self.space = module, space
         self.coll = collective or Collective()
         self.log_metrics = log_metrics or (lambda metrics, step: None)
         self.progress = progress
@@ -190,7 +179,7 @@ class POLCATracker:
     def _index_tokens(self, token_labels) -> TokenIndex:
         """Which positions of the probe data are tokens, with their coordinates; validates the
         probe data and the labels on the way."""
-        fn = FunctionalTokenLoss(self.module, self.token_loss, self.space)
+        fn = self.dd.fn
         theta = self._theta()
         seq, pos, tgt, labels, offset = [], [], [], {}, 0
         with evaluation_mode(self.module), torch.no_grad():
@@ -229,11 +218,8 @@ class POLCATracker:
         elif not self.dd.disabled:
             # measured costs make the engine choice right on this machine and model; rank 0's
             # measurement is used everywhere so that every rank computes the same way
-            # up to 16 random directions (d-vectors on the model's device), as many as memory_cap holds
-            # (two at least: a cost per direction needs two points)
-            fits = max(2, self.config.memory_cap // (self.space.dim * theta.element_size()))
             with evaluation_mode(self.module):
-                cost = self.dd.calibrate(theta, self.probe[0], max_directions=min(16, self.config.max_basis, fits))
+                cost = self.dd.calibrate(theta, self.probe[0], max_directions=min(16, self.config.max_basis))
             keys = sorted(cost)
             shared = self.coll.broadcast(torch.tensor([cost[k] for k in keys], dtype=torch.float64, device=theta.device))
             cost = self.dd.calibration = dict(zip(keys, shared.tolist()))
@@ -291,8 +277,10 @@ class POLCATracker:
         """
         curvature = self.curvature and directions is not None
         results = [[] for _ in self.my_probe]
-        n_chunks = self.dd.n_direction_chunks(directions, theta)
-        bar = self._bar(desc, len(self.my_probe) * n_chunks, unit=" batches", delay=self.bar_delay) if desc else None
+        bar = None
+        if desc is not None:
+            total = len(self.my_probe) * self.dd.n_direction_chunks(directions, theta)
+            bar = self._bar(desc, total, unit=" batches", delay=self.bar_delay)
         # a basis in host memory comes to the device a chunk of rows at a time, each copied once
         for chunk in self.dd.direction_chunks(directions, theta):
             for i, batch in enumerate(self.my_probe):  # one batch at a time, so ranks interleave in probe order
@@ -331,7 +319,7 @@ class POLCATracker:
         theta = end["theta"]
         delta = self._stream(theta.device).inner([self.basis[rows]], theta, minus=start["theta"]).to(theta.dtype)  # [kb]
         out = polca_interval(
-            self.order,
+            self.config.order,
             start["g"][local],
             delta,
             g_end=end["g"][local],
@@ -371,7 +359,7 @@ class POLCATracker:
                     metrics[f"polca/explained{name}"] = cov["explained"]
         if j > 0:
             metrics["polca/probe_loss"] = loss.nanmean().item()
-        if self.order == "second":
+        if self.config.order == "second":
             metrics["polca/second_order_guarded"] = self.guarded  # Eq. 5 denominators clamped so far
         self._commit(j + 1, self.n_basis)
         self.n_snapshots = j + 1
@@ -388,7 +376,7 @@ class POLCATracker:
         theta = self.prev["theta"]
         existing = self.basis
         if self.config.basis == "hessian":
-            fn = FunctionalTokenLoss(self.module, self.token_loss, self.space)
+            fn = self.dd.fn
             with evaluation_mode(self.module):
                 with torch.no_grad():
                     local = sum(int(fn(theta, b)[1].sum()) for b in self.my_hessian)
@@ -422,7 +410,7 @@ class POLCATracker:
             vecs = self._new_rows(k, theta)
             for i in range(k):  # a row at a time: no [k, d] float64 draw
                 vecs[i].copy_(torch.randn(self.space.dim, generator=gen, dtype=torch.float64))
-            vecs = _orthonormalize(vecs, existing, "random", self.dd.memory_cap, theta.device)
+            vecs = orthonormalize_rows(vecs, existing, memory_cap=self.dd.memory_cap, device=theta.device, what="random")
         else:
             raw = self.config.basis(self.module, step, existing)
             if not isinstance(raw, Tensor) or raw.dim() != 2 or raw.shape[1] != self.space.dim:
@@ -432,7 +420,7 @@ class POLCATracker:
                 )
             vecs = self._new_rows(raw.shape[0], theta)
             vecs.copy_(raw.detach())  # a copy: the callable's tensor is left as it was
-            vecs = _orthonormalize(vecs, existing, "returned", self.dd.memory_cap, theta.device)
+            vecs = orthonormalize_rows(vecs, existing, memory_cap=self.dd.memory_cap, device=theta.device, what="returned")
         return vecs.to(theta.dtype), torch.full((vecs.shape[0],), float("nan"), dtype=torch.float64), {}
 
     def _bar(self, desc: str, total: int | None, unit: str = "it", delay: float = 0.0):
@@ -458,7 +446,8 @@ class POLCATracker:
             if self.config.basis == "hessian":
                 # Lanczos vectors are orthogonal to the basis only to the working precision,
                 # and float32 errors accumulate over basis steps: re-orthonormalise in float64
-                vecs = _orthonormalize(vecs, self.basis, "eigen", self.dd.memory_cap, self.prev["theta"].device)
+                vecs = orthonormalize_rows(vecs, self.basis, memory_cap=self.dd.memory_cap, device=self.prev["theta"].device,
+                                           what="eigen")
         solve_time = time.perf_counter() - start_time
         K0 = self.n_basis
         rows = slice(K0, K0 + vecs.shape[0])
@@ -490,6 +479,11 @@ class POLCATracker:
 
     def _weights(self, snapshot: int, like: Tensor) -> Tensor:
         """Parameters of an earlier snapshot, read from the store on rank 0 and broadcast."""
+        if not self.writer.writes and self.coll.world_size == 1:
+            raise RuntimeError(
+                "POLCA: a basis step after the first snapshot needs the earlier snapshots' weights, which only "
+                "the store holds; this tracker writes no store (open_writer=None)"
+            )
         with self._timed("io"):
             out = torch.empty_like(like)
             if self.writer.writes:

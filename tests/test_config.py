@@ -156,16 +156,30 @@ def test_the_tracker_checks_everything_before_it_opens_the_writer():
     assert tracker.timings["setup"] > 0
 
 
-def test_a_tracker_without_a_writer_holds_a_null_writer_and_computes_the_same():
-    plain = _tracker()
+def test_a_tracker_without_a_writer_holds_a_null_writer_and_computes_what_a_writing_one_does(tmp_path):
+    def run(tracker):
+        tracker.snapshot(0)
+        tracker.grow_basis(0)
+        with torch.no_grad():
+            for p in tracker.module.parameters():
+                p.add_(1e-3)
+        return tracker.snapshot(1)
+
+    space = ParameterSpace.from_module(AdditionModule().net)  # the same parameters as _tracker's model
+    config = POLCAConfig(k=2, max_basis=4, order="first", engine="forward")
+    writing = _tracker(config=config, open_writer=lambda tokens: StoreWriter(
+        tmp_path / "run.zarr", tokens=tokens, parameters=list(zip(space.names, space.shapes)), order="first",
+        config={}, max_basis=4, with_curvature=False))
+    plain = _tracker(config=config)
     assert isinstance(plain.writer, NullWriter) and not plain.writer.writes and plain.writer.committed == (0, 0)
-    plain.snapshot(0)
-    plain.grow_basis(0)
-    with torch.no_grad():
-        for p in plain.module.parameters():
-            p.add_(1e-3)
-    metrics = plain.snapshot(1)
-    assert plain.n_basis == 2 and np.isfinite(metrics["polca/coverage"])
+    assert writing.writer.writes
+    expected, metrics = run(writing), run(plain)
+    assert metrics == expected and np.isfinite(metrics["polca/coverage"])
+    assert torch.equal(plain.basis, writing.basis) and plain.eigenvalues == writing.eigenvalues
+    writing.writer.close()
+    assert open_store(tmp_path / "run.zarr").sizes["snapshot"] == 2
+    with pytest.raises(RuntimeError, match="writes no store"):  # backfill reads earlier weights from the store
+        plain.grow_basis(1)
 
 
 def test_a_long_snapshot_shows_a_progress_bar(capsys, monkeypatch):
@@ -180,21 +194,3 @@ def test_a_long_snapshot_shows_a_progress_bar(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "POLCA snapshot 1 at step 1" in err and "0/2 [" in err  # two probe batches, the basis in one chunk
 
-
-def test_the_calibration_holds_as_many_random_directions_as_memory_cap_allows(monkeypatch):
-    from polca_lightning.core.engine import DirectionalDerivatives
-
-    asked = []
-    original = DirectionalDerivatives.calibrate
-
-    def spy(self, theta, batch, max_directions=16):
-        asked.append(max_directions)
-        return original(self, theta, batch, max_directions=max_directions)
-
-    monkeypatch.setattr(DirectionalDerivatives, "calibrate", spy)
-    for cap, expected in ((1 << 30, 8), (1, 2)):  # 8 = max_basis; 2: the fewest that give a cost per direction
-        tracker = _tracker(config=POLCAConfig(k=2, max_basis=8, engine="auto", memory_cap=cap))
-        assert asked[-1] == expected and tracker.calibration is not None, cap
-    row = ParameterSpace.from_module(AdditionModule().net).dim * 4
-    _tracker(config=POLCAConfig(k=2, max_basis=8, engine="auto", memory_cap=5 * row))
-    assert asked[-1] == 5

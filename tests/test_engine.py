@@ -574,14 +574,19 @@ def test_vmapped_per_sample_jacobians_hold_only_what_memory_cap_allows(monkeypat
         p = int(mask.any(0).sum())
         whole = PerSampleJacobians(fn)._vmapped(theta, batch, loss, mask, V, curvature, 1 << 30)
         assert seen == [(p, 6)]  # everything fits: every position of every sample in one go
+        # g against real batches of one; c under vmap is not this model's (forward-over-reverse through its
+        # attention: 6e-3 off finite differences), which PerSampleJacobians' own check against them catches
+        ref = PerSampleJacobians(fn)._looped(theta, batch, loss, mask, V, False)[0]
+        assert torch.allclose(whole[0][:, mask], ref[:, mask], rtol=1e-9, atol=1e-12)
         row = space.dim * 8 * (2 + (3 if curvature else 0))  # one position's Jacobian row and its copies
         for cap, group in ((3 * row, 3), (1, 1), (2 * p * row, p)):
             seen.clear()
             parts = PerSampleJacobians(fn)._vmapped(theta, batch, loss, mask, V, curvature, cap)
             assert sum(c for c, _ in seen) == p and max(c for c, _ in seen) == group, cap
             assert all(c * s * row <= max(cap, row) for c, s in seen), (cap, seen)  # rows in flight
+            assert torch.allclose(parts[0][:, mask], ref[:, mask], rtol=1e-9, atol=1e-12), cap
             for a, b in zip(parts, whole):
-                if a is not None:
+                if a is not None:  # the same numbers as in one go
                     assert torch.allclose(a[:, mask], b[:, mask], rtol=1e-12, atol=1e-14), cap
 
 
@@ -624,3 +629,24 @@ def test_an_activation_path_that_is_off_by_more_than_rounding_is_refused(monkeyp
         loss, mask, _ = fn(theta, batch)
         ref, _ = PerSampleJacobians(fn)._looped(theta, batch, loss, mask, V, False)
     assert (out.g - ref[:, mask]).abs().max() <= 1e-5 * ref[:, mask].abs().max()
+
+
+def test_the_calibration_holds_as_many_random_directions_as_memory_cap_allows(monkeypatch):
+    from polca_lightning.core import engine as engine_module
+
+    rows = []
+    original = engine_module.orthonormalize_rows
+
+    def spy(vectors, *args, **kwargs):  # the calibration's random directions pass through here once
+        rows.append(vectors.shape[0])
+        return original(vectors, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "orthonormalize_rows", spy)
+    model = tiny_lm()  # float64: a direction is 8 d bytes
+    space = ParameterSpace.from_module(model)
+    theta, batch, row = space.flatten(model), addition_batch(8), space.dim * 8
+    # (memory_cap, max_directions asked, directions held): 2 the fewest that give a cost per direction
+    for cap, asked, held in ((1 << 30, 8, 8), (1, 8, 2), (5 * row, 8, 5), (1, 1, 1)):
+        dd = DirectionalDerivatives(model, causal_lm_token_loss, space, memory_cap=cap)
+        cost = dd.calibrate(theta, batch, max_directions=asked)
+        assert rows[-1] == held and all(0 <= v < float("inf") for v in cost.values()), cap

@@ -330,7 +330,9 @@ class DirectionalDerivatives:
         than 4x forward mode with ``max_directions`` directions, the scaled time is kept
         (plus forward mode's cost per direction, so that no K picks it) instead of timing
         the batch. An engine that fails here is dropped from the choice,
-        with one warning naming it; its cost is ``inf``.
+        with one warning naming it; its cost is ``inf``. The random directions are d-vectors
+        on the model's device: at most as many as ``memory_cap`` holds (two at least, so
+        that a cost per direction can be told from a fixed one, unless ``max_directions`` is 1).
 
         Returns:
             ``{"forward_per_direction", "reverse_base", "reverse_per_direction"}`` in seconds.
@@ -342,6 +344,8 @@ class DirectionalDerivatives:
 
         gen = torch.Generator().manual_seed(0)
         work = theta.dtype if theta.dtype in (torch.float32, torch.float64) else torch.float32
+        fits = self.memory_cap // (self.space.dim * torch.empty((), dtype=work).element_size())
+        max_directions = min(max_directions, max(2, fits))
         big = torch.empty(max_directions, self.space.dim, dtype=work, device=theta.device)
         for row in big:  # a row at a time, orthonormalised in chunks: no [kmax, d] float64 copy
             row.copy_(torch.randn(self.space.dim, generator=gen, dtype=torch.float64))
