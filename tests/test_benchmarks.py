@@ -64,3 +64,44 @@ def test_check_tolerance_prints_a_row_per_model_and_every_honest_path_passes():
     for row in rows:
         assert row[6] == "True"  # the activation path agrees with per-sample Jacobians within the check
         assert float(row[2]) < float(row[5]) / 10  # its largest scaled difference, under the check's atol
+
+
+def test_device_check_dry_run_writes_every_step_ok(tmp_path):
+    """benchmarks/device_check.py --dry-run: every step at toy size, each ok, the JSON's keys complete."""
+    import json
+
+    out = tmp_path / "check" / "device_check.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCALE.parent / "device_check.py"), "--dry-run", "--out", str(out)], capture_output=True,
+        text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(SCALE.parents[1])},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {"script", "commit", "argv", "dry_run", "budget_s", "complete", "missing_packages", "device", "steps",
+            "wall_s"} <= set(data)
+    assert data["dry_run"] is True and data["complete"] is True and data["missing_packages"] == []
+    device = data["device"]
+    assert {"type", "cuda_check", "torch", "cuda", "cuda_available", "python", "cpu_count"} <= set(device)
+    assert list(data["steps"]) == ["host_basis", "precision_scopes", "streamed_eigensolver", "engine_passes",
+                                   "paper_run"]
+    for name, step in data["steps"].items():
+        assert step["status"] == "ok", (name, step.get("error"), step.get("traceback"))
+        assert step["wall_s"] >= 0 and "error" not in step
+        figures = step["figures"]
+        assert figures["cuda_check"] is device["cuda_check"] is (device["type"] == "cuda")
+        assert all(c["passed"] for c in figures.get("checks", [])), name
+    assert len(data["steps"]["host_basis"]["figures"]["checks"]) >= 10  # every comparison recorded with its bound
+    costs = data["steps"]["engine_passes"]["figures"]
+    assert [row["k"] for row in costs["by_k"]] == [1, 4]
+    for row in costs["by_k"]:
+        assert set(row["passes"]) == set(row["estimate_passes"]) == {"forward", "reverse"}
+        assert row["auto_picks"] in ("forward", "reverse")
+    run = data["steps"]["paper_run"]["figures"]
+    assert run["flags"][0] == "--paper" and "--steps" in run["flags"] and run["trims"]
+    # the time model's schedule is the callback's: as many snapshots and basis vectors as the store holds
+    assert (run["results"]["snapshots"], run["results"]["basis"]) == (run["plan"]["snapshots"], run["plan"]["basis"])
+    hidden = run["hidden"]
+    assert hidden["trajectory_types"] and set(hidden["hidden_fraction"]) == set(hidden["trajectory_types"])
+    assert "hidden_fraction_paper" in hidden and "tau" in hidden
+    assert "appendix G" in proc.stdout  # the example's own table, printed
