@@ -5,9 +5,9 @@ and the time model that trims the ``--paper`` run to the time left.
 forward pass over the probe set, both engines and ``auto`` at several K (in plain forward
 passes: per direction for forward mode, per loss-bearing position for reverse mode, beside
 :func:`~polca_lightning.core.engine.estimate_cost` and the calibration), one HVP over the
-Hessian sample, one eigensolve, a training step, and a weight snapshot written to and read
-from a store. :func:`predict` turns these into the seconds of a run of the example;
-:func:`choose_run` picks the largest run that fits.
+Hessian sample, one eigensolve, a training step, a weight snapshot written to and read
+from a store, and one HDBSCAN clustering. :func:`predict` turns these into the seconds of
+a run of the example; :func:`choose_run` picks the largest run that fits.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import importlib.util
 import time
 from pathlib import Path
 
-from _device_costs import Schedule, choose_run, predict, trim_reasons
+from _device_costs import Schedule, choose_run, trim_reasons
 
 ROOT = Path(__file__).resolve().parents[1]
 
