@@ -2,6 +2,7 @@
 
 import glob
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,7 +21,11 @@ def test_arithmetic_tiny_mode_logs_the_report_to_an_offline_wandb_run(tmp_path, 
     from polca_lightning import open_store
 
     store = arithmetic.main(["--tiny", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # the progress bar counts the run's 24 steps in one epoch (max_steps alone reads "Epoch 0/-2")
+    bar = captured.out + captured.err
+    assert "24/24" in bar and not re.search(r"Epoch \d+/-\d", bar)
     ds = open_store(store)
     assert ds.attrs["complete"] and ds.sizes["snapshot"] == 7 and ds.sizes["basis"] == 4
     assert set(ds["place"].values) == {0, 1, 2, 3} and set(ds["carry"].values) == {0, 1}
