@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import warnings
@@ -37,9 +36,6 @@ from polca_lightning.session import POLCASession, SessionAttributes, as_batches,
 from polca_lightning.store import WEIGHTS_COMPRESSORS
 
 __all__ = ["POLCATrainerCallback", "tensorboard_log_dir", "trainer_collator"]
-
-log = logging.getLogger("polca_lightning")
-
 
 def _is_dataset(data: Any) -> bool:
     """A dataset of examples (batched here) rather than batches: a torch ``Dataset`` or a
