@@ -167,11 +167,13 @@ def splits(args) -> tuple[dict, dict, dict]:
             addition_data(args.hessian, seed=20_000 + args.seed, symbols=symbols))
 
 
-def addition_callback(store: Path, probe: dict, hessian: dict, args, **kwargs) -> POLCACallback:
-    """``POLCACallback`` on the addition problems: place/carry labels, decoded contexts, the
-    schedule, engine and seed of ``args``; ``kwargs`` (e.g. ``order``) go to the callback."""
+def addition_callback(store: Path, probe: dict, hessian: dict, args, callback_class=POLCACallback,
+                      **kwargs) -> POLCACallback:
+    """``POLCACallback`` (or ``callback_class``: ``POLCATrainerCallback`` takes the same arguments)
+    on the addition problems: place/carry labels, decoded contexts, the schedule, engine and
+    seed of ``args``; ``kwargs`` (e.g. ``order``) go to the callback."""
     kwargs.setdefault("analysis_kwargs", {"restrict": APPENDIX_G_CARRY})
-    return POLCACallback(
+    return callback_class(
         store=store,
         probe_data=batches(probe, 200),
         hessian_data=batches(hessian, 256, keys=("input_ids", "labels")),
@@ -220,9 +222,9 @@ def run(args, out: Path) -> dict:
     model = TinyCausalLM(vocab, context, args.d_model, args.n_layers, args.n_heads,
                          d_mlp=2048 if args.paper else None, lr=args.lr, warmup=args.warmup,
                          betas=(0.9, args.beta2))
-    trainer = L.Trainer(
-        max_steps=args.steps, callbacks=[callback], logger=logger, default_root_dir=out, accelerator="auto",
-        devices=1, log_every_n_steps=max(1, min(25, args.steps // 4)), enable_checkpointing=False,
+    trainer = L.Trainer(  # one epoch of exactly `steps` batches: the progress bar counts steps
+        max_steps=args.steps, max_epochs=1, callbacks=[callback], logger=logger, default_root_dir=out,
+        accelerator="auto", devices=1, log_every_n_steps=max(1, min(25, args.steps // 4)), enable_checkpointing=False,
         enable_model_summary=False,
     )
     start = time.perf_counter()

@@ -150,8 +150,9 @@ def main(argv=None) -> Path:
 
         logger = WandbLogger(project=args.wandb_project, save_dir=str(out), offline=not args.online,
                              config=vars(args))
-    trainer = L.Trainer(max_steps=args.steps, devices=1, callbacks=[callback], logger=logger, default_root_dir=out,
-                        log_every_n_steps=min(25, max(1, args.steps // 4)), enable_checkpointing=False,
+    # one epoch of exactly `steps` batches: the progress bar counts steps
+    trainer = L.Trainer(max_steps=args.steps, max_epochs=1, devices=1, callbacks=[callback], logger=logger,
+                        default_root_dir=out, log_every_n_steps=min(25, max(1, args.steps // 4)), enable_checkpointing=False,
                         enable_model_summary=False)
     start = time.perf_counter()
     trainer.fit(model, DataLoader(batches(train, args.batch), batch_size=None))

@@ -300,9 +300,9 @@ def main(argv=None) -> Path:
         logger = WandbLogger(project=args.wandb_project, save_dir=str(out), offline=not args.online,
                              config=vars(args))
     model = TinyCausalLM(len(tokenizer), args.seq_len, args.d_model, args.n_layers, args.n_heads, lr=args.lr)
-    trainer = L.Trainer(
-        max_steps=args.steps, callbacks=[callback], logger=logger, default_root_dir=out, accelerator="auto",
-        devices=1, log_every_n_steps=max(1, min(25, args.steps // 4)), enable_checkpointing=False,
+    trainer = L.Trainer(  # one epoch of exactly `steps` batches: the progress bar counts steps
+        max_steps=args.steps, max_epochs=1, callbacks=[callback], logger=logger, default_root_dir=out,
+        accelerator="auto", devices=1, log_every_n_steps=max(1, min(25, args.steps // 4)), enable_checkpointing=False,
         enable_model_summary=False,
     )
     start = time.perf_counter()

@@ -1,6 +1,8 @@
 """POLCA (Projection Oriented Loss Change Allocation) for PyTorch Lightning.
 
-Add :class:`POLCACallback` to a ``Trainer``; reload the store with :func:`open_store`.
+Add :class:`POLCACallback` to a Lightning ``Trainer``, or
+:class:`polca_lightning.hf.POLCATrainerCallback` to Hugging Face's ``transformers.Trainer``
+(the ``transformers`` extra; not imported here); reload the store with :func:`open_store`.
 
 The package logs to the ``polca_lightning`` logger at INFO (each basis step, the engine
 costs, where the report went), shown on stderr as Lightning shows its own when the

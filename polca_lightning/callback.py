@@ -1,75 +1,28 @@
-"""``POLCACallback``: Lightning hooks and scheduling around :class:`~polca_lightning.tracker.POLCATracker`."""
+"""``POLCACallback``: Lightning's hooks around :class:`~polca_lightning.session.POLCASession`.
+
+The session holds everything a training loop does not decide (the settings, the tracker
+and its store, the schedule, resume, the work after fit); this module maps Lightning's
+hooks onto it, moves the batches to the model's device, and reports to the trainer's loggers.
+"""
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
 from typing import Any, Callable, Iterable, Mapping
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
-from polca_lightning.config import POLCAConfig
-from polca_lightning.core.functional import ParameterSpace
-from polca_lightning.core.losses import resolve_token_loss
-from polca_lightning.core.polca import needs_curvature
-from polca_lightning.store.location import resolve_store
-from polca_lightning.store import (
-    WEIGHTS_COMPRESSORS, NullWriter, StoreWriter, TokenIndex, check_store_path, check_weights_compressors,
-)
-from polca_lightning.tracker import Collective, POLCATracker, TorchDistributed
+from polca_lightning.session import POLCASession, SessionAttributes, as_batches
+from polca_lightning.store import WEIGHTS_COMPRESSORS
 
 __all__ = ["POLCACallback"]
-
-log = logging.getLogger("polca_lightning")
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
-def _callable_or_none(name: str, value: Any, expected: str) -> Callable | None:
-    if value is not None and not callable(value):
-        raise TypeError(f"{name}: expected a callable {expected}, got {value!r}")
-    return value
-
-
-def _batches(name: str, data: Any) -> list:
-    if data is None:
-        raise ValueError(f"{name}: expected a DataLoader or an iterable of batches, got None")
-    if isinstance(data, (Tensor, Mapping, str)) or not isinstance(data, Iterable):
-        raise TypeError(f"{name}: expected a DataLoader or an iterable of batches, got {type(data).__name__}")
-    batches = list(data)
-    if not batches:
-        raise ValueError(f"{name}: expected at least one batch, got none (is the dataset empty?)")
-    return batches
-
-
-def _on_rank_zero(trainer: Trainer, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on global rank 0 only; if it raises, every rank raises.
-
-    DDP: an error raised on rank 0 alone would leave the other ranks waiting in the next
-    collective (Lightning's ``post_setup`` barrier, the tracker's broadcasts) until the
-    process-group timeout. Rank 0 re-raises its own error; the others a RuntimeError
-    naming it (broadcast as text, as an exception object may not pickle).
-    """
-    result, error = None, None
-    if trainer.global_rank == 0:
-        try:
-            result = fn()
-        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
-            error = err
-    message = f"{type(error).__name__}: {error}" if error is not None else None
-    message = trainer.strategy.broadcast(message, src=0) if trainer.world_size > 1 else message
-    if error is not None:
-        raise error
-    if message is not None:
-        raise RuntimeError(f"POLCACallback failed on rank 0 with {message}")
-    return result
-
-
-class POLCACallback(Callback):
+class POLCACallback(SessionAttributes, Callback):
     """Decompose every probe token's loss change along a growing Hessian basis, during training.
 
     Snapshots the selected parameters at step 0 and every ``snapshot_every`` optimizer
@@ -117,6 +70,9 @@ class POLCACallback(Callback):
         config: the :class:`~polca_lightning.config.POLCAConfig` of the run (the store records
             its :meth:`~polca_lightning.config.POLCAConfig.to_dict` as the ``config`` attribute).
         tracker: the :class:`~polca_lightning.tracker.POLCATracker`, from ``on_fit_start`` on.
+        session: the :class:`~polca_lightning.session.POLCASession` the hooks drive (``store``,
+            ``writer``, ``storage_options`` and ``mode`` are its, as attributes of the callback too).
+        probe_batches, hessian_batches: the batches of ``probe_data`` and ``hessian_data``.
 
     Raises:
         ValueError, TypeError: a bad argument, naming it, what was expected and what came.
@@ -159,38 +115,18 @@ class POLCACallback(Callback):
         ablate: bool = True,
         progress: bool = True,
     ):
-        self.config = POLCAConfig(  # checks every setting of the decomposition
-            snapshot_every=snapshot_every, basis_every=basis_every, k=k, max_basis=max_basis, order=order,
-            basis=basis, parameters=parameters, engine=engine, memory_cap=memory_cap,
+        self.session = POLCASession(
+            store, owner="POLCACallback", resume_hint="ckpt_path= to Trainer.fit",
+            token_loss=token_loss, token_labels=token_labels, mode=mode, storage_options=storage_options,
+            weights_compressors=weights_compressors, analyze=analyze, analysis_kwargs=analysis_kwargs,
+            decode=decode, decode_target=decode_target, lca_directions=lca_directions, ablate=ablate,
+            progress=progress, snapshot_every=snapshot_every, basis_every=basis_every, k=k, max_basis=max_basis,
+            order=order, basis=basis, parameters=parameters, engine=engine, memory_cap=memory_cap,
             basis_on_device=basis_on_device, compute_precision=compute_precision, lanczos_tol=lanczos_tol, seed=seed,
         )
-        location = resolve_store(store, storage_options)  # a URL fsspec cannot open fails here
-        self.store, self.storage_options = location.target, location.storage_options  # Path, or a URL
-        self.weights_compressors = check_weights_compressors(weights_compressors)
-        if mode not in ("w-", "a", "w"):
-            raise ValueError(f"mode: expected 'w-' (new store), 'a' (resume) or 'w' (overwrite), got {mode!r}")
-        self.mode = mode
-        self.probe_batches = _batches("probe_data", probe_data)
-        needs_hessian = basis == "hessian"
-        self.hessian_batches = _batches("hessian_data", hessian_data) if needs_hessian or hessian_data is not None else []
-        self.token_loss = _callable_or_none("token_loss", token_loss, "(module, batch) -> (loss, mask)")
-        self.token_labels = _callable_or_none("token_labels", token_labels, "batch -> {name: tensor}")
-        self.decode = _callable_or_none("decode", decode, "(sequence_index, position) -> str")
-        self.decode_target = _callable_or_none("decode_target", decode_target, "token_id -> str")
-        if analysis_kwargs is not None and not isinstance(analysis_kwargs, Mapping):
-            raise TypeError(f"analysis_kwargs: expected a dict of analyze() settings, got {type(analysis_kwargs).__name__}")
-        self.analysis_kwargs = dict(analysis_kwargs or {})
-        if lca_directions is not None and (isinstance(lca_directions, bool) or not isinstance(lca_directions, int)
-                                           or lca_directions < 0):
-            raise ValueError(f"lca_directions: expected a non-negative int or None, got {lca_directions!r}")
-        self.lca_directions = max_basis if lca_directions is None else lca_directions
-        if not isinstance(ablate, bool):
-            raise TypeError(f"ablate: expected True or False, got {ablate!r}")
-        self.analyze, self.ablate, self.progress = bool(analyze), ablate, bool(progress)
-        self.tracker: POLCATracker | None = None
-        self.writer: StoreWriter | NullWriter | None = None
-        self._last_step = -1
-        self._resume_state: dict | None = None
+        self.probe_batches = as_batches("probe_data", probe_data)
+        wants_hessian = self.session.needs_hessian or hessian_data is not None
+        self.hessian_batches = as_batches("hessian_data", hessian_data) if wants_hessian else []
 
     # ------------------------------------------------------------- settings
     @property
@@ -198,20 +134,10 @@ class POLCACallback(Callback):
         return self._generate_state_key(store=str(self.store))
 
     def state_dict(self) -> dict:
-        if self.writer is not None:
-            self.writer.flush()  # a checkpoint only ever refers to data on disk
-        t = self.tracker
-        return {
-            "last_step": self._last_step,
-            "n_snapshots": t.n_snapshots if t else 0,
-            "n_basis": t.n_basis if t else 0,
-            # the engine costs measured at the start: a resumed run makes the same choices
-            # and so computes the same numbers
-            "engine_calibration": t.calibration if t else None,
-        }
+        return self.session.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._resume_state = dict(state_dict)
+        self.session.load_state_dict(state_dict)
 
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -223,140 +149,33 @@ class POLCACallback(Callback):
                 f"POLCACallback: the {strategy.__name__} strategy shards parameters, which POLCA does not "
                 "support yet; use a single device or DDP"
             )
-        _on_rank_zero(trainer, self._check_store)  # DDP: rank 0 checks, every rank raises
-
-    def _check_store(self) -> None:
-        check_store_path(self.store, self.mode, self.storage_options)
+        self.session.connect(trainer.world_size)
+        self.session.check_store()  # DDP: rank 0 checks, every rank raises
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        token_loss = resolve_token_loss(pl_module, self.token_loss)
-        space = ParameterSpace.from_module(pl_module, self.config.parameters)
         device = pl_module.device
-        probe = [move_data_to_device(b, device) for b in self.probe_batches]
-        hessian = [move_data_to_device(b, device) for b in self.hessian_batches]
-        stored = self._run_config(trainer, pl_module, space)
-
-        def open_writer(tokens: TokenIndex) -> StoreWriter | NullWriter:
-            # after the tracker's checks: bad probe data or a model we cannot differentiate
-            # leaves nothing behind. DDP: only rank 0 writes; a refusal raises everywhere
-            writer = _on_rank_zero(trainer, lambda: StoreWriter(
-                self.store, mode=self.mode, tokens=tokens, parameters=list(zip(space.names, space.shapes)),
-                order=self.config.order, config=stored, max_basis=self.config.max_basis,
-                with_curvature=needs_curvature(self.config.order), storage_options=self.storage_options,
-                weights_compressors=self.weights_compressors, resumable_changes=POLCAConfig.resumable_changes(),
-            ))
-            return writer if writer is not None else NullWriter()
-
-        self.tracker = POLCATracker(
-            pl_module, token_loss, space, probe, hessian, self.config, open_writer=open_writer,
-            collective=TorchDistributed() if trainer.world_size > 1 else Collective(),
-            token_labels=self.token_labels, calibration=(self._resume_state or {}).get("engine_calibration"),
-            log_metrics=lambda m, step: self._log(trainer, m, step), progress=self.progress,
+        self.session.start(
+            pl_module, [move_data_to_device(b, device) for b in self.probe_batches],
+            [move_data_to_device(b, device) for b in self.hessian_batches],
+            training_precision=str(trainer.precision), log_metrics=lambda m, step: self._log(trainer, m, step),
         )
-        self.writer = self.tracker.writer
-        self._resume(trainer)
-
-    def _run_config(self, trainer: Trainer, pl_module: LightningModule, space: ParameterSpace) -> dict:
-        """What the store records as its ``config``: :meth:`POLCAConfig.to_dict` plus what the
-        run itself decides (:data:`~polca_lightning.config.RUN_FACTS`): the number of probe and
-        Hessian batches, the dtype the callback computes in (the parameters'; autocast is off while
-        it computes, so ``bf16-mixed`` training gives float32; the store holds float32 whatever it
-        is), the training precision, and the parameters left out of the decomposition because they
-        are frozen (``requires_grad=False``)."""
-        params = dict(pl_module.named_parameters())
-        dtype = functools.reduce(torch.promote_types, [params[n].dtype for n in space.names])  # flatten()'s
-        facts = {
-            "n_probe_batches": len(self.probe_batches),
-            "n_hessian_batches": len(self.hessian_batches),
-            "compute_dtype": str(dtype).removeprefix("torch."),
-            "training_precision": str(trainer.precision),
-            "frozen_parameters": [n for n, p in pl_module.named_parameters() if not p.requires_grad],
-        }
-        return {**self.config.to_dict(), **facts}
-
-    def _resume(self, trainer: Trainer) -> None:
-        state = self._resume_state
-        committed = self.writer.committed  # (0, 0) from a NullWriter: rank 0's is broadcast
-        # on the model's device: NCCL broadcasts CUDA tensors only (gloo: CPU)
-        committed = torch.tensor(committed, device=trainer.lightning_module.device)
-        committed = tuple(int(x) for x in self.tracker.coll.broadcast(committed).tolist())
-        if state is None:
-            if committed[0]:
-                raise RuntimeError(
-                    f"store: {str(self.store)!r} holds {committed[0]} snapshots but training did not resume "
-                    "from a checkpoint; pass ckpt_path= to Trainer.fit to continue it, or mode='w' to start over"
-                )
-            return
-        n_snapshots, n_basis = state["n_snapshots"], state["n_basis"]
-        if committed[0] < n_snapshots or committed[1] < n_basis:
-            raise RuntimeError(
-                f"store: {str(self.store)!r} holds {committed[0]} snapshots and {committed[1]} basis vectors, "
-                f"fewer than the checkpoint's {n_snapshots} and {n_basis}: it is not this run's store"
-            )
-        self.writer.truncate(n_snapshots, n_basis)
-        self.tracker.restore(n_snapshots)
-        self._last_step = state["last_step"]
-        log.info("POLCA: resumed %s at snapshot %d with %d basis vectors", self.store, n_snapshots, n_basis)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.tracker.n_snapshots == 0:
-            self._step(trainer, trainer.global_step)
+        self.session.begin(trainer.global_step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        # with gradient accumulation several micro-batches see the same global_step
-        step = trainer.global_step
-        if step != self._last_step and step % self.config.snapshot_every == 0:
-            self._step(trainer, step)
-
-    def _step(self, trainer: Trainer, step: int) -> None:
-        self._last_step = step
-        self.tracker.snapshot(step)
-        if step % self.config.basis_every == 0:
-            with torch.enable_grad():
-                self.tracker.grow_basis(step)
+        # with gradient accumulation several micro-batches see the same global_step: the session skips them
+        self.session.optimizer_step(trainer.global_step)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.writer.close(complete=True)
-        if self.writer.writes:
-            t = self.tracker
-            log.info(
-                "POLCA: %d snapshots, %d basis vectors in %s; time %s", t.n_snapshots, t.n_basis, self.store,
-                {k: round(v, 2) for k, v in t.timings.items()},
-            )
-        # DDP: no rank returns from fit before rank 0 has closed the store (code after fit may read it)
-        trainer.strategy.barrier("polca_store_closed")
-        if self.analyze and trainer.global_rank == 0:
-            self._analyze(trainer)
+        self.session.finish()  # DDP: no rank returns from fit before rank 0 has closed the store
+        if self.session.analyze and trainer.global_rank == 0:
+            self.session.report(step=int(trainer.global_step), loggers=trainer.loggers)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if self.writer is not None:
-            try:
-                self.writer.close(complete=False)  # keep what is committed; the store stays resumable
-            except Exception:  # noqa: BLE001 - the exception in flight says more
-                log.exception("POLCA: could not close the store after %s", type(exception).__name__)
-
-    def _analyze(self, trainer: Trainer) -> None:
-        from polca_lightning.report import report_after_fit
-
-        t = self.tracker
-        if self.lca_directions:
-            from polca_lightning.lca import lca_baseline
-
-            lca_baseline(self.store, t.module, t.token_loss, t.probe, self.lca_directions,
-                         engine=self.config.engine, progress=self.progress, storage_options=self.storage_options)
-        if self.ablate:
-            from polca_lightning.ablation import ablate_directions
-
-            ablate_directions(self.store, t.module, t.token_loss, t.probe, progress=self.progress,
-                              storage_options=self.storage_options)
-
-        report_after_fit(self.store, trainer, loggers=trainer.loggers, decode=self.decode,
-                         decode_target=self.decode_target, analysis_kwargs=self.analysis_kwargs,
-                         progress=self.progress, storage_options=self.storage_options)
+        self.session.abort(exception)  # keep what is committed; the store stays resumable
 
     @staticmethod
     def _log(trainer: Trainer, metrics: dict, step: int) -> None:
-        if trainer.global_rank != 0:
-            return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

@@ -59,6 +59,9 @@ class Collective:
     def broadcast(self, tensor: Tensor) -> Tensor:
         return tensor
 
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+
 
 class TorchDistributed(Collective):
     """Collectives over an initialised ``torch.distributed`` process group."""
@@ -88,6 +91,9 @@ class TorchDistributed(Collective):
     def broadcast(self, tensor: Tensor) -> Tensor:
         self._dist.broadcast(tensor, src=0)
         return tensor
+
+    def barrier(self) -> None:
+        self._dist.barrier()
 
 
 class POLCATracker:

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,7 +21,11 @@ def test_arithmetic_tiny_mode_logs_the_report_to_an_offline_wandb_run(tmp_path, 
     from polca_lightning import open_store
 
     store = arithmetic.main(["--tiny", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # the progress bar counts the run's 24 steps in one epoch (max_steps alone reads "Epoch 0/-2")
+    bar = captured.out + captured.err
+    assert "24/24" in bar and not re.search(r"Epoch \d+/-\d", bar)
     ds = open_store(store)
     assert ds.attrs["complete"] and ds.sizes["snapshot"] == 7 and ds.sizes["basis"] == 4
     assert set(ds["place"].values) == {0, 1, 2, 3} and set(ds["carry"].values) == {0, 1}
@@ -144,6 +149,34 @@ def test_huggingface_tiny_mode_runs_a_transformers_model_through_the_callback(tm
         assert any(t.startswith(f"polca_report/{name}_") for t in tables), name
     history = wandb_history(Path(run_dir))
     assert any("polca/eigenvalue" in h for h in history) and any("train/loss" in h for h in history)
+
+
+def test_hf_trainer_tiny_mode_reports_into_the_wandb_run_the_trainer_opened(tmp_path, capsys):
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the transformers extra)")
+    import hf_trainer
+
+    from polca_lightning import open_store
+
+    store = hf_trainer.main(["--tiny", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    ds = open_store(store)
+    assert ds.attrs["complete"] and ds.sizes["snapshot"] == 7 and ds.sizes["basis"] == 4
+    assert ds["step"].values.tolist() == list(range(0, 25, 4))  # the Trainer's optimizer steps
+    assert ds.sizes["token"] == 4 * 48 and set(ds["carry"].values) == {0, 1}
+    assert "cluster" in ds and "carry_homogeneity" in ds  # the analysis was written back
+    assert "trained by transformers.Trainer for 24 steps" in out and "best cluster of carry tokens" in out
+
+    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    images, tables = media_files(run_dir, "images"), media_files(run_dir, "table")
+    assert any(i.startswith("polca_report/coverage_plot_") for i in images)
+    assert any(i.startswith("polca_report/appendix_g_carry_") for i in images)
+    for name in ("summary", "medoid_contexts", "appendix_g"):
+        assert any(t.startswith(f"polca_report/{name}_") for t in tables), name
+    history = wandb_history(Path(run_dir))
+    assert any("train/loss" in h for h in history)  # the Trainer's own
+    eigen = [h for h in history if "polca/eigenvalue" in h]  # POLCA's, on the Trainer's step axis
+    assert [h["train/global_step"] for h in eigen] == [0, 8]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

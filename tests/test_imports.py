@@ -117,19 +117,89 @@ def test_the_torch_math_imports_nothing_else_of_the_package():
         assert all(d.startswith("polca_lightning.core") for d in graph[module]), (module, graph[module])
 
 
-def test_old_import_paths_of_the_torch_math_still_work_with_a_deprecation_warning():
+def external_imports(module: str) -> set[str]:
+    """The top-level names of the packages outside polca_lightning that ``module`` imports anywhere."""
+    path = _modules()[module]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out - {"polca_lightning"}
+
+
+def dependencies(graph: dict[str, set[str]], module: str) -> set[str]:
+    """``module`` and every package module it imports, directly or not."""
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += graph[m]
+    return seen
+
+
+def test_one_session_under_two_loops_that_do_not_know_each_other():
+    graph = import_graph()
+    assert "lightning" in external_imports("polca_lightning.callback")  # the walk sees third-party imports
+    assert "transformers" in external_imports("polca_lightning.hf")
+    below = dependencies(graph, "polca_lightning.session")
+    assert {"polca_lightning.tracker", "polca_lightning.store.writer", "polca_lightning.report.pipeline"} <= below
+    for module in below:
+        assert not external_imports(module) & {"lightning", "pytorch_lightning", "transformers", "accelerate"}, module
+    assert "polca_lightning.session" in graph["polca_lightning.callback"] and "polca_lightning.session" in graph["polca_lightning.hf"]
+    assert "polca_lightning.hf" not in dependencies(graph, "polca_lightning.callback")
+    assert "polca_lightning.callback" not in dependencies(graph, "polca_lightning.hf")
+
+
+#: run first in a subprocess: ``transformers`` and ``accelerate`` look uninstalled (no module,
+#: no distribution metadata), as in an environment without the extra
+_WITHOUT_THE_EXTRA = """
+import importlib.metadata as md, sys
+hidden = ("transformers", "accelerate")
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in hidden:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+def hide(real):
+    def lookup(name):
+        if name in hidden:
+            raise md.PackageNotFoundError(name)
+        return real(name)
+    return lookup
+md.version, md.distribution = hide(md.version), hide(md.distribution)
+"""
+
+
+def test_the_package_needs_transformers_only_for_the_hugging_face_callback():
+    import subprocess
+    import sys
+
+    graph = import_graph()
+    users = {m for m in graph if "transformers" in external_imports(m) or "accelerate" in external_imports(m)}
+    assert users == {"polca_lightning.hf"}
+    # without the extra: the package imports (and leaves transformers unimported); the callback
+    # of polca_lightning.hf says which extra to install. (With transformers installed, Lightning's
+    # torchmetrics imports it on its own.)
+    code = _WITHOUT_THE_EXTRA + (
+        "import polca_lightning, polca_lightning.report, polca_lightning.session\n"
+        "print(sorted(m for m in hidden if m in sys.modules))\n"
+        "try:\n    import polca_lightning.hf\nexcept ImportError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [
+        "[]", 'polca_lightning.hf needs transformers (and accelerate): pip install "polca-lightning[transformers]"']
+
+
+def test_the_top_level_holds_the_callbacks_the_config_the_session_and_the_subpackages():
     import importlib
 
     import pytest
 
-    from polca_lightning.core.engine import DirectionalDerivatives
-
-    for old, name in [("engine", "DirectionalDerivatives"), ("losses", "causal_lm_token_loss"),
-                      ("functional", "ParameterSpace"), ("hessian", "projected_hessian_eigs"), ("polca", "ORDERS")]:
-        module = importlib.import_module(f"polca_lightning.{old}")
-        with pytest.warns(DeprecationWarning, match=f"polca_lightning.core.{old}.{name}"):
-            value = getattr(module, name)
-        assert value is getattr(importlib.import_module(f"polca_lightning.core.{old}"), name)
-    with pytest.warns(DeprecationWarning):
-        from polca_lightning.engine import DirectionalDerivatives as old_class
-    assert old_class is DirectionalDerivatives
+    top = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert top == {"__init__", "__main__", "ablation", "callback", "cli", "config", "hf", "lca", "session", "toy",
+                   "tracker", "analysis", "core", "report", "store"}
+    for old in ("engine", "losses", "functional", "hessian", "polca", "_moved"):  # now only under core/
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"polca_lightning.{old}")

@@ -12,6 +12,7 @@ from polca_lightning.core.losses import (
     causal_lm_token_loss,
     check_token_loss_output,
     classifier_token_loss,
+    masked_lm_token_loss,
     resolve_token_loss,
 )
 
@@ -50,6 +51,29 @@ def test_causal_lm_accepts_plain_tensors_and_pairs():
     a = causal_lm_token_loss(model, ids)
     b = causal_lm_token_loss(model, (ids, ids))
     assert torch.equal(a[0], b[0]) and a[1][:, 1:].all() and not a[1][:, 0].any()
+
+
+def test_a_one_element_batch_is_read_as_the_batch_it_holds():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = tiny_lm()
+    ids = torch.randint(0, 12, (4, 6))
+    (batch,) = DataLoader(TensorDataset(ids), batch_size=4)  # [input_ids], a one-element list
+    assert isinstance(batch, list) and len(batch) == 1
+    expected = causal_lm_token_loss(model, ids)
+    for wrapped in (batch, (ids,)):
+        for got, want in zip(causal_lm_token_loss(model, wrapped), expected):
+            assert torch.equal(got, want)
+    # the masked-LM loss reads its batches with the same parser
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = ids[:, 2]
+    mapping = {"input_ids": ids, "labels": labels}
+    for got, want in zip(masked_lm_token_loss(model, [mapping]), masked_lm_token_loss(model, mapping)):
+        assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="masked_lm_token_loss: expected a batch that is an \\(input_ids, labels\\) pair"):
+        masked_lm_token_loss(model, [ids])  # a masked LM needs labels: a lone tensor is not enough
+    with pytest.raises(TypeError, match="causal_lm_token_loss: expected a batch"):
+        causal_lm_token_loss(model, [ids, ids, ids])
 
 
 def test_classifier_one_token_per_example():

@@ -87,7 +87,11 @@ def _sequence_logits(module: nn.Module, input_ids: Tensor, attention_mask: Tenso
 def _lm_batch(batch: Any, who: str, *, labels_required: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(input_ids, labels, attention_mask)`` of a language-model batch: a mapping with
     ``input_ids`` (and ``labels``, ``attention_mask``), an ``(input_ids, labels)`` pair, or,
-    where labels are not required, a tensor of ``input_ids`` that is its own labels."""
+    where labels are not required, a tensor of ``input_ids`` that is its own labels. A
+    one-element sequence is read as the batch it holds: ``DataLoader(TensorDataset(input_ids))``
+    yields ``[input_ids]``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:
+        batch = batch[0]
     if isinstance(batch, Tensor) and not labels_required:
         return batch, batch, None
     if isinstance(batch, Mapping):
@@ -104,9 +108,10 @@ def _lm_batch(batch: Any, who: str, *, labels_required: bool) -> tuple[Tensor, T
 def causal_lm_token_loss(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token next-token cross-entropy of a causal language model.
 
-    The batch is a tensor of ``input_ids`` ``[batch, length]``, a ``(input_ids, labels)``
-    pair, or a mapping with ``input_ids`` and optionally ``labels`` and
-    ``attention_mask``. Labels default to the inputs; a label of -100 or a zero
+    The batch is a tensor of ``input_ids`` ``[batch, length]`` (or a one-element list or
+    tuple holding it, as ``DataLoader(TensorDataset(input_ids))`` yields), a ``(input_ids,
+    labels)`` pair, or a mapping with ``input_ids`` and optionally ``labels`` and
+    ``attention_mask`` (a Hugging Face batch). Labels default to the inputs; a label of -100 or a zero
     attention mask excludes a position. The model is called as ``module(input_ids)``
     (plus ``attention_mask=`` when the batch has one) and must return logits
     ``[batch, length, vocab]`` or an output with ``.logits``.
@@ -147,7 +152,8 @@ def masked_lm_token_loss(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor,
     The batch is a mapping with ``input_ids`` (the corrupted input, e.g. ``[MASK]`` at the
     positions to predict), ``labels`` (the original token where the loss is taken, -100
     elsewhere, as Hugging Face's data collators make them) and optionally
-    ``attention_mask``, or an ``(input_ids, labels)`` pair. The model is called as
+    ``attention_mask``, or an ``(input_ids, labels)`` pair (either may come in a
+    one-element list or tuple). The model is called as
     ``module(input_ids)`` (plus ``attention_mask=``) and must return logits
     ``[batch, length, vocab]`` or an output with ``.logits``. Position ``p`` is the loss of
     predicting ``labels[:, p]`` at ``p`` (no shift).

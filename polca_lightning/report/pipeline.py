@@ -4,9 +4,9 @@
   the results beside the training data (:func:`polca_lightning.store.write_analysis`) and
   returns the store reopened with them: the Dataset every figure and table reads.
 - The tables (``report/tables.py``) are importable from here too.
-- :func:`report_after_fit` is what :class:`~polca_lightning.POLCACallback` calls at the
-  end of ``fit``: the analysis, then the report's items (``content``) to the W&B and
-  TensorBoard loggers it is given, or the folder.
+- :func:`report_after_fit` is what both callbacks call at the end of training: the
+  analysis, then the report's items (``content``) to the W&B and TensorBoard loggers or
+  sinks it is given, or the folder.
 """
 
 from __future__ import annotations
@@ -174,18 +174,20 @@ def default_report_dir(store_path) -> Path:
 
 # -------------------------------------------------------------------------- tables
 # ---------------------------------------------------------------------- after fit
-def report_after_fit(store_path, trainer=None, *, loggers=None, step: int | None = None,
+def report_after_fit(store_path, trainer=None, *, loggers=None, sinks=None, step: int | None = None,
                      decode: Callable[[int, int], str] | None = None,
                      decode_target: Callable[[int], str] | None = None,
                      analysis_kwargs: dict | None = None, progress: bool = True, report_dir=None,
                      storage_options: dict | None = None) -> Path | None:
-    """Analyse the store of a finished run and report it (called by ``POLCACallback``).
+    """Analyse the store of a finished run and report it (called by both callbacks).
 
     Runs :func:`analyze_store` (results written into the store), then sends the report
     (:func:`~polca_lightning.report.content.report_items`, each figure drawn once) to
     every ``WandbLogger`` (:class:`~polca_lightning.report.wandb_report.WandbSink`) and
     every ``TensorBoardLogger`` (:class:`~polca_lightning.report.tensorboard_report.TensorBoardSink`)
-    among ``loggers`` (Lightning's or ``pytorch_lightning``'s); with neither, or when
+    among ``loggers`` (Lightning's or ``pytorch_lightning``'s), and to the ``sinks`` given
+    (e.g. a ``WandbSink`` on an open W&B run, a ``TensorBoardSink`` on a ``SummaryWriter``:
+    what the Hugging Face callback passes); with none of them, or when
     ``report_dir`` is given, writes the PNG/CSV folder
     (:class:`~polca_lightning.report.folder.FolderSink`) at ``report_dir`` (default
     :func:`default_report_dir`: ``<store>.report`` beside a local store, ``./<name>.report``
@@ -198,6 +200,8 @@ def report_after_fit(store_path, trainer=None, *, loggers=None, step: int | None
             ``step`` are not given.
         loggers: the loggers to report to (default: ``trainer.loggers``, none without a
             trainer).
+        sinks: more report sinks (objects with ``send(item)`` and ``finish()``, made for
+            the report's step), sent the same items after the loggers' sinks.
         step: step of the report (default: ``trainer.global_step``, else the store's last).
         decode: ``(sequence, position) -> str``, the medoid contexts' text.
         decode_target: ``token_id -> str``, the text of the clusters' most common targets.
@@ -235,9 +239,11 @@ def report_after_fit(store_path, trainer=None, *, loggers=None, step: int | None
     out = None
     try:
         step = int(ds[STEP].values[-1]) if step is None else int(step)
+        given = list(sinks or [])
         sinks = [WandbSink(lg, step) for lg in wandb_loggers(loggers)]
         sinks += [TensorBoardSink(lg.experiment, step, csv_dir=_csv_dir(lg, lg.experiment))
                   for lg in tensorboard_loggers(loggers)]
+        sinks += given
         fallback = not sinks
         if fallback or report_dir is not None:
             out = Path(report_dir or default_report_dir(store_path))

@@ -1,4 +1,5 @@
-"""Log an analysed store to Weights & Biases through a Lightning ``WandbLogger``.
+"""Log an analysed store to Weights & Biases through a Lightning ``WandbLogger``, or into an
+open run (:class:`WandbRun`: the one Hugging Face's ``Trainer`` opened).
 
 Keys (``prefix`` = ``"polca_report"``; ``NN`` = the vector index, two digits):
 
@@ -62,7 +63,8 @@ import numpy as np
 from polca_lightning.report.content import ReportItem, logger_classes, loggers_of, report_items, send_report
 from polca_lightning.store.schema import STEP
 
-__all__ = ["wandb_logger_classes", "wandb_loggers", "wandb_keys", "WandbSink", "log_report", "figure_to_image"]
+__all__ = ["wandb_logger_classes", "wandb_loggers", "wandb_keys", "WandbRun", "WandbSink", "log_report",
+           "figure_to_image"]
 
 log = logging.getLogger("polca_lightning")
 
@@ -97,8 +99,44 @@ def wandb_keys(item: ReportItem, prefix: str = "polca_report") -> list[str]:
     return [f"{prefix}/{item.name}"]
 
 
+class WandbRun:
+    """An open W&B run with the logging methods of Lightning's ``WandbLogger`` that
+    :class:`WandbSink` uses (``log_metrics``, ``log_image``, ``log_table``, ``experiment``),
+    so that the report goes into a run some other code opened: the one Hugging Face's
+    ``Trainer`` opens with ``report_to="wandb"`` (``wandb.run``).
+
+    Each row is logged with its step as the ``step_metric`` value rather than as W&B's own
+    step (the ``Trainer`` plots every key against ``train/global_step``; a W&B step older
+    than the run's last is silently dropped).
+
+    Args:
+        run: a ``wandb`` run (``wandb.run``, or what ``wandb.init`` returned).
+        step_metric: the key that holds the step.
+    """
+
+    def __init__(self, run, step_metric: str = "train/global_step"):
+        if run is None:
+            raise ValueError("run: expected an open W&B run (wandb.run), got None")
+        self.experiment, self.step_metric = run, step_metric
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        row = dict(metrics) if step is None else {**metrics, self.step_metric: int(step)}
+        self.experiment.log(row)
+
+    def log_image(self, key: str, images: list, step: int | None = None, caption: list | None = None) -> None:
+        import wandb
+
+        captions = caption if caption is not None else [None] * len(images)
+        self.log_metrics({key: [wandb.Image(img, caption=c) for img, c in zip(images, captions)]}, step)
+
+    def log_table(self, key: str, columns: list, data: list, step: int | None = None) -> None:
+        import wandb
+
+        self.log_metrics({key: wandb.Table(columns=columns, data=data)}, step)
+
+
 class WandbSink:
-    """Sends report items to a Lightning ``WandbLogger``: figures with ``log_image``,
+    """Sends report items to a Lightning ``WandbLogger`` (or a :class:`WandbRun`): figures with ``log_image``,
     tables with ``log_table`` (at ``step``), a series with ``log_metrics`` at each of its
     steps, the scalars in one ``log_metrics`` at ``step`` and in the run summary, texts
     in the run summary. ``finish()`` returns the keys sent."""

@@ -1,0 +1,300 @@
+"""``POLCATrainerCallback``: POLCA inside Hugging Face's ``transformers.Trainer``.
+
+The same store, analysis and report as :class:`~polca_lightning.POLCACallback`, from the
+``Trainer``'s hooks: both callbacks drive one :class:`~polca_lightning.session.POLCASession`.
+Needs the ``transformers`` extra (``pip install "polca-lightning[transformers]"``, which
+brings ``accelerate``, what the ``Trainer`` runs on); ``import polca_lightning`` never
+imports ``transformers``, this module does.
+
+Example:
+    >>> from polca_lightning.hf import POLCATrainerCallback
+    >>> polca = POLCATrainerCallback("runs/polca.zarr", probe_data=probe_dataset, hessian_data=hessian_dataset)
+    >>> trainer = transformers.Trainer(model, args, train_dataset=train_dataset, callbacks=[polca])
+    >>> trainer.train()
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+try:
+    from transformers import TrainerCallback, default_data_collator
+    from transformers.trainer_callback import ExportableState
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        'polca_lightning.hf needs transformers (and accelerate): pip install "polca-lightning[transformers]"'
+    ) from err
+
+from polca_lightning.session import POLCASession, SessionAttributes, as_batches, callable_or_none
+from polca_lightning.store import WEIGHTS_COMPRESSORS
+
+__all__ = ["POLCATrainerCallback", "tensorboard_log_dir", "trainer_collator"]
+
+def _is_dataset(data: Any) -> bool:
+    """A dataset of examples (batched here) rather than batches: a torch ``Dataset`` or a
+    🤗 ``datasets.Dataset`` (anything with ``column_names``); a DataLoader or a list is batches."""
+    if isinstance(data, DataLoader):
+        return False
+    return isinstance(data, Dataset) or hasattr(data, "column_names")
+
+
+def trainer_collator(train_dataloader: Any) -> Callable:
+    """The data collator of the ``Trainer``'s training DataLoader, unwrapped from the
+    ``RemoveColumnsCollator`` the ``Trainer`` puts around it (which would drop the columns
+    ``token_labels`` reads); ``default_data_collator`` when there is none."""
+    collate = getattr(train_dataloader, "collate_fn", None)
+    if type(collate).__name__ == "RemoveColumnsCollator":
+        collate = collate.data_collator
+    return collate if collate is not None else default_data_collator
+
+
+def tensorboard_log_dir(args: Any) -> Path:
+    """Where the ``Trainer``'s ``TensorBoardCallback`` writes: ``TENSORBOARD_LOGGING_DIR``,
+    else ``args.logging_dir`` (transformers 4), else the folder under ``<output_dir>/runs``
+    of this process's newest event file (the callback opens it when training begins), else
+    ``<output_dir>/runs/polca``."""
+    env = os.getenv("TENSORBOARD_LOGGING_DIR")
+    if env:
+        return Path(os.path.expanduser(env))
+    if getattr(args, "logging_dir", None):
+        return Path(args.logging_dir)
+    runs = Path(args.output_dir) / "runs"
+    # tensorboard names event files events.out.tfevents.<time>.<host>.<pid>.<n>
+    mine = list(runs.glob(f"*/events.out.tfevents.*.{socket.gethostname()}.{os.getpid()}.*"))
+    if mine:
+        return max(mine, key=lambda p: p.stat().st_mtime).parent
+    return runs / "polca"
+
+
+class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
+    """:class:`~polca_lightning.POLCACallback` for Hugging Face's ``transformers.Trainer``.
+
+    The same store, analysis and report after training, with the same arguments (those of
+    ``POLCACallback`` document them) and two more for datasets. Snapshots and basis steps
+    come on optimizer steps (``on_step_end``: with ``gradient_accumulation_steps`` the
+    micro-batches of one step count once). The default token loss,
+    :func:`~polca_lightning.causal_lm_token_loss`, reads the ``Trainer``'s batches: dicts
+    with ``input_ids``, ``labels`` (``-100`` excluded) and ``attention_mask``. The report
+    after training goes to the W&B run the ``Trainer`` opened (``report_to="wandb"``), to
+    an event file in its TensorBoard log dir (``report_to="tensorboard"``,
+    :func:`tensorboard_log_dir`), or, with neither, to the folder ``<store>.report``; the
+    scalars logged while training (eigenvalues, coverage) go to the same places.
+
+    Resume: ``trainer.train(resume_from_checkpoint=...)`` with ``mode="a"`` continues the
+    store; the callback's state travels in the checkpoint's ``trainer_state.json``
+    (``TrainerState.stateful_callbacks``, under the class name, keyed by store). Leave
+    ``restore_callback_states_from_checkpoint`` off: with it the ``Trainer`` would rebuild
+    the callback from JSON, which cannot hold the probe data. After an exception in
+    ``trainer.train()`` the ``Trainer`` calls no hook: :meth:`close` closes the store,
+    keeping what is committed (a process that ends closes it too). Distributed runs
+    (``torchrun``): rank 0 writes the one store, as with ``POLCACallback``; FSDP and
+    DeepSpeed are refused.
+
+    Args:
+        store, probe_data, hessian_data, token_loss, token_labels, snapshot_every, basis_every,
+            k, max_basis, order, basis, parameters, mode, storage_options, weights_compressors,
+            engine, memory_cap, basis_on_device, compute_precision, lanczos_tol, seed, analyze,
+            analysis_kwargs, decode, decode_target, lca_directions, ablate, progress: as for
+            :class:`~polca_lightning.POLCACallback`. ``probe_data`` and ``hessian_data`` may
+            also be datasets of examples (a torch ``Dataset`` or a 🤗 ``datasets.Dataset``),
+            batched in order when training begins.
+        data_collator: collates the examples of a dataset (default: the ``Trainer``'s data
+            collator, :func:`trainer_collator`).
+        batch_size: examples per batch of a dataset (default: ``per_device_eval_batch_size``).
+
+    Attributes:
+        session, config, store, tracker, writer: as for :class:`~polca_lightning.POLCACallback`.
+        probe_batches, hessian_batches: the batches, from ``on_train_begin`` on where the
+            data are datasets.
+
+    Raises:
+        ValueError, TypeError: a bad argument, naming it, what was expected and what came.
+
+    Example:
+        >>> polca = POLCATrainerCallback("runs/polca.zarr", probe_data=probe_dataset,
+        ...                              hessian_data=hessian_dataset, snapshot_every=25, basis_every=200)
+        >>> trainer = Trainer(model, TrainingArguments("out", max_steps=3000, report_to="wandb"),
+        ...                   train_dataset=train_dataset, callbacks=[polca])
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        probe_data: Iterable,
+        hessian_data: Iterable | None = None,
+        *,
+        token_loss: Callable | None = None,
+        token_labels: Callable[[Any], Mapping[str, Tensor]] | None = None,
+        data_collator: Callable | None = None,
+        batch_size: int | None = None,
+        snapshot_every: int = 25,
+        basis_every: int = 200,
+        k: int = 1,
+        max_basis: int = 15,
+        order: str = "trapezoid",
+        basis: str | Callable = "hessian",
+        parameters: list[str] | None = None,
+        mode: str = "w-",
+        storage_options: dict | None = None,
+        weights_compressors: Any = WEIGHTS_COMPRESSORS,
+        engine: str = "auto",
+        memory_cap: int = 1 << 30,
+        basis_on_device: bool = True,
+        compute_precision: str = "float32",
+        lanczos_tol: float = 1e-3,
+        seed: int = 0,
+        analyze: bool = True,
+        analysis_kwargs: dict | None = None,
+        decode: Callable[[int, int], str] | None = None,
+        decode_target: Callable[[int], str] | None = None,
+        lca_directions: int | None = None,
+        ablate: bool = True,
+        progress: bool = True,
+    ):
+        self.session = POLCASession(
+            store, owner="POLCATrainerCallback", resume_hint="resume_from_checkpoint= to Trainer.train",
+            token_loss=token_loss, token_labels=token_labels, mode=mode, storage_options=storage_options,
+            weights_compressors=weights_compressors, analyze=analyze, analysis_kwargs=analysis_kwargs,
+            decode=decode, decode_target=decode_target, lca_directions=lca_directions, ablate=ablate,
+            progress=progress, snapshot_every=snapshot_every, basis_every=basis_every, k=k, max_basis=max_basis,
+            order=order, basis=basis, parameters=parameters, engine=engine, memory_cap=memory_cap,
+            basis_on_device=basis_on_device, compute_precision=compute_precision, lanczos_tol=lanczos_tol, seed=seed,
+        )
+        self.data_collator = callable_or_none("data_collator", data_collator, "list of examples -> batch")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
+        self.batch_size = batch_size
+        wants_hessian = self.session.needs_hessian or hessian_data is not None
+        self._sources = {"probe_data": probe_data, "hessian_data": hessian_data if wants_hessian else None}
+        # batches now (bad data fail here); datasets when training begins, with the Trainer's collator
+        self.probe_batches = self._batches_now("probe_data")
+        self.hessian_batches = self._batches_now("hessian_data") if wants_hessian else []
+        self._wandb_run = None
+        self._tensorboard = None  # a SummaryWriter in the Trainer's TensorBoard log dir (rank 0)
+
+    def _batches_now(self, name: str) -> list | None:
+        data = self._sources[name]
+        if not _is_dataset(data):
+            return as_batches(name, data)
+        if hasattr(data, "__len__") and len(data) == 0:
+            raise ValueError(f"{name}: expected at least one example, got an empty dataset")
+        return None
+
+    def _batches(self, name: str, args: Any, train_dataloader: Any) -> list:
+        data = self._sources[name]
+        collate = self.data_collator or trainer_collator(train_dataloader)
+        loader = DataLoader(data, batch_size=self.batch_size or args.per_device_eval_batch_size,
+                            shuffle=False, collate_fn=collate)
+        return as_batches(name, loader)
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict:
+        """The checkpoint's state of this callback (``ExportableState``): what resuming the
+        store needs, keyed by the store (the writer is flushed first)."""
+        return {"args": {}, "attributes": {"store": str(self.store), **self.session.state_dict()}}
+
+    def _saved_state(self, stateful_callbacks: Mapping | None) -> dict | None:
+        entries = (stateful_callbacks or {}).get(type(self).__name__)
+        entries = entries if isinstance(entries, list) else [entries] if entries else []
+        mine = [e["attributes"] for e in entries if e.get("attributes", {}).get("store") == str(self.store)]
+        return mine[-1] if mine else None
+
+    # ---------------------------------------------------------------- hooks
+    def on_init_end(self, args, state, control, **kwargs):
+        if getattr(args, "restore_callback_states_from_checkpoint", False):
+            raise ValueError(
+                "restore_callback_states_from_checkpoint: expected False with POLCATrainerCallback, got True "
+                "(the Trainer would rebuild the callback from JSON, which cannot hold the probe data); the "
+                "callback reads its state from the checkpoint itself when resuming"
+            )
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        from accelerate.utils import send_to_device
+
+        self.on_init_end(args, state, control)  # a callback added after the Trainer was made
+        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+            raise RuntimeError("POLCATrainerCallback: FSDP and DeepSpeed shard parameters, which POLCA does not "
+                               "support yet; use a single device or DDP")
+        session = self.session
+        session.connect(args.world_size)
+        session.check_store()  # rank 0 checks, every rank raises
+        if _is_dataset(self._sources["probe_data"]):
+            self.probe_batches = self._batches("probe_data", args, train_dataloader)
+        if _is_dataset(self._sources["hessian_data"]):
+            self.hessian_batches = self._batches("hessian_data", args, train_dataloader)
+        saved = self._saved_state(state.stateful_callbacks) if state.global_step > 0 else None  # resumed
+        session.resume_state = saved
+        if session.rank == 0:
+            self._open_sinks(args)
+        device = next(model.parameters()).device
+        precision = "bf16-mixed" if args.bf16 else "16-mixed" if args.fp16 else "32-true"
+        session.start(model, [send_to_device(b, device) for b in self.probe_batches],
+                      [send_to_device(b, device) for b in self.hessian_batches],
+                      training_precision=precision, log_metrics=self._log)
+        session.begin(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.session.optimizer_step(state.global_step)  # after the optimizer step: once per step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.session.finish()  # no rank goes on before rank 0 has closed the store
+        try:
+            if self.session.analyze and self.session.rank == 0:
+                self.session.report(step=int(state.global_step), sinks=self._report_sinks(int(state.global_step)))
+        finally:
+            self._close_sinks()
+
+    def close(self) -> None:
+        """Close the store after ``trainer.train()`` raised, keeping what is committed (the
+        store stays resumable with ``mode="a"``); the ``Trainer`` has no hook for exceptions."""
+        self.session.abort()
+        self._close_sinks()
+
+    # -------------------------------------------------------------- logging
+    def _open_sinks(self, args) -> None:
+        report_to = set(getattr(args, "report_to", None) or [])
+        self._close_sinks()
+        if "wandb" in report_to:
+            import wandb
+
+            self._wandb_run = wandb.run  # opened by the Trainer's WandbCallback in its on_train_begin
+            if self._wandb_run is None:
+                warnings.warn("POLCA: report_to has 'wandb' but no W&B run is open; the report goes elsewhere",
+                              UserWarning, stacklevel=2)
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(tensorboard_log_dir(args)))
+
+    def _close_sinks(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        self._wandb_run, self._tensorboard = None, None
+
+    def _log(self, metrics: dict, step: int) -> None:
+        if self._wandb_run is not None:
+            from polca_lightning.report.wandb_report import WandbRun
+
+            WandbRun(self._wandb_run).log_metrics(metrics, step)
+        if self._tensorboard is not None:
+            for key, value in metrics.items():
+                self._tensorboard.add_scalar(key, value, global_step=step)
+
+    def _report_sinks(self, step: int) -> list:
+        sinks = []
+        if self._wandb_run is not None:
+            from polca_lightning.report.wandb_report import WandbRun, WandbSink
+
+            sinks.append(WandbSink(WandbRun(self._wandb_run), step))
+        if self._tensorboard is not None:
+            from polca_lightning.report.tensorboard_report import TensorBoardSink, _csv_dir
+
+            sinks.append(TensorBoardSink(self._tensorboard, step, csv_dir=_csv_dir(None, self._tensorboard)))
+        return sinks
