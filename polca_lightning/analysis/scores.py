@@ -29,6 +29,25 @@ rate_g(v)``: ``share_g(C)`` the fraction of the cluster's tokens in group ``g``,
 homogeneity means something only against it: a cluster of 10s-place tokens has carry
 homogeneity 0.45 by knowing the place alone.
 
+A label fixed by another coordinate (``fixed_by``). Within a cluster a label can be a
+function of another token coordinate: at the 1000s place of 3-digit addition the carry
+*is* the digit (a 1000s digit is 1 exactly when the 100s column carries), so a cluster of
+1000s digits scores carry homogeneity near 1 by knowing the target alone. Within a set of
+tokens ``S`` (a cluster), label ``L`` is fixed by coordinate ``K`` when
+
+1. ``L`` varies in ``S``: its most common value covers less than ``fraction`` of ``S``;
+2. ``K``'s value gives ``L``'s for at least ``fraction`` of ``S``: summed over the values
+   ``k`` of ``K`` that at least ``min_count`` tokens of ``S`` share, the count of the most
+   common ``L`` among the tokens with ``k`` is at least ``fraction × |S|`` (a value fewer
+   than ``min_count`` tokens share determines none of them, so a coordinate with nearly a
+   value per token, a word target in a small cluster, fixes nothing);
+3. ``K`` does not already fix ``L`` over all tokens (``L`` a function of ``K`` by
+   construction, as a word's kind is of the word: every cluster would be flagged). This
+   is 2. on all tokens with ``min_count`` 1.
+
+``fraction`` is 0.95 and ``min_count`` 5 by default (``FIXED_FRACTION``,
+``FIXED_MIN_COUNT``).
+
 ``clustering_scores`` adds torchmetrics' homogeneity, completeness and V-measure
 (entropy based, over the whole clustering) on the clustered tokens only: torchmetrics
 treats -1 as an ordinary cluster, so outliers and filtered tokens are dropped first.
@@ -40,10 +59,16 @@ import warnings
 
 import numpy as np
 
-__all__ = ["label_scores", "chance_homogeneity", "best_clusters", "clustering_scores"]
+__all__ = ["label_scores", "chance_homogeneity", "best_clusters", "clustering_scores", "determined_share",
+           "fixed_by", "FIXED_FRACTION", "FIXED_MIN_COUNT"]
 
 #: App. G eligibility threshold (camera-ready: "over 85%")
 APPENDIX_G_FRACTION = 0.85
+
+#: ``fixed_by``: the share of a cluster's tokens whose label another coordinate must give
+FIXED_FRACTION = 0.95
+#: ``fixed_by``: tokens that must share a value of the other coordinate for it to count
+FIXED_MIN_COUNT = 5
 
 
 def label_scores(
@@ -188,6 +213,72 @@ def chance_homogeneity(
     size = counts.sum(axis=1, keepdims=True)  # [C, 1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(size > 0, (counts / size) @ rate, np.nan)
+
+
+def determined_share(label: np.ndarray, coordinate: np.ndarray, *, min_count: int = 1) -> float:
+    """The share of tokens whose ``label`` their ``coordinate`` gives: summed over the
+    values of ``coordinate`` that at least ``min_count`` tokens share, the count of the
+    most common label among them, over all tokens (NaN without tokens).
+
+    Example:
+        >>> determined_share(np.array([0, 1, 1, 0]), np.array([5, 6, 6, 5]))
+        1.0
+        >>> determined_share(np.array([0, 1, 1, 0]), np.array([5, 6, 6, 5]), min_count=3)
+        0.0
+    """
+    label, coordinate = np.asarray(label), np.asarray(coordinate)
+    if label.shape != coordinate.shape or label.ndim != 1:
+        raise ValueError(f"label and coordinate must be 1-d of the same length, got {label.shape} and "
+                         f"{coordinate.shape}")
+    if not label.size:
+        return float("nan")
+    _, ki = np.unique(coordinate, return_inverse=True)  # [token] value index of K
+    _, li = np.unique(label, return_inverse=True)  # [token] value index of L
+    joint = np.zeros((int(ki.max()) + 1, int(li.max()) + 1))  # [K value, L value] counts
+    np.add.at(joint, (ki, li), 1.0)
+    counted = joint.sum(axis=1) >= min_count
+    return float(joint[counted].max(axis=1).sum() / label.size)
+
+
+def fixed_by(label: np.ndarray, coordinate: np.ndarray, *, fraction: float = FIXED_FRACTION,
+             min_count: int = FIXED_MIN_COUNT, everywhere: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
+    """Whether ``coordinate`` fixes ``label`` within a set of tokens (module docstring).
+
+    Args:
+        label: ``[member]`` the label of the set's tokens (a cluster's members).
+        coordinate: ``[member]`` the other coordinate of the same tokens.
+        fraction: share of the tokens the coordinate must give the label of, and the
+            share the most common label must stay below.
+        min_count: tokens that must share a value of the coordinate for it to count.
+        everywhere: ``(label, coordinate)`` of all tokens: with it, a coordinate that
+            gives the label for ``fraction`` of all tokens fixes nothing (condition 3).
+
+    Returns:
+        True when the three conditions hold.
+
+    Raises:
+        ValueError: arrays of different shapes, ``fraction`` outside (0, 1].
+
+    Example:
+        >>> digit = np.array([0, 1] * 10)           # 1000s digits: the carry is the digit
+        >>> fixed_by(digit.copy(), digit)
+        True
+        >>> fixed_by(np.ones(20, int), digit)       # a label that does not vary is not fixed
+        False
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    label = np.asarray(label)
+    if not label.size:
+        return False
+    _, counts = np.unique(label, return_counts=True)
+    if counts.max() >= fraction * label.size:  # condition 1: the label hardly varies
+        return False
+    if determined_share(label, coordinate, min_count=min_count) < fraction:  # condition 2
+        return False
+    if everywhere is not None and determined_share(*everywhere) >= fraction:  # condition 3
+        return False
+    return True
 
 
 def best_clusters(
