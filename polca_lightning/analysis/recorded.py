@@ -37,17 +37,15 @@ def analysis_attrs(ds) -> dict[str, Any] | None:
 
     Args:
         ds: a store Dataset holding an analysis (the attributes are on its result
-            variables, e.g. ``cluster``) or the Dataset ``analyze`` returned (on its
-            ``attrs``).
+            variables: ``cluster``, or another method's where POLCA was not analysed) or
+            the Dataset ``analyze`` returned (on its ``attrs``).
 
     Returns:
         A dict of the attributes, or None when ``ds`` holds no analysis.
     """
-    sources = []
-    if "cluster" in ds.variables:
-        sources.append(ds["cluster"].attrs)
-    sources.append(ds.attrs)
-    for attrs in sources:
+    names = ["cluster"] + [n for n in ds.variables if n != "cluster"]  # POLCA's first; any result variable
+    sources = [ds[n].attrs for n in names if n in ds.variables]
+    for attrs in [*sources, ds.attrs]:
         if any(mark in attrs for mark in _MARKS):
             return dict(attrs)
     return None
@@ -134,7 +132,7 @@ def _from_single_attrs(ds, attrs: dict) -> dict[str, Any]:
         spec = json.loads(a["restrict"]) if isinstance(a["restrict"], str) else dict(a["restrict"] or {})
         out["restrict"] = spec or None
     labels = out.get("labels") or []
-    if labels and "cluster" in ds.variables:  # torchmetrics' scores are written only when computed
+    if labels and "entry_method" in ds.variables:  # torchmetrics' scores are written only when computed
         out["entropy_scores"] = any(f"{lab}_homogeneity_score" in ds.variables for lab in labels)
     return out
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from polca_lightning.analysis.methods import METHODS
+from polca_lightning.analysis.recorded import analysis_attrs
 from polca_lightning.analysis.scores import FIXED_FRACTION, FIXED_MIN_COUNT, fixed_by
 from polca_lightning.store.schema import TARGET, TOKEN
 
@@ -51,8 +52,7 @@ def scored_labels(ds) -> list[str]:
 
 
 def _attrs(ds) -> dict:
-    return ds["cluster"].attrs if "cluster" in ds.variables and "analysis_methods" in ds["cluster"].attrs \
-        else ds.attrs
+    return analysis_attrs(ds) or {}
 
 
 def restrictions(ds) -> dict:
