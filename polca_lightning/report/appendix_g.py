@@ -105,7 +105,7 @@ def appendix_g_figure(ds, label: str, value=None, *, reference: dict | None = No
     Raises:
         ValueError: no scores for ``label``, or a ``value`` it does not take.
     """
-    from polca_lightning.report.figures import new_figure
+    from matplotlib.figure import Figure  # not pyplot's: nothing leaks when a reporter drops it
 
     best_name = f"{label}_best"
     if best_name not in ds.variables:
@@ -123,8 +123,8 @@ def appendix_g_figure(ds, label: str, value=None, *, reference: dict | None = No
     chance = np.asarray(ds[chance_name].values)[:, vi] if chance_name in ds.variables else None  # [entry]
     shown = sorted({int(e) for e in best.ravel() if e >= 0})
     fixed = dict(zip(shown, fixing_coordinates(ds, label, shown)))
-    fig, axes = new_figure(width=max(7.0, 1.3 * len(types)), height=4.6)
-    ax = axes[0, 0]
+    fig = Figure(figsize=(max(7.0, 1.3 * len(types)), 4.6), layout="constrained")
+    ax = fig.subplots()
     n_rank = best.shape[1]
     width = 0.8 / max(n_rank, 1)
     x = np.arange(len(types))
