@@ -11,10 +11,10 @@ import xarray as xr
 
 from polca_lightning.analysis import AnalysisSettings, analyze, make_synthetic_store
 from polca_lightning.analysis.recorded import SETTINGS_ATTR, describe_settings
-from polca_lightning.analysis.scores import determined_share, fixed_by
+from polca_lightning.analysis.scores import determined, fixed_by
 from polca_lightning.cli import main
 from polca_lightning.report import appendix_g_figure, appendix_g_table, open_analysed_store, summary_table
-from polca_lightning.report.conditioning import fixing_coordinates, hidden_views
+from polca_lightning.report.conditioning import entry_members, fixing_coordinates, hidden_views
 from polca_lightning.report.pipeline import analyze_store, report_after_fit, result_variables
 from test_report import copy_store, finished_store, tiny_fit
 
@@ -190,53 +190,78 @@ def test_analyze_store_checks_where_it_starts(restricted):
 
 
 # ------------------------------------------------------------------ a label fixed by another coordinate
+# 3-digit addition by hand, 60 tokens: twenty 1000s digits (the carry is the digit: 0 or 1),
+# twenty 10s digits (the carry is not the digit: each digit 0..4 once without and once with a
+# carry, twice over) and twenty 1s digits (nothing carries into the 1s)
+PLACE_H = np.repeat([0, 2, 3], 20)
+DIGIT_H = np.r_[np.tile([0, 1], 10), np.tile(np.arange(5), 4), np.arange(20) % 10]
+CARRY_H = np.r_[np.tile([0, 1], 10), np.repeat([0, 1, 0, 1], 5), np.zeros(20, int)]
+
+
+def test_determined_by_hand():
+    det = determined(CARRY_H, [PLACE_H, DIGIT_H])
+    # 1000s: strata (0, 0) and (0, 1) of 10 tokens each, pure; 10s: (2, d) of 4 tokens,
+    # under min_count 5 (and half carries); 1s: (3, d) of 2 tokens, under min_count 5
+    assert det.tolist() == [True] * 20 + [False] * 40
+    assert determined(CARRY_H, PLACE_H).tolist() == [False] * 40 + [True] * 20  # place 3: never a carry
+    assert determined(CARRY_H, [PLACE_H, DIGIT_H], min_count=2).tolist() == [True] * 20 + [False] * 20 + [True] * 20
+    # 18 of 20 in a stratum: at the 0.9 bar; 17 of 20: not
+    label = np.r_[np.zeros(18, int), 1, 1]
+    assert determined(label, np.zeros(20, int)).sum() == 18
+    assert not determined(np.r_[np.zeros(17, int), 1, 1, 1], np.zeros(20, int)).any()
+    with pytest.raises(ValueError, match="fraction"):
+        determined(label, label, fraction=0)
+
+
 def test_fixed_by_by_hand():
-    digit = np.array([0, 1] * 10)  # a 1000s-place cluster: the carry is the digit
-    assert fixed_by(digit, digit + 3)
-    assert not fixed_by(np.ones(20, int), digit)  # the label does not vary in the cluster
-    assert not fixed_by(digit, np.arange(20))  # a value per token determines none (min_count 5)
-    assert fixed_by(digit, np.arange(20), min_count=1)
-    # 19 of 20 determined: at the 0.95 bar; 18 of 20: not
-    near = digit.copy()
-    coord = digit.copy()
-    coord[:10] = np.where(np.arange(10) == 0, 1 - digit[:10], digit[:10])  # one token off
-    assert determined_share(near, coord) == pytest.approx(0.95) and fixed_by(near, coord)
-    coord[2] = 1 - coord[2]
-    assert determined_share(near, coord) == pytest.approx(0.9) and not fixed_by(near, coord)
-    # a coordinate that gives the label over all tokens (a word's kind from the word) fixes nothing
+    both = [PLACE_H, DIGIT_H]
+    thousands, tens, ones = PLACE_H == 0, PLACE_H == 2, PLACE_H == 3
+    assert fixed_by(thousands, CARRY_H, both) and not fixed_by(thousands, CARRY_H, DIGIT_H)
+    assert not fixed_by(thousands, CARRY_H, PLACE_H)  # half the 1000s digits carry
+    assert fixed_by(ones, CARRY_H, PLACE_H)  # nothing carries into the 1s
+    assert not fixed_by(tens, CARRY_H, both) and not fixed_by(tens, CARRY_H, PLACE_H)
+    assert fixed_by(thousands | ones, CARRY_H, PLACE_H) is False  # half the members: the 1s only
+    # 18 of 20 members determined: at the 0.9 bar; three 10s digits among 17 1000s: not
+    assert fixed_by(thousands & (np.arange(60) > 1) | np.isin(np.arange(60), [20, 21]), CARRY_H, both)
+    assert not fixed_by(thousands & (np.arange(60) > 2) | np.isin(np.arange(60), [20, 21, 22]), CARRY_H, both)
+    # coordinates that give the label for (nearly) every token fix nothing: a word's kind by the word
     word = np.array([5, 6, 7, 8] * 10)
     kind = (word > 6).astype(int)
-    assert fixed_by(kind[:20], word[:20])
-    assert not fixed_by(kind[:20], word[:20], everywhere=(kind, word))
-    with pytest.raises(ValueError, match="fraction"):
-        fixed_by(digit, digit, fraction=0)
+    assert not fixed_by(np.arange(40) < 20, kind, word)
+    assert not fixed_by(np.ones(60, bool), np.ones(60, int), PLACE_H)  # a label that never varies
+    with pytest.raises(ValueError, match="members"):
+        fixed_by(thousands[:10], CARRY_H, both)
 
 
-def test_the_1000s_cluster_is_flagged_fixed_by_the_target():
+def test_the_1000s_cluster_is_flagged_fixed_by_place_and_target():
     """The synthetic store plants the motivating case: vector 1 drops the 1000s-place
     tokens, whose carry is their digit (target = digit + 3)."""
     ds = make_synthetic_store(n_sequences=100, n_intervals=60, n_basis=4, lca=False, seed=0)
-    res = analyze(ds, methods=["polca"], entropy_scores=False)  # no restriction
+    res = analyze(ds, methods=["polca", "loss"], entropy_scores=False)  # no restriction
     merged = ds.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in result_variables(res, ds).items()})
-    place, entries = ds["place"].values, np.arange(merged.sizes["entry"])
+    place, carry, target = ds["place"].values, ds["carry"].values, ds["target"].values
+    entries = np.arange(merged.sizes["entry"])
+    members = [entry_members(merged, e) for e in entries]
     fixed = fixing_coordinates(merged, "carry", entries)
-    thousands = [e for e in entries if merged["entry_unit"].values[e] == 1
-                 and (place[merged["cluster"].values[1] == merged["entry_cluster"].values[e]] == 0).all()]
-    assert thousands and all(fixed[e] == ["target"] for e in thousands)
-    # every flagged cluster is one where the carry varies and the target gives it
-    carry, target = ds["carry"].values, ds["target"].values
+    thousands = [e for e in entries if (place[members[e]] == 0).mean() >= 0.9]
+    ones = [e for e in entries if (place[members[e]] == 3).mean() >= 0.9]
+    assert thousands and all(fixed[e] == ["place+target"] for e in thousands)
+    assert ones and all(fixed[e] == ["place"] for e in ones)
+    # against the rule read off by hand: the share of members whose (place, target) stratum of
+    # the whole store is at least 90 % of their own carry value, and has at least 5 tokens
     for e in entries:
-        members = merged["cluster"].values[merged["entry_unit"].values[e]] == merged["entry_cluster"].values[e]
-        if fixed[e]:
-            assert 0 < carry[members].mean() < 1
-            assert determined_share(carry[members], target[members], min_count=5) >= 0.95
+        ok = []
+        for t in np.flatnonzero(members[e]):
+            stratum = (place == place[t]) & (target == target[t])
+            ok.append(stratum.sum() >= 5 and (carry[stratum] == carry[t]).mean() >= 0.9)
+        assert ("place+target" in fixed[e] or fixed[e] == ["place"]) == (np.mean(ok) >= 0.9), e
     table = appendix_g_table(merged)
     col = table.columns.index
-    rows = [r for r in table.rows if r[0] == "carry" and r[col("unit")] == 1
+    rows = [r for r in table.rows if r[0] == "carry" and r[col("unit")] == 1 and r[2] == "polca"
             and r[col("cluster")] == merged["entry_cluster"].values[thousands[0]]]
-    assert rows and all(r[col("fixed_by")] == "target" and r[col("restriction")] == "none" for r in rows)
+    assert rows and all(r[col("fixed_by")] == "place+target" and r[col("restriction")] == "none" for r in rows)
     fig = appendix_g_figure(merged, "carry")
-    assert any(t.get_gid() == "fixed" and "target" in t.get_text() for t in fig.axes[0].texts)
+    assert any(t.get_gid() == "fixed" and "place+target" in t.get_text() for t in fig.axes[0].texts)
 
 
 # ------------------------------------------------------------------ the figure and the two τ

@@ -29,23 +29,26 @@ rate_g(v)``: ``share_g(C)`` the fraction of the cluster's tokens in group ``g``,
 homogeneity means something only against it: a cluster of 10s-place tokens has carry
 homogeneity 0.45 by knowing the place alone.
 
-A label fixed by another coordinate (``fixed_by``). Within a cluster a label can be a
-function of another token coordinate: at the 1000s place of 3-digit addition the carry
-*is* the digit (a 1000s digit is 1 exactly when the 100s column carries), so a cluster of
-1000s digits scores carry homogeneity near 1 by knowing the target alone. Within a set of
-tokens ``S`` (a cluster), label ``L`` is fixed by coordinate ``K`` when
+A label fixed by other coordinates (``fixed_by``). A cluster's label can be what other
+token coordinates give everywhere: at the 1000s place of 3-digit addition the carry *is*
+the digit (the sum's leading digit is 1 exactly when the 100s column carries), so a
+cluster of 1000s digits scores carry homogeneity near 1 by holding those targets,
+whatever its trajectories say. The rule reads the coordinates over the whole store:
 
-1. ``L`` varies in ``S``: its most common value covers less than ``fraction`` of ``S``;
-2. ``K``'s value gives ``L``'s for at least ``fraction`` of ``S``: summed over the values
-   ``k`` of ``K`` that at least ``min_count`` tokens of ``S`` share, the count of the most
-   common ``L`` among the tokens with ``k`` is at least ``fraction × |S|`` (a value fewer
-   than ``min_count`` tokens share determines none of them, so a coordinate with nearly a
-   value per token, a word target in a small cluster, fixes nothing);
-3. ``K`` does not already fix ``L`` over all tokens (``L`` a function of ``K`` by
-   construction, as a word's kind is of the word: every cluster would be flagged). This
-   is 2. on all tokens with ``min_count`` 1.
+- a token's label is *determined* by coordinates ``K`` (one, or a pair such as place and
+  target) when at least ``min_count`` tokens of the store share its values of ``K`` (its
+  stratum) and at least ``fraction`` of them share its label value (``determined``);
+- ``K`` *fixes* label ``L`` within a cluster when ``K`` determines ``L`` for at least
+  ``fraction`` of the cluster's tokens, and does not determine it for ``fraction`` of all
+  the store's tokens (strata of any size: a label that is a function of ``K`` by
+  construction, as a word's kind is of the word, would flag every cluster; so would a
+  label that never varies).
 
-``fraction`` is 0.95 and ``min_count`` 5 by default (``FIXED_FRACTION``,
+The 1000s cluster is fixed by place and target together (neither alone: target 1 at the
+10s place carries or not, and half the 1000s digits carry); a cluster of 1s-place
+tokens is fixed by place alone (nothing carries into the 1s); a cluster of 10s-place
+carries is fixed by nothing (the 10s digit does not say whether it received a carry).
+``fraction`` is 0.9 and ``min_count`` 5 by default (``FIXED_FRACTION``,
 ``FIXED_MIN_COUNT``).
 
 ``clustering_scores`` adds torchmetrics' homogeneity, completeness and V-measure
@@ -59,15 +62,15 @@ import warnings
 
 import numpy as np
 
-__all__ = ["label_scores", "chance_homogeneity", "best_clusters", "clustering_scores", "determined_share",
-           "fixed_by", "FIXED_FRACTION", "FIXED_MIN_COUNT"]
+__all__ = ["label_scores", "chance_homogeneity", "best_clusters", "clustering_scores", "determined", "fixed_by",
+           "FIXED_FRACTION", "FIXED_MIN_COUNT"]
 
 #: App. G eligibility threshold (camera-ready: "over 85%")
 APPENDIX_G_FRACTION = 0.85
 
-#: ``fixed_by``: the share of a cluster's tokens whose label another coordinate must give
-FIXED_FRACTION = 0.95
-#: ``fixed_by``: tokens that must share a value of the other coordinate for it to count
+#: ``fixed_by``: the share of a cluster's tokens (and of a stratum) that must agree
+FIXED_FRACTION = 0.9
+#: ``fixed_by``: tokens a stratum needs to determine its tokens' label
 FIXED_MIN_COUNT = 5
 
 
@@ -215,70 +218,86 @@ def chance_homogeneity(
         return np.where(size > 0, (counts / size) @ rate, np.nan)
 
 
-def determined_share(label: np.ndarray, coordinate: np.ndarray, *, min_count: int = 1) -> float:
-    """The share of tokens whose ``label`` their ``coordinate`` gives: summed over the
-    values of ``coordinate`` that at least ``min_count`` tokens share, the count of the
-    most common label among them, over all tokens (NaN without tokens).
-
-    Example:
-        >>> determined_share(np.array([0, 1, 1, 0]), np.array([5, 6, 6, 5]))
-        1.0
-        >>> determined_share(np.array([0, 1, 1, 0]), np.array([5, 6, 6, 5]), min_count=3)
-        0.0
-    """
-    label, coordinate = np.asarray(label), np.asarray(coordinate)
-    if label.shape != coordinate.shape or label.ndim != 1:
-        raise ValueError(f"label and coordinate must be 1-d of the same length, got {label.shape} and "
-                         f"{coordinate.shape}")
-    if not label.size:
-        return float("nan")
-    _, ki = np.unique(coordinate, return_inverse=True)  # [token] value index of K
-    _, li = np.unique(label, return_inverse=True)  # [token] value index of L
-    joint = np.zeros((int(ki.max()) + 1, int(li.max()) + 1))  # [K value, L value] counts
-    np.add.at(joint, (ki, li), 1.0)
-    counted = joint.sum(axis=1) >= min_count
-    return float(joint[counted].max(axis=1).sum() / label.size)
-
-
-def fixed_by(label: np.ndarray, coordinate: np.ndarray, *, fraction: float = FIXED_FRACTION,
-             min_count: int = FIXED_MIN_COUNT, everywhere: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
-    """Whether ``coordinate`` fixes ``label`` within a set of tokens (module docstring).
+def determined(label: np.ndarray, coordinates, *, fraction: float = FIXED_FRACTION,
+               min_count: int = FIXED_MIN_COUNT) -> np.ndarray:
+    """``[token]`` bool: whether each token's label is what its values of ``coordinates``
+    give over all the tokens (module docstring): at least ``min_count`` tokens share its
+    stratum (its values of every coordinate) and at least ``fraction`` of those share its
+    label value.
 
     Args:
-        label: ``[member]`` the label of the set's tokens (a cluster's members).
-        coordinate: ``[member]`` the other coordinate of the same tokens.
-        fraction: share of the tokens the coordinate must give the label of, and the
-            share the most common label must stay below.
-        min_count: tokens that must share a value of the coordinate for it to count.
-        everywhere: ``(label, coordinate)`` of all tokens: with it, a coordinate that
-            gives the label for ``fraction`` of all tokens fixes nothing (condition 3).
-
-    Returns:
-        True when the three conditions hold.
+        label: ``[token]`` label of every token.
+        coordinates: one ``[token]`` array, or a sequence of them (their values jointly).
+        fraction: share of the stratum that must share the token's label.
+        min_count: tokens a stratum needs to determine anything.
 
     Raises:
         ValueError: arrays of different shapes, ``fraction`` outside (0, 1].
 
     Example:
-        >>> digit = np.array([0, 1] * 10)           # 1000s digits: the carry is the digit
-        >>> fixed_by(digit.copy(), digit)
-        True
-        >>> fixed_by(np.ones(20, int), digit)       # a label that does not vary is not fixed
-        False
+        >>> place = np.array([0, 0, 0, 0, 3, 3])
+        >>> digit = np.array([1, 1, 0, 0, 1, 0])
+        >>> carry = np.array([1, 1, 0, 0, 0, 0])      # at place 0 the carry is the digit
+        >>> determined(carry, [place, digit], min_count=2).tolist()
+        [True, True, True, True, False, False]
+        >>> determined(carry, place, min_count=2).tolist()
+        [False, False, False, False, True, True]
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     label = np.asarray(label)
+    coords = [np.asarray(coordinates)] if isinstance(coordinates, np.ndarray) else [np.asarray(c) for c in coordinates]
+    if label.ndim != 1 or any(c.shape != label.shape for c in coords):
+        raise ValueError(f"label and coordinates must be 1-d of one length, got {label.shape} and "
+                         f"{[c.shape for c in coords]}")
     if not label.size:
+        return np.zeros(0, dtype=bool)
+    # [token] stratum index: the joint values of the coordinates
+    _, stratum = np.unique(np.stack(coords, axis=1), axis=0, return_inverse=True)
+    stratum = stratum.reshape(-1)
+    _, li = np.unique(label, return_inverse=True)
+    li = li.reshape(-1)
+    joint = np.zeros((int(stratum.max()) + 1, int(li.max()) + 1))  # [stratum, label value] counts
+    np.add.at(joint, (stratum, li), 1.0)
+    size = joint.sum(axis=1)  # [stratum]
+    share = joint[stratum, li] / size[stratum]  # [token] the stratum's share of the token's label
+    return (size[stratum] >= min_count) & (share >= fraction)
+
+
+def fixed_by(members: np.ndarray, label: np.ndarray, coordinates, *, fraction: float = FIXED_FRACTION,
+             min_count: int = FIXED_MIN_COUNT) -> bool:
+    """Whether ``coordinates`` fix ``label`` within the cluster ``members`` (module docstring).
+
+    Args:
+        members: ``[token]`` bool, the cluster's tokens.
+        label: ``[token]`` label of every token of the store.
+        coordinates: one ``[token]`` array or a sequence of them (jointly, e.g. place and target).
+        fraction: share of the cluster that must be determined (and of each stratum that
+            must share a token's label).
+        min_count: tokens a stratum needs to determine anything.
+
+    Returns:
+        True when the coordinates determine the label for ``fraction`` of the members but
+        not for ``fraction`` of all tokens.
+
+    Raises:
+        ValueError: as :func:`determined`, or ``members`` of another shape.
+
+    Example:
+        >>> place = np.repeat([0, 2], 10)            # ten 1000s digits, ten 10s digits
+        >>> digit = np.tile([0, 1], 10)
+        >>> carry = np.where(place == 0, digit, np.tile([0, 0, 1, 1], 5))   # the 1000s digit is the carry
+        >>> fixed_by(place == 0, carry, [place, digit]), fixed_by(place == 2, carry, [place, digit])
+        (True, False)
+    """
+    members = np.asarray(members, dtype=bool)
+    if members.shape != np.shape(label):
+        raise ValueError(f"members must have the shape of label {np.shape(label)}, got {members.shape}")
+    if not members.any():
         return False
-    _, counts = np.unique(label, return_counts=True)
-    if counts.max() >= fraction * label.size:  # condition 1: the label hardly varies
-        return False
-    if determined_share(label, coordinate, min_count=min_count) < fraction:  # condition 2
-        return False
-    if everywhere is not None and determined_share(*everywhere) >= fraction:  # condition 3
-        return False
-    return True
+    if determined(label, coordinates, fraction=fraction, min_count=1).mean() >= fraction:
+        return False  # the coordinates give the label everywhere: nothing to warn about in one cluster
+    return bool(determined(label, coordinates, fraction=fraction, min_count=min_count)[members].mean() >= fraction)
 
 
 def best_clusters(

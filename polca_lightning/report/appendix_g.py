@@ -83,7 +83,8 @@ def appendix_g_figure(ds, label: str, value=None, *, reference: dict | None = No
     cluster's chance level (its mix of the restriction's coordinate, or the label's base
     rate without a restriction); a bar whose label another coordinate fixes within the
     cluster (:func:`polca_lightning.analysis.scores.fixed_by`, e.g. carries at the 1000s
-    place, fixed by the target digit) is hatched and says by what (``gid="fixed"``).
+    place, fixed by place and target digit) is hatched, and a note says by what
+    (``gid="fixed"``).
     ``reference`` figures (a paper's) are drawn as black marks over the bars
     (``gid="reference"``). The title names the restriction in force for the label (or
     "none") and τ with its rule; each trajectory type's hidden-breakthrough fraction is
@@ -140,8 +141,11 @@ def appendix_g_figure(ds, label: str, value=None, *, reference: dict | None = No
                           label="chance level" if r == 0 and i == int(np.flatnonzero(best[:, r] >= 0)[0]) else None)
             if fixed[int(e)]:
                 bars[i].set_hatch("//")
-                ax.text(xs[i], h[i] + 0.02, "fixed by\n" + ", ".join(fixed[int(e)]), ha="center", va="bottom",
-                        fontsize=6, color="tab:red", gid="fixed")
+    by = sorted({name for e in best.ravel() if e >= 0 for name in fixed[int(e)]})
+    if by:
+        ax.text(0.01, 0.985, f"hatched: {label} is fixed within the cluster by {' or '.join(by)}; "
+                "its homogeneity says nothing beyond that", transform=ax.transAxes, ha="left", va="top",
+                fontsize=7, color="tab:red", gid="fixed")
     if reference:
         _reference_marks(ax, reference, types, x, n_rank, width, reference_name)
     views = hidden_views(ds)
@@ -156,7 +160,11 @@ def appendix_g_figure(ds, label: str, value=None, *, reference: dict | None = No
     ax.set_title(f"App. G: best {label}={value} clusters per trajectory type\n"
                  f"restriction: {restriction_text(ds, label)}; chance level (grey): {chance_text}\n"
                  f"{tau_text(ds)}; hidden fractions under {hidden_text}", fontsize=8)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    handles, names = ax.get_legend_handles_labels()
+    from matplotlib.patches import Patch  # the rank's colour without the hatch its first bar may carry
+
+    handles = [Patch(facecolor=h.patches[0].get_facecolor()) if hasattr(h, "patches") else h for h in handles]
+    ax.legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 

@@ -10,8 +10,8 @@ table and figure, the summary and ``polca analyze`` say it with these:
   label's ``"base rate"`` among all tokens;
 - :func:`fixing_coordinates`: the coordinates that fix a label within a cluster
   (:func:`polca_lightning.analysis.scores.fixed_by`: the other token labels and the
-  target), e.g. ``["target"]`` for carries at the 1000s place, where the carry is the
-  digit;
+  target, alone or in pairs), e.g. ``["place+target"]`` for a cluster of 1000s digits,
+  where the carry is the digit;
 - :func:`tau_text` and :func:`hidden_views`: τ and its rule (``analysis_tau_rule``),
   and the hidden-breakthrough flags and fractions under each τ the analysis has (its
   own, and the paper's 10 % of the run where the analysis records it).
@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
 from polca_lightning.analysis.methods import METHODS
 from polca_lightning.analysis.recorded import analysis_attrs
-from polca_lightning.analysis.scores import FIXED_FRACTION, FIXED_MIN_COUNT, fixed_by
+from polca_lightning.analysis.scores import FIXED_FRACTION, FIXED_MIN_COUNT, determined
 from polca_lightning.store.schema import TARGET, TOKEN
 
 __all__ = [
@@ -113,7 +114,11 @@ def entry_members(ds, entry: int) -> np.ndarray:
 
 def fixing_coordinates(ds, label: str, entries, *, fraction: float = FIXED_FRACTION,
                        min_count: int = FIXED_MIN_COUNT) -> list[list[str]]:
-    """The coordinates that fix ``label`` within the cluster of each of ``entries``.
+    """What fixes ``label`` within the cluster of each of ``entries``.
+
+    The candidates are the other token labels and ``target``, one at a time, then in
+    pairs where no single one fixes the label (the carry of a 1000s digit is fixed by
+    place and target together): :func:`polca_lightning.analysis.scores.fixed_by`.
 
     Args:
         ds: an analysed store.
@@ -122,22 +127,28 @@ def fixing_coordinates(ds, label: str, entries, *, fraction: float = FIXED_FRACT
         fraction, min_count: see :func:`polca_lightning.analysis.scores.fixed_by`.
 
     Returns:
-        One list per entry of the coordinate names (other token labels, ``target``) that
-        fix the label there; empty where none does.
+        One list per entry of what fixes the label there: coordinate names, a pair joined
+        by ``+`` (``"place+target"``); empty where nothing does.
     """
     values = np.asarray(ds[label].values)
-    others = {name: np.asarray(ds[name].values) for name in _token_coordinates(ds, label)}
-    # condition 3 of fixed_by, once per coordinate: one that fixes the label everywhere never counts
-    others = {name: k for name, k in others.items()
-              if not fixed_by(values, k, fraction=fraction, min_count=1)}
+    names = _token_coordinates(ds, label)
+    arrays = {name: np.asarray(ds[name].values) for name in names}
+    candidates = [(name,) for name in names] + list(combinations(names, 2))
+    # [token] determined flags per candidate, leaving out those that give the label everywhere
+    det = {}
+    for cand in candidates:
+        coords = [arrays[n] for n in cand]
+        if determined(values, coords, fraction=fraction, min_count=1).mean() < fraction:
+            det[cand] = determined(values, coords, fraction=fraction, min_count=min_count)
     out = []
     for e in entries:
         if e is None or int(e) < 0:
             out.append([])
             continue
         members = entry_members(ds, int(e))
-        out.append([name for name, k in others.items()
-                    if fixed_by(values[members], k[members], fraction=fraction, min_count=min_count)])
+        fixing = [cand for cand, d in det.items() if members.any() and d[members].mean() >= fraction]
+        singles = [c for c in fixing if len(c) == 1]
+        out.append(["+".join(c) for c in (singles or fixing)])
     return out
 
 
