@@ -18,7 +18,9 @@ Usage:
 Each run ends with the appendix G comparison (the best carry cluster per trajectory
 type, the fraction of clusters with hidden breakthroughs) and the causal check of the
 best POLCA carry vector: the loss change of its clusters when the final model's
-movement along it is undone. ``results.json`` beside the store keeps these figures.
+movement along it is undone. ``results.json`` beside the store keeps these figures, and
+``appendix_g_carry.png`` draws the top three carry clusters of each trajectory type beside
+their chance levels and the paper's table 8.
 
 Then:
     polca info runs/arithmetic/polca.zarr
@@ -99,6 +101,10 @@ PAPER = {
     "polca_first": (0.948, 0.767, 0.848, 0.307),
     "polca": (0.973, 0.736, 0.838, 0.355),
 }
+#: appendix G, table 8: the homogeneity of the top three carry clusters per trajectory type
+#: (one for the exact loss and its change), drawn beside the run's in appendix_g_carry.png
+PAPER_TABLE_8 = {"loss": (0.514,), "loss_change": (0.524,), "fisher": (0.664, 0.643, 0.637),
+                 "lca": (0.792, 0.614, 0.592), "polca_first": (0.948, 0.928, 0.887), "polca": (0.973, 0.946, 0.903)}
 TYPE_NAMES = {"loss": "exact loss", "loss_change": "change in exact loss", "fisher": "Fisher",
               "lca": "LCA", "polca_first": "first-order POLCA", "polca": "POLCA"}
 
@@ -269,7 +275,7 @@ def write_results(store: Path, timings: dict | None = None) -> dict:
     recall, F1, its vector and size) and the fraction of clusters with hidden
     breakthroughs; the causal check of the best POLCA carry vector.
     """
-    from polca_lightning.report import appendix_g_table, open_analysed_store
+    from polca_lightning.report import appendix_g_figure, appendix_g_table, open_analysed_store
 
     ds = open_analysed_store(store)
     config = json.loads(ds.attrs["config"]) if isinstance(ds.attrs.get("config"), str) else ds.attrs.get("config", {})
@@ -293,6 +299,9 @@ def write_results(store: Path, timings: dict | None = None) -> dict:
                 out["carry"][t] = {k: row[col[k]] for k in keys} | {"share": row[col["size"]] / ds.sizes["token"]}
         for t, fraction in hidden.items():
             out["carry"].setdefault(t, {})["hidden_fraction"] = None if np.isnan(fraction) else fraction
+        fig = appendix_g_figure(ds, "carry", reference=PAPER_TABLE_8, reference_name="paper (table 8)")
+        out["appendix_g_figure"] = str(Path(store).parent / "appendix_g_carry.png")
+        fig.savefig(out["appendix_g_figure"], dpi=120)
         out["ablation"] = ablation_of_best_carry_vector(ds, out["carry"].get("polca", {}).get("unit"))
         out["finding"] = finding(out["carry"])
     path = Path(store).parent / "results.json"
@@ -379,6 +388,8 @@ def print_results(r: dict) -> None:
         unit = c.get("unit", -1)
         print(f"  {name:<21} {cells[0]:>14} {_num(c.get('chance')):>6} " + " ".join(f"{x:>14}" for x in cells[1:])
               + f" {unit if unit is not None and unit >= 0 else '-':>6} {c.get('size', '-'):>5}")
+    if r.get("appendix_g_figure"):
+        print(f"the top three beside the paper's table 8, with their chance levels: {r['appendix_g_figure']}")
     f = r.get("finding")
     if f:
         bar = f["bar"]

@@ -3,8 +3,8 @@
 Usage::
 
     polca info STORE [--storage-option KEY=VALUE ...]
-    polca analyze STORE [--min-cluster-size F] [--min-samples F] [--tau STEP|plateau]
-                        [--delta STEPS|wide] [--restrict LABEL:COORD=V,V ...]
+    polca analyze STORE [--defaults] [--min-cluster-size F] [--min-samples F] [--tau STEP|plateau]
+                        [--delta STEPS|wide] [--restrict LABEL:COORD=V,V ... | --no-restrict]
                         [--restrict-fraction F] [--group-by COORD] [--methods M ...]
                         [--labels L ...] [--wandb-project NAME [--online]]
                         [--report DIR] [--no-write] [--force] [--quiet]
@@ -14,7 +14,14 @@ Usage::
                        [--folds N] [--seed N] [--csv PATH]
 
 ``analyze`` re-runs the analysis with other settings, writes the results into the store
-(unless ``--no-write``), then reports: to a new W&B run with ``--wandb-project``
+(unless ``--no-write``), then reports. It starts from the settings of the analysis the
+store holds (the run's, after fit: its App. G restriction, τ and Δ rules, HDBSCAN
+settings) and changes only what its flags give; ``--defaults`` starts from the defaults
+instead, as does a store without an analysis. It prints the settings it used, a ``*``
+beside those that differ from the store's previous analysis, and the App. G best
+clusters, each label with its restriction (or "none") and what its chance level comes
+from, and a warning where another label or the target fixes the label within the
+cluster. It reports to a new W&B run with ``--wandb-project``
 (offline unless ``--online``), to a PNG folder with ``--report DIR``, and to the folder
 ``<store>.report`` when neither is given. ``report`` draws the folder from the results
 already in the store (it runs the analysis with default settings first if there are none).
@@ -82,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the analysis (filter, HDBSCAN, onsets, scores) on a store, write the "
                                    "results into it and report them (W&B run and/or PNG folder).")
     _store_argument(p, "path of the store")
-    g = p.add_argument_group("analysis settings (see polca_lightning.analysis.analyze)")
+    g = p.add_argument_group("analysis settings (see polca_lightning.analysis.analyze); each flag changes one "
+                                 "setting of the store's previous analysis, the others stay as it had them")
+    g.add_argument("--defaults", action="store_true",
+                   help="start from the default settings instead of the store's previous analysis")
     g.add_argument("--methods", nargs="+", metavar="M",
                    help="trajectory types: polca polca_first lca fisher loss loss_change (default: all available)")
     g.add_argument("--labels", nargs="+", metavar="L", help="token labels to score against (default: all)")
@@ -99,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--restrict", type=_restriction, action="append", metavar="LABEL:COORD=V,V",
                    help="App. G restriction, e.g. carry:place=1,2 (carry clusters count when their carries "
                         "are at places 1 and 2); repeat for more labels")
+    g.add_argument("--no-restrict", action="store_true",
+                   help="drop the App. G restriction the store's previous analysis had (every label unrestricted)")
     g.add_argument("--restrict-fraction", type=float, metavar="F",
                    help="share of a cluster's labelled tokens that must be in the restriction "
                         "(default 0.85, App. G's 'over 85%%'; 0.5 is the earlier majority rule)")
@@ -262,8 +274,8 @@ def _require_complete(ds, path: str, force: bool) -> None:
                        f"with {ds.sizes.get(SNAPSHOT, 0)} committed snapshots; pass --force to use that part")
 
 
-def _analysis_settings(args):
-    """``analyze``'s flags as :class:`~polca_lightning.analysis.AnalysisSettings` (checked here)."""
+def _analysis_changes(args) -> dict:
+    """The settings ``analyze``'s flags give, by name (checked here, on the defaults)."""
     from polca_lightning.analysis import AnalysisSettings
 
     values = {}
@@ -274,13 +286,18 @@ def _analysis_settings(args):
             values[name] = value
     if args.restrict:
         values["restrict"] = dict(args.restrict)
+    if getattr(args, "no_restrict", False):
+        if args.restrict:
+            raise CLIError("--restrict and --no-restrict contradict each other; give one")
+        values["restrict"] = None
     for name in ("min_cluster_size", "min_samples"):  # counts as ints, fractions as floats
         if name in values and values[name] >= 1 and float(values[name]).is_integer():
             values[name] = int(values[name])
     try:
-        return AnalysisSettings.from_dict(values)
+        AnalysisSettings.from_dict(values)
     except (ValueError, TypeError) as error:
         raise CLIError(f"analysis settings: {error}") from None
+    return values
 
 
 def _analysis_variables(ds) -> list[str]:
@@ -345,25 +362,61 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _run_analysis(args, settings, write: bool):
+def _run_analysis(args, write: bool, **kwargs):
     from polca_lightning.report.pipeline import analyze_store
 
     try:
-        return analyze_store(args.store, write=write, progress=not args.quiet, settings=settings)
+        return analyze_store(args.store, write=write, progress=not args.quiet, **kwargs)
     except (ValueError, TypeError) as error:  # bad settings or too little data, said by analyze
         raise CLIError(f"analysis failed: {error}") from None
 
 
-def cmd_analyze(args) -> int:
-    from polca_lightning.report.folder import write_report_folder
-    from polca_lightning.report.pipeline import default_report_dir, kept_units, summary_table
+def _previous_settings(ds, defaults: bool):
+    """The settings of the analysis the store holds (None without one)."""
+    from polca_lightning.analysis import AnalysisSettings
 
-    settings = _analysis_settings(args)  # bad settings fail before the store is read
+    try:
+        return AnalysisSettings.from_store(ds)
+    except (ValueError, TypeError) as error:
+        if defaults:
+            return None
+        raise CLIError(f"the store's recorded analysis settings are not valid ({error}); "
+                       "pass --defaults to start from the defaults") from None
+
+
+def cmd_analyze(args) -> int:
+    from polca_lightning.analysis import AnalysisSettings
+    from polca_lightning.analysis.recorded import analysis_attrs, describe_settings
+    from polca_lightning.report.folder import write_report_folder
+    from polca_lightning.report.pipeline import default_report_dir
+
+    changes = _analysis_changes(args)  # bad settings fail before the store is read
     ds = _open(args.store)
     _require_complete(ds, args.store, args.force)
-    ds = _run_analysis(args, settings, write=not args.no_write)
+    previous = _previous_settings(ds, args.defaults)
+    ds = _run_analysis(args, write=not args.no_write, defaults=args.defaults, **changes)
     if not args.no_write:
         print(f"analysis written into {args.store}")
+    used = AnalysisSettings.from_store(ds)
+    start = ("the defaults (--defaults)" if args.defaults else
+             "the store's previous analysis" if previous is not None else "the defaults (the store held no analysis)")
+    marks = "; * marks a change from the store's previous analysis" if previous is not None else ""
+    print(f"analysis settings: {start}, with the flags given{marks}")
+    print("\n".join(describe_settings(used, previous, resolved=analysis_attrs(ds))))
+    _print_summary(ds)
+    if args.wandb_project:
+        _log_wandb(args, ds, used)
+    if args.report or not args.wandb_project:
+        out = write_report_folder(ds, args.report or default_report_dir(args.store), progress=not args.quiet)
+        print(f"report folder: {out}")
+    return 0
+
+
+def _print_summary(ds) -> None:
+    """The summary per vector, and the App. G best clusters with what each is conditioned on."""
+    from polca_lightning.report.conditioning import chance_basis, restriction_text
+    from polca_lightning.report.pipeline import appendix_g_table, kept_units, summary_table
+
     summary = summary_table(ds)
     attrs = ds["cluster"].attrs if "cluster" in ds.variables else {}
     print(f"kept vectors: {kept_units(ds)}; tau = {float(ds['tau'].values):g} ({attrs.get('analysis_tau_rule', '?')}); "
@@ -371,12 +424,29 @@ def cmd_analyze(args) -> int:
     print("  ".join(summary.columns[:9]))
     for row in summary.rows:
         print("  ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row[:9]))
-    if args.wandb_project:
-        _log_wandb(args, ds, settings)
-    if args.report or not args.wandb_project:
-        out = write_report_folder(ds, args.report or default_report_dir(args.store), progress=not args.quiet)
-        print(f"report folder: {out}")
-    return 0
+    table = appendix_g_table(ds)
+    if table is None:
+        return
+    col = {c: i for i, c in enumerate(table.columns)}
+    hidden = [c for c in table.columns if c.startswith("hidden_fraction")]
+    num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print("\nappendix G: the best cluster per label value and trajectory type (rank 0)")
+    for lab in dict.fromkeys(row[col["label"]] for row in table.rows):
+        print(f"{lab}: restriction {restriction_text(ds, lab)}; chance from the "
+              + ("label's base rate" if chance_basis(ds, lab) == "base rate"
+                 else f"cluster's mix of {chance_basis(ds, lab)}"))
+        print(f"  {'value':>5} {'trajectory':<12} {'vector':>6} {'size':>5} {'homogeneity':>11} {'chance':>6} "
+              f"{'recall':>6} {'F1':>6}  " + "  ".join(hidden))
+        for row in table.rows:
+            if row[col["label"]] != lab or row[col["rank"]] != 0:
+                continue
+            unit = row[col["unit"]]
+            print(f"  {row[col['value']]!s:>5} {row[col['trajectory_type']]:<12} {unit if unit >= 0 else '-':>6} "
+                  f"{row[col['size']]:>5} {num(row[col['homogeneity']]):>11} {num(row[col['chance']]):>6} "
+                  f"{num(row[col['recall']]):>6} {num(row[col['f1']]):>6}  "
+                  + "  ".join(f"{num(row[col[h]]):>{len(h)}}" for h in hidden)
+                  + (f"  warning: {lab} is fixed by {row[col['fixed_by']]} in this cluster"
+                     if row[col["fixed_by"]] else ""))
 
 
 def _log_wandb(args, ds, settings) -> None:
@@ -409,9 +479,7 @@ def cmd_report(args) -> int:
     _require_complete(ds, args.store, args.force)
     if not has_results(ds):
         print(f"{args.store} holds no analysis: running it with default settings (written into the store)")
-        from polca_lightning.analysis import AnalysisSettings
-
-        ds = _run_analysis(args, AnalysisSettings(), write=True)
+        ds = _run_analysis(args, write=True, defaults=True)
     out = write_report_folder(ds, args.out or default_report_dir(args.store), progress=not args.quiet)
     print(f"report folder: {out}")
     return 0

@@ -82,6 +82,23 @@ def test_arithmetic_tiny_mode_logs_the_report_to_an_offline_wandb_run(tmp_path, 
     text = data["data"][0][data["columns"].index("text")]
     assert "+" in text and "=" in text and "[" in text
 
+    # `polca analyze STORE` with no flags starts from the run's settings: the same appendix G table
+    from polca_lightning.cli import main as polca
+    from polca_lightning.report import appendix_g_table, open_analysed_store
+
+    assert (tmp_path / "appendix_g_carry.png").exists() and "beside the paper's table 8" in out
+    before = appendix_g_table(open_analysed_store(store))
+    assert {row[before.columns.index("restriction")] for row in before.rows if row[0] == "carry"} \
+        == {"place in [1, 2], over 85%"}
+    assert polca(["analyze", str(store), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "the store's previous analysis" in printed and "restrict                 carry: place in [1, 2]" in printed
+    assert not [line for line in printed.splitlines() if line.startswith("* ")]  # no setting changed
+    after = appendix_g_table(open_analysed_store(store))
+    assert after.columns == before.columns and after.rows == before.rows
+    again = arithmetic.write_results(store)  # what the run printed, from the re-analysed store
+    assert json.dumps(again["carry"], sort_keys=True) == json.dumps(results["carry"], sort_keys=True)
+
 
 def test_arithmetic_seeds_table_is_mean_and_sample_spread():
     import arithmetic

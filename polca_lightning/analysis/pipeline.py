@@ -177,6 +177,28 @@ class AnalysisSettings:
             raise TypeError(f"analysis settings: unknown {unknown}; the settings are {sorted(fields)}")
         return cls(**dict(values))
 
+    @classmethod
+    def from_store(cls, ds) -> "AnalysisSettings | None":
+        """The settings of the analysis a store (or an ``analyze`` result) holds, or None.
+
+        Read from the attribute ``analysis_settings`` (this class's :meth:`to_dict`, as
+        JSON); for an analysis written before it existed, rebuilt from the single
+        ``analysis_*`` attributes (see ``recorded.py``). Settings an earlier version
+        recorded that are no settings now are skipped.
+
+        Raises:
+            ValueError: the recorded settings are not valid settings.
+
+        Example:
+            >>> from polca_lightning.analysis import make_synthetic_store
+            >>> res = analyze(make_synthetic_store(50, 40, 4), methods=["loss"], tau="plateau")
+            >>> AnalysisSettings.from_store(res).tau
+            'plateau'
+        """
+        from .recorded import recorded_settings
+
+        return recorded_settings(ds, cls)
+
 
 
 def complete_snapshots(ds) -> int:
@@ -545,4 +567,5 @@ def _settings_attrs(settings: AnalysisSettings, inp: _Inputs) -> dict:
         "top_k": settings.top_k, "n_snapshots_used": inp.n_snap,
         "onset_convention": "falling curves: most negative a(t); fisher: most positive",
         "cluster_labels": "-1 outlier, -2 not clustered (filtered out)",
+        "settings": json.dumps(settings.to_dict()),  # what AnalysisSettings.from_store rebuilds them from
     }

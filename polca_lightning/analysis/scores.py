@@ -29,6 +29,28 @@ rate_g(v)``: ``share_g(C)`` the fraction of the cluster's tokens in group ``g``,
 homogeneity means something only against it: a cluster of 10s-place tokens has carry
 homogeneity 0.45 by knowing the place alone.
 
+A label fixed by other coordinates (``fixed_by``). A cluster's label can be what other
+token coordinates give everywhere: at the 1000s place of 3-digit addition the carry *is*
+the digit (the sum's leading digit is 1 exactly when the 100s column carries), so a
+cluster of 1000s digits scores carry homogeneity near 1 by holding those targets,
+whatever its trajectories say. The rule reads the coordinates over the whole store:
+
+- a token's label is *determined* by coordinates ``K`` (one, or a pair such as place and
+  target) when at least ``min_count`` tokens of the store share its values of ``K`` (its
+  stratum) and at least ``fraction`` of them share its label value (``determined``);
+- ``K`` *fixes* label ``L`` within a cluster when ``K`` determines ``L`` for at least
+  ``fraction`` of the cluster's tokens, and does not determine it for ``fraction`` of all
+  the store's tokens (strata of any size: a label that is a function of ``K`` by
+  construction, as a word's kind is of the word, would flag every cluster; so would a
+  label that never varies).
+
+The 1000s cluster is fixed by place and target together (neither alone: target 1 at the
+10s place carries or not, and half the 1000s digits carry); a cluster of 1s-place
+tokens is fixed by place alone (nothing carries into the 1s); a cluster of 10s-place
+carries is fixed by nothing (the 10s digit does not say whether it received a carry).
+``fraction`` is 0.9 and ``min_count`` 5 by default (``FIXED_FRACTION``,
+``FIXED_MIN_COUNT``).
+
 ``clustering_scores`` adds torchmetrics' homogeneity, completeness and V-measure
 (entropy based, over the whole clustering) on the clustered tokens only: torchmetrics
 treats -1 as an ordinary cluster, so outliers and filtered tokens are dropped first.
@@ -40,10 +62,16 @@ import warnings
 
 import numpy as np
 
-__all__ = ["label_scores", "chance_homogeneity", "best_clusters", "clustering_scores"]
+__all__ = ["label_scores", "chance_homogeneity", "best_clusters", "clustering_scores", "determined", "fixed_by",
+           "FIXED_FRACTION", "FIXED_MIN_COUNT"]
 
 #: App. G eligibility threshold (camera-ready: "over 85%")
 APPENDIX_G_FRACTION = 0.85
+
+#: ``fixed_by``: the share of a cluster's tokens (and of a stratum) that must agree
+FIXED_FRACTION = 0.9
+#: ``fixed_by``: tokens a stratum needs to determine its tokens' label
+FIXED_MIN_COUNT = 5
 
 
 def label_scores(
@@ -188,6 +216,88 @@ def chance_homogeneity(
     size = counts.sum(axis=1, keepdims=True)  # [C, 1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(size > 0, (counts / size) @ rate, np.nan)
+
+
+def determined(label: np.ndarray, coordinates, *, fraction: float = FIXED_FRACTION,
+               min_count: int = FIXED_MIN_COUNT) -> np.ndarray:
+    """``[token]`` bool: whether each token's label is what its values of ``coordinates``
+    give over all the tokens (module docstring): at least ``min_count`` tokens share its
+    stratum (its values of every coordinate) and at least ``fraction`` of those share its
+    label value.
+
+    Args:
+        label: ``[token]`` label of every token.
+        coordinates: one ``[token]`` array, or a sequence of them (their values jointly).
+        fraction: share of the stratum that must share the token's label.
+        min_count: tokens a stratum needs to determine anything.
+
+    Raises:
+        ValueError: arrays of different shapes, ``fraction`` outside (0, 1].
+
+    Example:
+        >>> place = np.array([0, 0, 0, 0, 3, 3])
+        >>> digit = np.array([1, 1, 0, 0, 1, 0])
+        >>> carry = np.array([1, 1, 0, 0, 0, 0])      # at place 0 the carry is the digit
+        >>> determined(carry, [place, digit], min_count=2).tolist()
+        [True, True, True, True, False, False]
+        >>> determined(carry, place, min_count=2).tolist()
+        [False, False, False, False, True, True]
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    label = np.asarray(label)
+    coords = [np.asarray(coordinates)] if isinstance(coordinates, np.ndarray) else [np.asarray(c) for c in coordinates]
+    if label.ndim != 1 or any(c.shape != label.shape for c in coords):
+        raise ValueError(f"label and coordinates must be 1-d of one length, got {label.shape} and "
+                         f"{[c.shape for c in coords]}")
+    if not label.size:
+        return np.zeros(0, dtype=bool)
+    # [token] stratum index: the joint values of the coordinates
+    _, stratum = np.unique(np.stack(coords, axis=1), axis=0, return_inverse=True)
+    stratum = stratum.reshape(-1)
+    _, li = np.unique(label, return_inverse=True)
+    li = li.reshape(-1)
+    joint = np.zeros((int(stratum.max()) + 1, int(li.max()) + 1))  # [stratum, label value] counts
+    np.add.at(joint, (stratum, li), 1.0)
+    size = joint.sum(axis=1)  # [stratum]
+    share = joint[stratum, li] / size[stratum]  # [token] the stratum's share of the token's label
+    return (size[stratum] >= min_count) & (share >= fraction)
+
+
+def fixed_by(members: np.ndarray, label: np.ndarray, coordinates, *, fraction: float = FIXED_FRACTION,
+             min_count: int = FIXED_MIN_COUNT) -> bool:
+    """Whether ``coordinates`` fix ``label`` within the cluster ``members`` (module docstring).
+
+    Args:
+        members: ``[token]`` bool, the cluster's tokens.
+        label: ``[token]`` label of every token of the store.
+        coordinates: one ``[token]`` array or a sequence of them (jointly, e.g. place and target).
+        fraction: share of the cluster that must be determined (and of each stratum that
+            must share a token's label).
+        min_count: tokens a stratum needs to determine anything.
+
+    Returns:
+        True when the coordinates determine the label for ``fraction`` of the members but
+        not for ``fraction`` of all tokens.
+
+    Raises:
+        ValueError: as :func:`determined`, or ``members`` of another shape.
+
+    Example:
+        >>> place = np.repeat([0, 2], 10)            # ten 1000s digits, ten 10s digits
+        >>> digit = np.tile([0, 1], 10)
+        >>> carry = np.where(place == 0, digit, np.tile([0, 0, 1, 1], 5))   # the 1000s digit is the carry
+        >>> fixed_by(place == 0, carry, [place, digit]), fixed_by(place == 2, carry, [place, digit])
+        (True, False)
+    """
+    members = np.asarray(members, dtype=bool)
+    if members.shape != np.shape(label):
+        raise ValueError(f"members must have the shape of label {np.shape(label)}, got {members.shape}")
+    if not members.any():
+        return False
+    if determined(label, coordinates, fraction=fraction, min_count=1).mean() >= fraction:
+        return False  # the coordinates give the label everywhere: nothing to warn about in one cluster
+    return bool(determined(label, coordinates, fraction=fraction, min_count=min_count)[members].mean() >= fraction)
 
 
 def best_clusters(

@@ -8,7 +8,7 @@ Every function takes ``ds``: a store Dataset that also holds the analysis result
 
 Artists carry a ``gid`` so that tests (and users) can find them:
 ``"cluster_mean"``, ``"onset"``, ``"tau"``, ``"mean_loss"``, ``"allocated"``, ``"real"``,
-``"base_share"``, ``"ablation"``.
+``"base_share"``, ``"ablation"``, ``"chance"``, ``"reference"``, ``"fixed"``.
 Bars of the label-composition and App. G figures are ``BarContainer``\\ s, one per label
 value (composition) or per rank (App. G).
 """
@@ -21,6 +21,7 @@ from polca_lightning.analysis.methods import METHODS
 from polca_lightning.analysis.tables import (  # noqa: F401  (cluster_members, unit_trajectories: also importable from here)
     _check_results, _n_snapshots, _prefix, cluster_members, unit_trajectories,
 )
+from polca_lightning.report.appendix_g import appendix_g_figure  # noqa: F401  (importable from here too)
 from polca_lightning.store.schema import BASIS, BASIS_STEP, EIGENVALUE, LOSS, SNAPSHOT, STEP, TOKEN
 
 __all__ = [
@@ -308,39 +309,6 @@ def coverage_figure(coverage: dict):
     ax2.set_xlabel("interval end step")
     ax2.set_ylabel("1 - SSE / SS (per interval)")
     ax2.set_title("fraction of per-token change explained", fontsize=9)
-    return fig
-
-
-def appendix_g_figure(ds, label: str, value=None):
-    """App. G comparison: best homogeneity for ``label == value`` per trajectory type.
-
-    One ``BarContainer`` per rank (the top clusters, one per unit), one bar per
-    trajectory type. ``value`` defaults to the label's largest value (``carry=1``).
-    """
-    best_name = f"{label}_best"
-    if best_name not in ds.variables:
-        raise ValueError(f"ds has no {best_name!r}: no analysis scores for label {label!r}")
-    vdim = f"{label}_value"
-    values = np.asarray(ds[vdim].values)
-    value = values.max() if value is None else value
-    vi = int(np.flatnonzero(values == value)[0]) if (values == value).any() else None
-    if vi is None:
-        raise ValueError(f"{label!r} has values {values.tolist()}, not {value!r}")
-    types = [str(t) for t in np.asarray(ds["trajectory_type"].values)]
-    best = np.asarray(ds[best_name].values)[:, vi, :]  # [type, rank]
-    hom = np.asarray(ds[f"{label}_homogeneity"].values)[:, vi]  # [entry]
-    fig, axes = new_figure(width=7.0)
-    ax = axes[0, 0]
-    n_rank = best.shape[1]
-    width = 0.8 / max(n_rank, 1)
-    for r in range(n_rank):
-        h = np.array([hom[e] if e >= 0 else 0.0 for e in best[:, r]])
-        ax.bar(np.arange(len(types)) + (r - (n_rank - 1) / 2) * width, h, width, label=f"rank {r}")
-    ax.set_xticks(np.arange(len(types)), types, fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel(f"homogeneity for {label}={value}")
-    ax.set_title(f"App. G: best {label}={value} clusters per trajectory type", fontsize=9)
-    ax.legend(fontsize=7)
     return fig
 
 

@@ -33,6 +33,8 @@ from polca_lightning.store.schema import SNAPSHOT, STEP
 __all__ = [  # the tables are importable from here too (report/tables.py)
     "ReportError",
     "analyze_store",
+    "starting_settings",
+    "settings_with",
     "open_analysed_store",
     "has_results",
     "result_variables",
@@ -93,8 +95,15 @@ def _drop_stale_results(path, keep) -> None:
 
 
 def analyze_store(path, *, write: bool = True, progress: bool = False, storage_options: dict | None = None,
-                  **analysis_kwargs):
+                  settings=None, defaults: bool = False, **analysis_kwargs):
     """Analyse a store and (by default) write the results into it.
+
+    The analysis starts from the settings of the analysis the store already holds
+    (:meth:`~polca_lightning.analysis.AnalysisSettings.from_store`: its restriction, τ and
+    Δ rules, HDBSCAN settings, ...) and changes only what ``analysis_kwargs`` give, so
+    that a re-analysis with ``min_samples=5`` keeps everything else as the run had it.
+    A store without an analysis starts from the defaults, and so does
+    ``defaults=True``.
 
     Args:
         path: the store.
@@ -102,19 +111,27 @@ def analyze_store(path, *, write: bool = True, progress: bool = False, storage_o
             with ``False`` the store is left untouched.
         progress: progress bar over clusterings.
         storage_options: options of a URL store's filesystem (see :func:`polca_lightning.open_store`).
-        **analysis_kwargs: passed to :func:`polca_lightning.analysis.analyze`
-            (``min_cluster_size``, ``min_samples``, ``tau``, ``group_by``, ...).
+        settings: an :class:`~polca_lightning.analysis.AnalysisSettings` to start from
+            instead of the store's (``analysis_kwargs`` still change it).
+        defaults: start from ``AnalysisSettings()``, not from the store's settings.
+        **analysis_kwargs: settings by name (``min_cluster_size``, ``min_samples``, ``tau``,
+            ``restrict``, ``group_by``, ...; see :func:`polca_lightning.analysis.analyze`).
 
     Returns:
         The store Dataset with the result variables (reopened from disk when written).
 
     Raises:
         FileNotFoundError, StoreError: no store at ``path``.
-        ValueError: from ``analyze`` (bad settings, fewer than 3 complete snapshots).
+        ValueError: from ``analyze`` (bad settings, fewer than 3 complete snapshots), or
+            settings the store recorded that do not make valid settings (pass
+            ``defaults=True``).
+        TypeError: ``settings`` together with ``defaults=True``, a ``settings`` that is
+            not an ``AnalysisSettings``, or a keyword that is not a setting.
 
     Example:
-        >>> ds = analyze_store("runs/polca.zarr", min_samples=5)
-        >>> ds["cluster"].sel(basis=0)
+        >>> ds = analyze_store("runs/polca.zarr", min_samples=5)   # the run's other settings kept
+        >>> AnalysisSettings.from_store(ds).restrict
+        {'carry': ('place', (1, 2))}
     """
     import xarray as xr
 
@@ -124,7 +141,8 @@ def analyze_store(path, *, write: bool = True, progress: bool = False, storage_o
 
     path = resolve_store(path, storage_options)
     store = open_store(path)
-    res = analyze(store, progress=progress, **analysis_kwargs)
+    base = starting_settings(store, settings=settings, defaults=defaults)
+    res = analyze(store, settings_with(base, analysis_kwargs), progress=progress)
     variables = result_variables(res, store)
     if not write:
         return _with_scalars(store.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in variables.items()}))
@@ -134,12 +152,52 @@ def analyze_store(path, *, write: bool = True, progress: bool = False, storage_o
     return open_analysed_store(path)
 
 
+def starting_settings(store, *, settings=None, defaults: bool = False):
+    """What :func:`analyze_store` starts from: ``settings`` when given, the defaults with
+    ``defaults=True`` or when ``store`` holds no analysis, else the settings of the
+    analysis it holds (:meth:`AnalysisSettings.from_store`).
+
+    Raises:
+        TypeError: ``settings`` with ``defaults=True``, or not an ``AnalysisSettings``.
+        ValueError: the store's recorded settings are not valid settings.
+    """
+    from polca_lightning.analysis import AnalysisSettings
+
+    if settings is not None:
+        if defaults:
+            raise TypeError("analyze_store: give settings or defaults=True, not both")
+        if not isinstance(settings, AnalysisSettings):
+            raise TypeError(f"settings: expected an AnalysisSettings, got {type(settings).__name__}")
+        return settings
+    if defaults:
+        return AnalysisSettings()
+    try:
+        recorded = AnalysisSettings.from_store(store)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the store's recorded analysis settings are not valid ({error}); "
+                         "start from the defaults instead (defaults=True, `polca analyze --defaults`)") from None
+    return AnalysisSettings() if recorded is None else recorded
+
+
+def settings_with(base, changes: dict):
+    """``base`` (an ``AnalysisSettings``) with the settings in ``changes`` replaced, checked.
+
+    Raises:
+        TypeError: a name in ``changes`` that is not a setting.
+        ValueError: a value out of its range.
+    """
+    if not changes:
+        return base
+    return type(base).from_dict({**base.to_dict(), **changes})
+
+
 def _with_scalars(ds):
-    """Restore the scalar results (``tau``, ``onset_delta``) from the settings attributes."""
+    """Restore the scalar results (``tau``, ``onset_delta``, ``tau_paper`` where the analysis
+    has it) from the settings attributes."""
     if "cluster" not in ds.variables:
         return ds
     attrs = ds["cluster"].attrs
-    scalars = {name: float(attrs[f"analysis_{name}"]) for name in ("tau", "onset_delta")
+    scalars = {name: float(attrs[f"analysis_{name}"]) for name in ("tau", "onset_delta", "tau_paper")
                if f"analysis_{name}" in attrs and name not in ds.variables}
     return ds.assign(scalars) if scalars else ds
 
@@ -205,7 +263,8 @@ def report_after_fit(store_path, trainer=None, *, loggers=None, sinks=None, step
         step: step of the report (default: ``trainer.global_step``, else the store's last).
         decode: ``(sequence, position) -> str``, the medoid contexts' text.
         decode_target: ``token_id -> str``, the text of the clusters' most common targets.
-        analysis_kwargs: passed to :func:`analyze_store`.
+        analysis_kwargs: settings of :func:`analyze_store`, on the defaults (an analysis
+            the store held before is replaced, its settings not reused).
         progress: progress bars.
         report_dir: write the folder here (as well as to the loggers).
         storage_options: options of a URL store's filesystem.
@@ -230,7 +289,8 @@ def report_after_fit(store_path, trainer=None, *, loggers=None, sinks=None, step
         step = int(trainer.global_step)
     analysis_kwargs = dict(analysis_kwargs or {})
     try:
-        ds = analyze_store(store_path, progress=progress, storage_options=storage_options, **analysis_kwargs)
+        ds = analyze_store(store_path, progress=progress, storage_options=storage_options, defaults=True,
+                           **analysis_kwargs)
     except Exception as error:
         raise ReportError(
             f"POLCA: the analysis after fit failed ({type(error).__name__}: {error}). The store "

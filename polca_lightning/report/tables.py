@@ -12,6 +12,8 @@ import numpy as np
 
 from polca_lightning.analysis.methods import METHODS
 from polca_lightning.analysis.tables import Table, cluster_members, kept_units, plain_value, unit_trajectories
+from polca_lightning.report.appendix_g import appendix_g_table
+from polca_lightning.report.conditioning import scored_labels
 from polca_lightning.store.schema import (
     BASIS, BASIS_STEP, EIGENVALUE, INTERVAL, LOSS, POLCA, POLCA_FIRST, POSITION, SEQUENCE, SNAPSHOT, STEP, TARGET,
     TOKEN,
@@ -31,14 +33,9 @@ __all__ = [
 ]
 
 _py = plain_value
+_labels = scored_labels
 
 log = logging.getLogger("polca_lightning")
-
-
-def _labels(ds) -> list[str]:
-    if "cluster" in ds.variables and "analysis_labels" in ds["cluster"].attrs:
-        return [str(v) for v in ds["cluster"].attrs["analysis_labels"]]
-    return [str(v) for v in ds.attrs.get("token_labels", [])]
 
 
 def store_coverage(ds) -> dict:
@@ -95,18 +92,48 @@ def store_coverage(ds) -> dict:
 
 def summary_table(ds, method: str = "polca") -> Table:
     """One row per unit (basis vector): eigenvalue, basis step, kept, clusters, outliers,
-    hidden breakthroughs, and the best homogeneity per label value (``best carry=1``:
-    the highest homogeneity among this vector's clusters eligible for the value)."""
+    hidden breakthroughs, onsets, and per label what its best cluster scores.
+
+    Per label ``L``: ``restriction L`` (the App. G restriction in force, or ``none``:
+    what ``eligible`` means below), then per value ``v``: ``best L=v`` (the highest
+    homogeneity among this vector's clusters eligible for the value), ``chance L=v`` (that
+    cluster's chance level: from its mix of the restriction's coordinate, or the base
+    rate without one) and ``fixed_by L=v`` (the token labels or ``target`` that fix the
+    label within that cluster, a warning; empty where none does).
+    """
+    from polca_lightning.report.conditioning import fixing_coordinates, restriction_text
+
     spec, p = METHODS[method], METHODS[method].prefix
     labels = _labels(ds)
     em = np.asarray(ds["entry_method"].values).astype(str)
     eu = np.asarray(ds["entry_unit"].values)
-    label_cols = [(lab, v) for lab in labels for v in np.asarray(ds[f"{lab}_value"].values).tolist()]
+    values = {lab: np.asarray(ds[f"{lab}_value"].values).tolist() for lab in labels}
+    label_cols = []
+    for lab in labels:
+        label_cols.append(f"restriction {lab}")
+        for v in values[lab]:
+            label_cols += [f"best {lab}={v}", f"chance {lab}={v}", f"fixed_by {lab}={v}"]
     columns = ["vector", "eigenvalue", "basis_step", "kept", "tokens_kept", "clusters", "outliers",
-               "hidden_breakthroughs", "onsets"] + [f"best {lab}={v}" for lab, v in label_cols]
+               "hidden_breakthroughs", "onsets"] + label_cols
+    n_units = spec.n_units(ds)
+    best = {}  # (label, value index) -> [unit] entry index of the best eligible cluster (-1 none)
+    for lab in labels:
+        h_all = np.asarray(ds[f"{lab}_homogeneity"].values)  # [entry, value]
+        e_all = np.asarray(ds[f"{lab}_eligible"].values, dtype=bool)
+        for vi in range(len(values[lab])):
+            picks = np.full(n_units, -1)
+            for u in range(n_units):
+                idx = np.flatnonzero((em == method) & (eu == u) & e_all[:, vi] & np.isfinite(h_all[:, vi]))
+                if idx.size:
+                    picks[u] = idx[np.argmax(h_all[idx, vi])]
+            best[lab, vi] = picks
+    fixed = {}  # label -> {entry: the coordinates that fix the label in its cluster}
+    for lab in labels:
+        shown = sorted({int(e) for vi in range(len(values[lab])) for e in best[lab, vi] if e >= 0})
+        fixed[lab] = dict(zip(shown, fixing_coordinates(ds, lab, shown)))
     rows = []
     kept = set(kept_units(ds, method))
-    for u in range(spec.n_units(ds)):
+    for u in range(n_units):
         cl = np.asarray(ds[p + "cluster"].isel({spec.unit_dim: u}).values)
         n_c = int((np.asarray(ds[p + "cluster_size"].isel({spec.unit_dim: u}).values) > 0).sum())
         hidden = np.asarray(ds[p + "hidden"].isel({spec.unit_dim: u}).values, dtype=bool)[:n_c]
@@ -115,13 +142,17 @@ def summary_table(ds, method: str = "polca") -> Table:
                _py(ds[BASIS_STEP].values[u]) if BASIS_STEP in ds.variables else None,
                u in kept, int((cl != -2).sum()), n_c, int((cl == -1).sum()), int(hidden.sum()),
                " ".join(f"{o:g}" for o in onset)]
-        sel = (em == method) & (eu == u)
-        for lab, v in label_cols:
-            vi = int(np.flatnonzero(np.asarray(ds[f"{lab}_value"].values) == v)[0])
-            h = np.asarray(ds[f"{lab}_homogeneity"].values)[sel, vi]
-            e = np.asarray(ds[f"{lab}_eligible"].values, dtype=bool)[sel, vi]
-            h = h[e & np.isfinite(h)]
-            row.append(round(float(h.max()), 4) if h.size else None)
+        for lab in labels:
+            row.append(restriction_text(ds, lab))
+            h_all = np.asarray(ds[f"{lab}_homogeneity"].values)
+            c_all = np.asarray(ds[f"{lab}_chance"].values) if f"{lab}_chance" in ds.variables else None
+            for vi in range(len(values[lab])):
+                e = int(best[lab, vi][u])
+                if e < 0:
+                    row += [None, None, None]
+                    continue
+                chance = None if c_all is None else round(float(c_all[e, vi]), 4)
+                row += [round(float(h_all[e, vi]), 4), chance, ", ".join(fixed[lab][e]) or None]
         rows.append([_py(v) for v in row])
     return Table(columns, rows)
 
@@ -254,40 +285,6 @@ def cluster_targets_table(ds, method: str = "polca", *, top: int = 5, units=None
     return Table(columns, rows)
 
 
-def appendix_g_table(ds) -> Table | None:
-    """App. G: for each label value and trajectory type, the top clusters by homogeneity
-    (one per unit, among the eligible ones) with the homogeneity's chance level (what
-    the cluster's composition over the restriction coordinate gives alone, ``L_chance``;
-    empty for an analysis without it), recall, F1, size, onset and hidden flag. ``None``
-    without labels."""
-    labels = [lab for lab in _labels(ds) if f"{lab}_best" in ds.variables]
-    if not labels:
-        return None
-    columns = ["label", "value", "trajectory_type", "rank", "unit", "cluster", "size", "homogeneity",
-               "chance", "recall", "f1", "onset", "hidden"]
-    types = [str(t) for t in np.asarray(ds["trajectory_type"].values)]
-    eu, ec = np.asarray(ds["entry_unit"].values), np.asarray(ds["entry_cluster"].values)
-    size, onset = np.asarray(ds["entry_size"].values), np.asarray(ds["entry_onset"].values)
-    hidden = np.asarray(ds["entry_hidden"].values, dtype=bool)
-    rows = []
-    for lab in labels:
-        best = np.asarray(ds[f"{lab}_best"].values)  # [type, value, rank]
-        values = np.asarray(ds[f"{lab}_value"].values)
-        scores = {k: np.asarray(ds[f"{lab}_{k}"].values) for k in ("homogeneity", "recall", "f1")}
-        scores["chance"] = (np.asarray(ds[f"{lab}_chance"].values) if f"{lab}_chance" in ds.variables
-                            else np.full_like(scores["homogeneity"], np.nan))
-        for vi, v in enumerate(values):
-            for ti, t in enumerate(types):
-                for r, e in enumerate(best[ti, vi]):
-                    if e < 0:
-                        continue
-                    rows.append([_py(x) for x in (
-                        lab, v, t, r, eu[e], ec[e], size[e], scores["homogeneity"][e, vi],
-                        scores["chance"][e, vi], scores["recall"][e, vi], scores["f1"][e, vi],
-                        onset[e], bool(hidden[e]))])
-    return Table(columns, rows)
-
-
 def binary_labels(ds) -> list[str]:
     """The store's label coordinates that are binary: values 0 and 1 (both present)
     once negative values ("not applicable", e.g. ``-1``) are left out."""
@@ -300,19 +297,6 @@ def binary_labels(ds) -> list[str]:
         if values.tolist() == [0, 1]:
             out.append(lab)
     return out
-
-
-def _restrictions(ds) -> dict:
-    """The App. G restriction the analysis recorded, ``{label: [coordinate, [values]]}``."""
-    import json
-
-    text = ds["cluster"].attrs.get("analysis_restrict") if "cluster" in ds.variables else None
-    text = text if text is not None else ds.attrs.get("analysis_restrict", "{}")
-    try:
-        spec = json.loads(text) if isinstance(text, str) else dict(text)
-    except (TypeError, ValueError):
-        return {}
-    return spec if isinstance(spec, dict) else {}
 
 
 def signal_table(ds, method: str = "polca", *, folds: int = 5, seed: int = 0) -> Table | None:
@@ -344,7 +328,9 @@ def signal_table(ds, method: str = "polca", *, folds: int = 5, seed: int = 0) ->
 
     if method not in ds.variables:
         return None
-    restrict = _restrictions(ds)
+    from polca_lightning.report.conditioning import restrictions
+
+    restrict = restrictions(ds)
     rows = []
     for lab in binary_labels(ds):
         spec = restrict.get(lab)
