@@ -69,7 +69,7 @@ def mean_loss_figure(ds):
     Raises:
         ValueError: ``ds`` holds no analysis (no ``tau``).
     """
-    from polca_lightning.report.figures import _legend, new_figure  # figures imports this module
+    from matplotlib.figure import Figure  # not pyplot's: nothing leaks when a reporter drops it
 
     if "tau" not in ds.variables:
         raise ValueError("ds has no 'tau': no analysis results (open the store with open_analysed_store)")
@@ -80,8 +80,8 @@ def mean_loss_figure(ds):
     finite = np.isfinite(mean)
     n = mean.size if finite.all() else int(np.argmin(finite))  # the leading analysed snapshots
     step = np.asarray(ds[STEP].values[:n], dtype=np.float64)
-    fig, axes = new_figure()
-    ax = axes[0, 0]
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
     ax.plot(step, mean[:n], color="tab:blue", linewidth=1.5, gid="mean_loss",
             label=f"mean exact loss ({ds.sizes.get(TOKEN, '?')} probe tokens)")
     tau_line(ax, ds)
@@ -93,5 +93,5 @@ def mean_loss_figure(ds):
     ax.set_ylabel("mean exact loss")
     ax.set_title(f"mean exact loss; a cluster whose onset is after {tau_label(ds)} is a hidden breakthrough",
                  fontsize=8)
-    _legend(ax)
+    ax.legend(fontsize=7, loc="best")
     return fig
