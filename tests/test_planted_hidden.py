@@ -11,11 +11,11 @@ Construction (``_planted``: two linear logistic heads on signed inputs, SGD):
 
 - **The main skill, head P**, every token: ``x_P = ±(w u + 0.05 noise)``, half the tokens
   with ``w`` in [1.5, 2], half in [0.9, 1.1]. Head P starts at ``-6 u``, confidently
-  wrong, so the mean loss falls from 6.6 to about 0.8 within the 50-step warmup and is
-  flat after (5 % of the whole decrease is 0.3). Its training targets are flipped with
+  wrong, so the mean loss falls from 9.0 to about 0.8 within 20 steps of the 50-step
+  warmup and is flat after (5 % of the whole decrease is 0.4). Its training targets are flipped with
   probability 0.1 (the probe's are not), and SGD at learning rate 3 with 64 examples a
   step keeps head P jittering around its optimum: the mean loss's snapshot-to-snapshot
-  changes on the plateau have a standard deviation of about 0.03-0.04. That noise is the
+  changes on the plateau have a standard deviation of 0.036-0.044. That noise is the
   yardstick the late skill must stay under.
 - **The late skill, head Q** (logits scaled by 3, its learning rate by 1/9): only the
   30 late tokens carry it, ``x_Q = ±(w u + 0.05 noise)`` with ``w`` in [0.9, 1.1] for 15
@@ -24,17 +24,23 @@ Construction (``_planted``: two linear logistic heads on signed inputs, SGD):
   step 200, then warms up like head P's; in the twin it warms up with head P from
   step 0. Every training batch holds one late example (63 + 1).
 - **The other tokens** carry a faint constant ``x_Q = 0.003 u`` with target 0: the late
-  skill costs each of them about 0.003 of loss. Without it their POLCA along head Q's
-  vector is float round-off (the vector's other components are ~1e-7): random signs
-  that the §4.1 filter keeps half of, which HDBSCAN makes one tight cluster, whose mean
-  curve follows head Q's late movement and is flagged hidden with homogeneity 0. With
-  it their projected loss along that vector rises and the filter drops them.
+  skill costs each of them a few thousandths of loss. Without it their POLCA along head Q's
+  vector is float round-off (the vector's components in head P are ~1e-6): random signs
+  that the §4.1 filter keeps (with seed 0; seed 1's had one sign and it dropped them all),
+  which HDBSCAN makes tight clusters whose mean curves (~1e-9) follow head Q's late
+  movement and are flagged hidden with homogeneity 0, while the late group, under 3 % of
+  the tokens kept, is left among the outliers. With it their projected loss along that
+  vector rises and the filter drops them.
 
-The criterion "the mean exact loss moves less than its noise" is exact: over the late
-window (step 200 to the end) the least-squares line through the mean exact loss changes
-by less than the standard deviation of the mean loss's snapshot-to-snapshot changes over
-the plateau (every snapshot after τ). The late group's own loss falls by about 0.5 then,
-0.01 of the mean.
+The criterion "the mean exact loss moves less than its noise" is exact: the mean exact
+loss averaged over the last 50 steps of the run (10 snapshots) differs from its average
+over the 50 steps before the late skill starts by less than the standard deviation of
+its snapshot-to-snapshot changes over the plateau (every snapshot after τ). The late
+group's own loss falls by about 0.5 in between (0.93 to 0.39 with seed 0), 0.01 of
+the mean; with the group ten times as large (300 of 1,500 tokens) the change is 0.12
+against a noise of 0.04, and the check fails. (A least-squares line over the late window was the first criterion;
+it missed that larger group too: a fast drop at the start of the window and a flat
+tail give it a small slope.)
 
 Findings while building it: with the late group at 8 % of 500 tokens the late skill
 moved the mean loss by 0.03-0.04, as much as its noise; a weakly learned main group (drop
@@ -134,15 +140,15 @@ def late_share(ds, vector: int, cluster: int) -> float:
     return float(np.mean(ds["late"].values[ds["cluster"].values[vector] == cluster] == 1))
 
 
-def mean_loss_change_and_noise(ds) -> tuple[float, float]:
-    """The criterion of the module docstring: the least-squares change of the mean exact loss
-    over the late window, and the standard deviation of its snapshot-to-snapshot changes
-    over the plateau (every snapshot after τ)."""
+def mean_loss_change_and_noise(ds, span: int = 50) -> tuple[float, float]:
+    """The criterion of the module docstring: the mean exact loss's change from the ``span``
+    steps before ``T_LATE`` to the last ``span`` steps (block averages), and the standard
+    deviation of its snapshot-to-snapshot changes over the plateau (every snapshot after τ)."""
     step = ds["step"].values.astype(np.float64)
     mean = ds["mean_loss"].values.astype(np.float64)  # the analysis' mean exact loss per snapshot
-    window = step >= T_LATE
-    slope = np.polyfit(step[window], mean[window], 1)[0]
-    return float(slope * (step[-1] - T_LATE)), float(np.std(np.diff(mean[step > float(ds["tau"])])))
+    before = mean[(step >= T_LATE - span) & (step < T_LATE)].mean()
+    end = mean[step > step[-1] - span].mean()
+    return float(end - before), float(np.std(np.diff(mean[step > float(ds["tau"])])))
 
 
 @pytest.fixture(scope="module")

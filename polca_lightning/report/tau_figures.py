@@ -91,7 +91,7 @@ def mean_loss_figure(ds):
                    **_TAU_PAPER_STYLE)
     ax.set_xlabel("step")
     ax.set_ylabel("mean exact loss")
-    ax.set_title(f"mean exact loss; a cluster whose onset is after {tau_label(ds)} is a hidden breakthrough",
-                 fontsize=8)
+    ax.set_title(f"mean exact loss during training\na cluster whose onset comes after {tau_label(ds)} "
+                 "is a hidden breakthrough", fontsize=8)
     ax.legend(fontsize=7, loc="best")
     return fig
