@@ -85,7 +85,8 @@ class TwoHeads(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def head_losses(weights: np.ndarray, probe: dict[str, Tensor], scales: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def head_losses(weights: np.ndarray, probe: dict[str, Tensor],
+                scales: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Each head's logistic loss ``[snapshot, token]`` from stored weights, in float64 numpy.
 
     ``weights`` is ``[snapshot, 2 DIM]``: head P's weight then head Q's (``named_parameters`` order).

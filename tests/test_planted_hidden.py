@@ -24,13 +24,13 @@ Construction (``_planted``: two linear logistic heads on signed inputs, SGD):
   step 200, then warms up like head P's; in the twin it warms up with head P from
   step 0. Every training batch holds one late example (63 + 1).
 - **The other tokens** carry a faint constant ``x_Q = 0.003 u`` with target 0: the late
-  skill costs each of them a few thousandths of loss. Without it their POLCA along head Q's
-  vector is float round-off (the vector's components in head P are ~1e-6): random signs
-  that the §4.1 filter keeps (with seed 0; seed 1's had one sign and it dropped them all),
-  which HDBSCAN makes tight clusters whose mean curves (~1e-9) follow head Q's late
-  movement and are flagged hidden with homogeneity 0, while the late group, under 3 % of
-  the tokens kept, is left among the outliers. With it their projected loss along that
-  vector rises and the filter drops them.
+  skill costs each of them a few thousandths of loss. Without it their POLCA along head
+  Q's vector is float round-off (the vector's components in head P are ~1e-6), of one
+  sign for all of them: the §4.1 filter kept every one with seed 0 (with seed 1 it
+  dropped them), and HDBSCAN made tight clusters of them whose mean curves (~1e-9)
+  follow head Q's late movement and were flagged hidden with homogeneity 0, while the
+  late group, under 3 % of the tokens kept, was left among the outliers. With it their
+  projected loss along that vector rises and the filter drops them.
 
 The criterion "the mean exact loss moves less than its noise" is exact: the mean exact
 loss averaged over the last 50 steps of the run (10 snapshots) differs from its average
@@ -83,7 +83,8 @@ def planted_data(n_main: int, n_late: int, seed: int, flip: float = 0.0) -> dict
     if flip:
         t_p = torch.where(torch.rand(n, generator=gen) < flip, 1 - t_p, t_p)
     t_late = torch.randint(0, 2, (n_late,), generator=gen).float()
-    x_q = torch.cat([KAPPA * torch.ones(n_main, DIM) / DIM**0.5, signed_inputs(halves(LATE_W, n_late), t_late, NOISE, gen)])
+    faint = KAPPA * torch.ones(n_main, DIM) / DIM**0.5  # the others' stake in head Q: KAPPA u
+    x_q = torch.cat([faint, signed_inputs(halves(LATE_W, n_late), t_late, NOISE, gen)])
     return {"x_p": x_p, "t_p": t_p, "x_q": x_q, "t_q": torch.cat([torch.zeros(n_main), t_late]),
             "late": torch.cat([torch.zeros(n_main), torch.ones(n_late)]).long()}
 
@@ -92,8 +93,10 @@ def stratified_batches(data: dict[str, Tensor], steps: int, seed: int) -> list[d
     """``steps`` batches of ``BATCH``, each with the late group's share of the probe (one of 64)."""
     late = data["late"].bool()
     n_late_batch = max(1, round(BATCH * N_LATE / (N_MAIN + N_LATE)))
-    main_i = torch.nonzero(~late)[:, 0][torch.randperm(int((~late).sum()), generator=torch.Generator().manual_seed(seed))]
-    late_i = torch.nonzero(late)[:, 0][torch.randperm(int(late.sum()), generator=torch.Generator().manual_seed(seed + 1))]
+    def shuffled(rows: Tensor, s: int) -> Tensor:
+        return rows[torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(s))]
+
+    main_i, late_i = shuffled(torch.nonzero(~late)[:, 0], seed), shuffled(torch.nonzero(late)[:, 0], seed + 1)
     out = []
     for s in range(steps):
         m = main_i[(s * (BATCH - n_late_batch)) % main_i.numel():][: BATCH - n_late_batch]
@@ -132,7 +135,8 @@ def head_vectors(ds) -> dict[str, int]:
 
 def flagged_clusters(ds, method: str = "polca") -> list[tuple[int, int]]:
     """``(vector, cluster)`` of every cluster the analysis flagged hidden."""
-    return [tuple(int(i) for i in bc) for bc in np.argwhere(ds[("" if method == "polca" else method + "_") + "hidden"].values)]
+    hidden = ds[("" if method == "polca" else method + "_") + "hidden"].values  # [basis, cluster_id]
+    return [tuple(int(i) for i in bc) for bc in np.argwhere(hidden)]
 
 
 def late_share(ds, vector: int, cluster: int) -> float:
