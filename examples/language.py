@@ -341,9 +341,11 @@ def summarize(store: Path, callback: POLCACallback, tokenizer: WordTokenizer, pr
     kept = kept_units(ds)
     tau = ds["cluster"].attrs.get("analysis_tau", float("nan"))
     rule = ds["cluster"].attrs.get("analysis_tau_rule", "")
-    print(f"kept vectors: {kept} of {ds.sizes['basis']}; tau = step {tau:g} ({rule}); "
-          "per cluster: size, onset (*: a hidden breakthrough, its tokens' mean onset is after tau), the most "
-          "common targets with their share of the cluster (and of all probe tokens)")
+    paper = ds["cluster"].attrs.get("analysis_tau_paper", float("nan"))
+    print(f"kept vectors: {kept} of {ds.sizes['basis']}; tau = step {tau:g} ({rule}; the paper's rule, 10% of "
+          f"the run, gives {paper:g}); per cluster: size, onset of its mean curve (*: a hidden breakthrough, "
+          "the onset is after tau), the most common targets with their share of the cluster (and of all probe "
+          "tokens)")
     targets = cluster_targets_table(ds, top=top, decode_target=tokenizer.word)
     contexts = medoid_contexts_table(ds, k=1, decode=lambda s, p: decode(tokenizer, probe, s, p))
     tc = {name: i for i, name in enumerate(targets.columns)}

@@ -1,5 +1,6 @@
 """The paper's appendix G protocol, by hand: the 85 % rule, the top three per trajectory
-type, the chance level of a homogeneity, and the default τ and Δ (10 % and 1 % of the run)."""
+type, the chance level of a homogeneity, the default τ (where the mean loss flattens) beside
+the paper's (10 % of the run, always computed), and the default Δ (1 % of the run)."""
 
 import numpy as np
 import pytest
@@ -197,30 +198,36 @@ def long_store():
     return make_synthetic_store(n_sequences=15, n_intervals=500, n_basis=3, lca=False, seed=1)
 
 
-def test_tau_and_delta_default_to_10_and_1_percent(long_store):
+def test_tau_defaults_to_the_plateau_beside_the_papers_and_delta_to_1_percent(long_store):
     assert default_tau(np.arange(100, 1101.0, 50)) == 200.0  # counted from the first step
-    res = analyze(long_store, methods=["loss"], entropy_scores=False)
-    assert float(res["tau"]) == 1000.0 and float(res["onset_delta"]) == 100.0
-    assert res.attrs["analysis_tau_rule"].startswith("paper")
-    assert res.attrs["analysis_delta_rule"].startswith("paper") and res.attrs["analysis_delta_rule"].endswith("= 100")
-    np.testing.assert_array_equal(res["loss_hidden"].values,
-                                  np.isfinite(res["loss_cluster_mean_token_onset"].values)
-                                  & (res["loss_cluster_mean_token_onset"].values > 1000))
-    # the earlier rules, by name; numbers as given
-    res = analyze(long_store, methods=["loss"], entropy_scores=False, tau="plateau", delta="wide")
+    step = long_store["step"].values.astype(np.float64)
     mean = np.nanmean(long_store["loss"].values.astype(np.float64), axis=1)
-    assert float(res["tau"]) == plateau_step(mean, long_store["step"].values.astype(np.float64))
-    assert float(res["onset_delta"]) == 200.0
-    assert res.attrs["analysis_tau_rule"].startswith("plateau") and res.attrs["analysis_delta_rule"].startswith("wide")
+    res = analyze(long_store, methods=["loss"], entropy_scores=False)
+    assert float(res["tau"]) == plateau_step(mean, step) != 1000.0
+    assert res.attrs["analysis_tau_rule"].startswith("plateau")
+    assert float(res["tau_paper"]) == res.attrs["analysis_tau_paper"] == 1000.0 and float(res["onset_delta"]) == 100.0
+    assert res.attrs["analysis_delta_rule"].startswith("paper") and res.attrs["analysis_delta_rule"].endswith("= 100")
+    onset = res["loss_cluster_onset"].values
+    np.testing.assert_array_equal(res["loss_hidden"].values, np.isfinite(onset) & (onset > float(res["tau"])))
+    # the cluster table under both rules, by hand
+    e_onset = res["entry_onset"].values
+    for suffix, tau in (("", float(res["tau"])), ("_paper", 1000.0)):
+        np.testing.assert_array_equal(res["entry_hidden" + suffix].values, np.isfinite(e_onset) & (e_onset > tau))
+        assert float(res["hidden_fraction" + suffix].sel(trajectory_type="loss")) == np.mean(
+            np.isfinite(e_onset) & (e_onset > tau))
+    # the other rules, by name; numbers as given
+    res = analyze(long_store, methods=["loss"], entropy_scores=False, tau="paper", delta="wide")
+    assert float(res["tau"]) == float(res["tau_paper"]) == 1000.0 and float(res["onset_delta"]) == 200.0
+    assert res.attrs["analysis_tau_rule"].startswith("paper") and res.attrs["analysis_delta_rule"].startswith("wide")
     res = analyze(long_store, methods=["loss"], entropy_scores=False, tau=2500, delta=60)
-    assert float(res["tau"]) == 2500.0 and float(res["onset_delta"]) == 60.0
+    assert float(res["tau"]) == 2500.0 and float(res["onset_delta"]) == 60.0 and float(res["tau_paper"]) == 1000.0
     assert res.attrs["analysis_tau_rule"] == res.attrs["analysis_delta_rule"] == "given"
 
 
 def test_tau_and_delta_floor_and_errors(hand_store):
     # 30 intervals of 20 steps: 1 % of 600 is 6 < one snapshot interval, so Δ = 20
     res = analyze(hand_store, methods=["loss"], entropy_scores=False, labels=[])
-    assert float(res["tau"]) == 60.0 and float(res["onset_delta"]) == 20.0
+    assert float(res["tau_paper"]) == 60.0 and float(res["onset_delta"]) == 20.0
     with pytest.warns(UserWarning, match="shorter than the largest snapshot spacing"):
         analyze(hand_store, methods=["loss"], entropy_scores=False, labels=[], delta=10)
     for kwargs, match in [({"tau": "median"}, "tau must be"), ({"delta": "auto"}, "delta must be"),

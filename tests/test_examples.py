@@ -38,8 +38,15 @@ def test_arithmetic_tiny_mode_logs_the_report_to_an_offline_wandb_run(tmp_path, 
     # against the per-cluster scores: the most homogeneous eligible carry=1 cluster of POLCA
     polca = (ds["entry_method"].values.astype(str) == "polca") & ds["carry_eligible"].values[:, 1].astype(bool)
     assert best["homogeneity"] == pytest.approx(np.nanmax(ds["carry_homogeneity"].values[polca, 1]))
-    hidden = ds["entry_hidden"].values[ds["entry_method"].values.astype(str) == "polca"]
-    assert best["hidden_fraction"] == pytest.approx(hidden.mean())
+    mine = ds["entry_method"].values.astype(str) == "polca"
+    onset = ds["entry_onset"].values[mine]
+    tau, tau_paper = results["tau"]["value"], results["tau"]["paper"]
+    assert results["tau"]["rule"].startswith("plateau") and tau_paper == float(ds["step"][0]) + 0.1 * float(
+        ds["step"][-1] - ds["step"][0])
+    # both rules side by side, each the share of POLCA's clusters whose drawn onset is after its τ
+    assert best["hidden_fraction"] == pytest.approx(np.mean(np.isfinite(onset) & (onset > tau)))
+    assert best["hidden_fraction_paper"] == pytest.approx(np.mean(np.isfinite(onset) & (onset > tau_paper)))
+    assert f"'plateau' (τ = {tau:g}" in out and f"'paper' (τ = {tau_paper:g}" in out
     assert results["ablation"]["vector"] == best["unit"]
     # every homogeneity beside its chance level: the carry rate of the cluster's mix of places
     entry = int(ds["carry_best"].sel(trajectory_type="polca", carry_value=1, rank=0))
@@ -104,12 +111,16 @@ def test_arithmetic_seeds_table_is_mean_and_sample_spread():
     import arithmetic
 
     def result(h, ablation):
-        carry = {t: {"homogeneity": h, "recall": 0.5, "f1": None, "hidden_fraction": 0.25} for t in arithmetic.TYPE_NAMES}
-        return {"seed": 0, "carry": carry, "ablation": {"carry_tokens": ablation, "other_tokens": 0.0}}
+        carry = {t: {"homogeneity": h, "recall": 0.5, "f1": None, "hidden_fraction": 0.25,
+                     "hidden_fraction_paper": h} for t in arithmetic.TYPE_NAMES}
+        return {"seed": 0, "carry": carry, "ablation": {"carry_tokens": ablation, "other_tokens": 0.0},
+                "tau": {"value": 300.0 + 10 * h, "rule": "plateau", "paper": 60.0}}
 
     table = arithmetic.seeds_table([result(0.2, 0.1), result(0.4, 0.3), result(0.6, 0.2)])
     polca = next(line for line in table.splitlines() if line.startswith("| POLCA |"))
-    assert polca.split(" | ")[1:6] == ["0.400 ± 0.200", "-", "0.500 ± 0.000", "-", "0.250 ± 0.000"]
+    assert polca.split(" | ")[1:7] == ["0.400 ± 0.200", "-", "0.500 ± 0.000", "-", "0.250 ± 0.000", "0.400 ± 0.200"]
+    assert "hidden fraction, plateau τ | hidden fraction, paper's τ" in table
+    assert "plateau (where the mean loss flattens) 302, 304, 306; the paper's (10% of the run) 60, 60, 60." in table
     assert "0.973 / 0.736 / 0.838 / 0.355" in polca
     assert "+0.2000 (seeds: +0.1000, +0.3000, +0.2000)" in table
 

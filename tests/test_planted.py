@@ -57,18 +57,14 @@ clusters of 14-30 tokens (each still homogeneous).
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch import Tensor
 
-from polca_lightning import POLCACallback
-from polca_lightning.report import open_analysed_store
+from _planted import DIM, TwoHeads, fit_planted, head_losses, linear_warmup, signed_inputs
 
-DIM = 4  # input width of each head
 STRONG, WEAK = (1.0, 1.5), (0.15, 0.25)  # input magnitude ranges
 NOISE = 0.05
 SCALE_P, SCALE_Q = 2.0, 1.0
@@ -90,14 +86,12 @@ def planted_pairs(n_pairs: int, seed: int) -> dict[str, Tensor]:
         ``group`` ``[2n]`` (0 then 1). Example ``n + j`` mirrors example ``j``.
     """
     gen = torch.Generator().manual_seed(seed)
-    u = torch.ones(DIM) / DIM**0.5
     strong = torch.empty(n_pairs).uniform_(*STRONG, generator=gen)
     weak = torch.empty(n_pairs).uniform_(*WEAK, generator=gen)
     t_strong = torch.randint(0, 2, (n_pairs,), generator=gen).float()
     t_weak = torch.randint(0, 2, (n_pairs,), generator=gen).float()
-    sign = lambda t: (2 * t - 1)[:, None]  # noqa: E731 - the target's side of the boundary
-    x_strong = sign(t_strong) * (strong[:, None] * u + NOISE * torch.randn(n_pairs, DIM, generator=gen))
-    x_weak = sign(t_weak) * (weak[:, None] * u + NOISE * torch.randn(n_pairs, DIM, generator=gen))
+    x_strong = signed_inputs(strong, t_strong, NOISE, gen)
+    x_weak = signed_inputs(weak, t_weak, NOISE, gen)
     return {
         "x_p": torch.cat([x_strong, x_weak]), "t_p": torch.cat([t_strong, t_weak]),
         "x_q": torch.cat([x_weak, x_strong]), "t_q": torch.cat([t_weak, t_strong]),
@@ -116,71 +110,20 @@ def mirrored_batches(data: dict[str, Tensor], pairs_per_batch: int) -> list[dict
     return out
 
 
-class PlantedHeads(L.LightningModule):
-    """Two linear logistic heads, P (scaled by ``SCALE_P``) and Q; SGD with a linear warmup.
-
-    Each head's learning rate is divided by its scale squared, so both heads train
-    identically in function space while the Hessian sees head P ``SCALE_P**2`` times larger.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.head_p = nn.Linear(DIM, 1, bias=False)
-        self.head_q = nn.Linear(DIM, 1, bias=False)
-        nn.init.zeros_(self.head_p.weight)
-        nn.init.zeros_(self.head_q.weight)
-
-    def token_loss(self, batch):
-        z_p = SCALE_P * self.head_p(batch["x_p"])  # [B, 1]
-        z_q = SCALE_Q * self.head_q(batch["x_q"])  # [B, 1]
-        loss = (F.binary_cross_entropy_with_logits(z_p, batch["t_p"][:, None], reduction="none")
-                + F.binary_cross_entropy_with_logits(z_q, batch["t_q"][:, None], reduction="none"))  # [B, 1]
-        return loss, torch.ones_like(loss, dtype=torch.bool)
-
-    def training_step(self, batch, _):
-        return self.token_loss(batch)[0].mean()
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD([{"params": self.head_p.parameters(), "lr": LR / SCALE_P**2},
-                               {"params": self.head_q.parameters(), "lr": LR / SCALE_Q**2}])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def head_losses(weights: np.ndarray, probe: dict[str, Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """Each head's logistic loss ``[snapshot, token]`` from stored weights, in float64 numpy.
-
-    ``weights`` is ``[snapshot, 2 DIM]``: head P's weight then head Q's (``named_parameters`` order).
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    out = []
-    for part, scale, x, t in ((slice(0, DIM), SCALE_P, probe["x_p"], probe["t_p"]),
-                              (slice(DIM, 2 * DIM), SCALE_Q, probe["x_q"], probe["t_q"])):
-        z = scale * w[:, part] @ x.double().numpy().T  # [S, T]
-        signed = np.where(t.numpy() == 1, z, -z)
-        out.append(np.logaddexp(0.0, -signed))  # softplus(-z) for target 1, softplus(z) for 0
-    return out[0], out[1]
+def planted_heads() -> TwoHeads:
+    """Heads P (scaled by ``SCALE_P``) and Q, SGD at ``LR`` in function space with a linear warmup."""
+    return TwoHeads((SCALE_P, SCALE_Q), (LR, LR), [linear_warmup(WARMUP)] * 2)
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """One planted run with the callback (analysis after fit); returns the analysed store and the probe."""
-    root = tmp_path_factory.mktemp("planted")
     probe = planted_pairs(N_PROBE_PAIRS, seed=SEED + 1000)
-    cb = POLCACallback(
-        store=root / "polca.zarr", probe_data=[probe],
-        hessian_data=mirrored_batches(planted_pairs(64, seed=SEED + 2000), 64),
-        token_labels=lambda b: {"group": b["group"][:, None]},
-        snapshot_every=5, basis_every=50, k=1, max_basis=2, lca_directions=0, ablate=False,
-        analysis_kwargs=ANALYSIS, progress=False,
-    )
-    torch.manual_seed(SEED)
-    module = PlantedHeads()
-    trainer = L.Trainer(default_root_dir=root, max_steps=STEPS, callbacks=[cb], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", devices=1)
-    trainer.fit(module, DataLoader(mirrored_batches(planted_pairs(256, seed=SEED), 64), batch_size=None))
-    ds = open_analysed_store(cb.store).load()
+    module = planted_heads()
+    ds = fit_planted(tmp_path_factory.mktemp("planted"), module, probe,
+                     mirrored_batches(planted_pairs(64, seed=SEED + 2000), 64),
+                     mirrored_batches(planted_pairs(256, seed=SEED), 64), STEPS, seed=SEED, label="group",
+                     analysis_kwargs=ANALYSIS, snapshot_every=5, basis_every=50, k=1, max_basis=2)
     return {"ds": ds, "probe": probe, "module": module}
 
 
@@ -206,7 +149,7 @@ def test_stored_loss_is_the_models_loss(planted):
     ds, probe, module = planted["ds"], planted["probe"], planted["module"]
     final = torch.cat([module.head_p.weight.detach().flatten(), module.head_q.weight.detach().flatten()])
     assert np.array_equal(ds["weights"].values[-1], final.numpy())  # the last snapshot is the trained model
-    lp, lq = head_losses(ds["weights"].values, probe)
+    lp, lq = head_losses(ds["weights"].values, probe, (SCALE_P, SCALE_Q))
     stored = ds["loss"].transpose("snapshot", "token").values
     assert np.abs(stored - (lp + lq)).max() <= 1e-5
     with torch.no_grad():
@@ -239,7 +182,7 @@ def test_projected_loss_along_a_head_vector_is_that_heads_loss_change(planted):
     change of the token's head-P loss (head P moves along that one direction only)."""
     ds = planted["ds"]
     assert ds.attrs["order"] == "trapezoid"
-    per_head = head_losses(ds["weights"].values, planted["probe"])
+    per_head = head_losses(ds["weights"].values, planted["probe"], (SCALE_P, SCALE_Q))
     polca = ds["polca"].transpose("interval", "basis", "token").values
     for b, head in enumerate(_head_of_each_vector(ds)):
         projected = np.cumsum(polca[:, b], axis=0)  # [I, T]: L_b(x, s_j), j >= 1

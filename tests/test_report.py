@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from _tiny import AdditionModule, batches
 from _wandb import wandb_history
 from polca_lightning import POLCACallback, open_store
-from polca_lightning.analysis import analyze, make_synthetic_store
+from polca_lightning.analysis import analyze, check_hidden_flags, make_synthetic_store
 from polca_lightning.report import (
     analyze_store,
     appendix_g_figure,
@@ -29,6 +29,7 @@ from polca_lightning.report import (
     exact_loss_figure,
     kept_units,
     label_composition_figure,
+    mean_loss_figure,
     medoid_contexts_table,
     open_analysed_store,
     projected_loss_figure,
@@ -218,7 +219,8 @@ def synthetic():
     vars_ = result_variables(res, store)
     import xarray as xr
 
-    ds = store.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in vars_.items()}).assign(tau=res["tau"])
+    ds = store.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in vars_.items()}).assign(
+        tau=res["tau"], tau_paper=res["tau_paper"])
     return ds, res
 
 
@@ -245,6 +247,37 @@ def test_projected_and_exact_loss_figures_draw_one_line_per_cluster(synthetic):
         assert len(_gids(fig, "cluster_mean")) == n_c and len(_gids(fig, "mean_loss")) == 1
     # vector 0 plants a carry group: its figure has at least one cluster
     assert 0 in kept_units(ds) and len(_gids(projected_loss_figure(ds, 0), "cluster_mean")) >= 1
+
+
+def test_the_tau_line_says_taus_rule(synthetic):
+    ds, res = synthetic
+    tau = float(res["tau"])
+    assert res.attrs["analysis_tau_rule"].startswith("plateau") and tau != float(res["tau_paper"])
+    for fig in (projected_loss_figure(ds, 0), exact_loss_figure(ds, 0), mean_loss_figure(ds)):
+        (line,) = _gids(fig, "tau")
+        assert line.get_xdata()[0] == tau and line.get_label() == f"τ = {tau:g} (plateau: mean loss flat)"
+    paper = analyze(ds, methods=["loss"], tau="paper", entropy_scores=False)  # the rule it records
+    as_paper = ds.copy().assign(tau=paper["tau"])
+    as_paper["cluster"].attrs = {**ds["cluster"].attrs, "analysis_tau_rule": paper.attrs["analysis_tau_rule"]}
+    (line,) = _gids(projected_loss_figure(as_paper, 0), "tau")
+    assert line.get_label() == f"τ = {float(res['tau_paper']):g} (paper: 10% of the run)"
+
+
+def test_mean_loss_figure_draws_the_mean_exact_loss_and_both_taus(synthetic):
+    ds, res = synthetic
+    fig = mean_loss_figure(ds)
+    (curve,) = _gids(fig, "mean_loss")
+    mean = np.nanmean(ds["loss"].transpose("snapshot", "token").values.astype(np.float64), axis=1)
+    np.testing.assert_allclose(curve.get_ydata(), mean)
+    np.testing.assert_array_equal(curve.get_xdata(), ds["step"].values)
+    (paper,) = _gids(fig, "tau_paper")
+    assert paper.get_xdata()[0] == float(res["tau_paper"]) and "10% of the run" in paper.get_label()
+    assert len(_gids(fig, "tau")) == 1
+    # with the paper's rule in force there is one τ line, not two
+    same = ds.assign(tau=res["tau_paper"])
+    assert len(_gids(mean_loss_figure(same), "tau_paper")) == 0
+    with pytest.raises(ValueError, match="no analysis"):
+        mean_loss_figure(ds.drop_vars(["tau"]))
 
 
 def test_label_composition_figure_has_a_stack_per_label_value(synthetic):
@@ -294,6 +327,8 @@ def test_analyze_store_writes_and_replaces_results(tmp_path, tmp_path_factory):
     ds = analyze_store(store, methods=["polca", "loss"], min_samples=3)
     assert "loss_cluster" in ds and "polca_first_cluster" not in ds  # stale baselines are gone
     assert float(ds["tau"]) == ds["cluster"].attrs["analysis_tau"]
+    assert float(ds["tau_paper"]) == ds["cluster"].attrs["analysis_tau_paper"] < float(ds["tau"])
+    assert ds["cluster"].attrs["analysis_tau_rule"].startswith("plateau")  # the default
     again = open_analysed_store(store)
     assert (again["cluster"].values == ds["cluster"].values).all()
     assert again["entry_method"].dims == ("entry",)
@@ -401,3 +436,21 @@ def test_report_folder_lists_targets_and_skips_them_without(tmp_path, synthetic)
     assert "medoid_contexts.csv" in files and "summary.csv" in files
     assert "cluster_targets.csv" not in files and not any(f.endswith("_targets.png") for f in files)
     assert (out / "medoid_contexts.csv").read_text().splitlines()[1].split(",")[6] == "-1"
+
+
+def test_every_hidden_flag_of_a_trained_store_is_its_drawn_onset_after_tau(tmp_path, tmp_path_factory):
+    """On the callback's own store: ``hidden == (cluster_onset > tau)`` for every cluster of
+    every trajectory type, under τ and the paper's τ; a flipped flag is caught."""
+    store = copy_store(finished_store(tmp_path_factory), tmp_path)
+    for settings in ({}, {"min_samples": 3}, {"min_samples": 3, "tau": "paper"}):
+        ds = analyze_store(store, **settings)
+        n = check_hidden_flags(ds)
+        assert n == ds.sizes["entry"] and n > 0
+        if settings:  # POLCA's own clusters among those checked (vectors 0 and 3)
+            assert (ds["entry_method"].values == "polca").sum() >= 2
+    ds = ds.load()
+    for name in ("entry_hidden", "entry_hidden_paper", "hidden", "loss_hidden"):
+        bad = ds.copy(deep=True)
+        bad[name].values[..., 0] = ~bad[name].values[..., 0]
+        with pytest.raises(ValueError, match="not cluster_onset > tau"):
+            check_hidden_flags(bad)

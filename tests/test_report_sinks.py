@@ -84,7 +84,8 @@ def test_every_sink_gets_every_item_under_its_naming_rule(analysed, tmp_path):
         assert (want <= names) if u in clustered else not any(n.startswith(f"vector_{u:02d}/") for n in names)
     assert {"summary", "medoid_contexts", "cluster_targets", "ablation", "ablation_summary", "appendix_g",
             "appendix_g_carry", "appendix_g_place", "signal_check", "coverage", "coverage_plot",
-            "coverage_total/ratio", "kept_vectors", "hidden_breakthroughs", "tau", "overview"} <= names
+            "coverage_total/ratio", "kept_vectors", "hidden_breakthroughs", "tau", "tau_paper", "overview",
+            "mean_loss"} <= names
     (overview,) = [value for name, _, value in items if name == "overview"]
     assert COVERAGE_NOTE in overview and "Kept vectors without clusters (no per-vector figures): 1." in overview
     scalars = {name: value for name, kind, value in items if kind == "scalar"}
@@ -135,6 +136,7 @@ def test_every_sink_gets_every_item_under_its_naming_rule(analysed, tmp_path):
     files = {p.name for p in folder.iterdir()} - {"index.md"}
     assert files == {folder_file(i) for i in content if folder_file(i) is not None}
     assert "coverage.png" in files and "coverage_plot.png" not in files  # the name of earlier reports
+    assert "mean_loss.png" in files
     listed = {line.split("`")[1] for line in index.split("## Scalars")[1].split("##")[0].splitlines()
               if line.startswith("- `")}
     assert listed == {i.name for i in content if i.kind == "scalar"}

@@ -13,9 +13,10 @@ Modules (one concept each):
   PCA), ``cluster_trajectories`` (HDBSCAN, optional groups), ``cluster_medoids``;
   labels ``>= 0`` clusters (0 = largest), ``OUTLIER = -1``, ``FILTERED = -2``.
 - ``onsets``: ``acceleration`` and ``breakthrough_onset`` (Eq. 9; onset of a drop = most
-  negative a(t)), ``default_delta`` (Δ, 1 % of the run) and ``default_tau`` (τ, 10 % of
-  it: the paper's Δ = 100 and τ = 1000 of 10,000 steps), ``plateau_step`` (τ where the
-  mean loss flattens, ``tau="plateau"``), ``hidden_breakthrough`` (Eq. 10).
+  negative a(t)), ``default_delta`` (Δ, 1 % of the run: the paper's Δ = 100 of 10,000
+  steps), ``plateau_step`` (τ where the mean loss flattens, ``tau="plateau"``, the
+  default), ``default_tau`` (the paper's τ, 10 % of the run: 1000 of 10,000 steps,
+  ``tau="paper"``), ``hidden_breakthrough`` (Eq. 10).
 - ``scores``: ``label_scores`` (homogeneity, recall, F1, chance level, App. G
   restriction: over 85 % of a cluster's carries in the 10s/100s places),
   ``chance_homogeneity``, ``best_clusters``, ``clustering_scores`` (torchmetrics).
@@ -28,6 +29,8 @@ Modules (one concept each):
   ``ablation_table``, ``ablation_summary``); ``polca_lightning.ablate_directions``
   computes them with torch.
 - ``pipeline``: ``analyze``, in stages, driven by ``AnalysisSettings``.
+- ``tables``: reading results back; ``check_hidden_flags`` checks on any analysed store
+  that every hidden flag is ``cluster_onset > tau``.
 - ``synthetic``: ``make_synthetic_store`` (planted breakthroughs, for tests/benchmarks).
 
 Result of ``analyze`` (``U`` = the method's unit dim: ``basis`` for polca, polca_first
@@ -37,21 +40,27 @@ have no prefix, the baselines' are prefixed ``polca_first_``, ``lca_``, ``fisher
 
 - ``cluster[U, token]`` int (``-1`` outlier, ``-2`` not clustered),
   ``cluster_size[U, cluster_id]``, ``medoid[U, cluster_id]`` (token index, -1 none),
-  ``cluster_onset[U, cluster_id]`` (onset step of the cluster mean curve),
-  ``cluster_mean_token_onset[U, cluster_id]`` (mean of member token onsets),
-  ``hidden[U, cluster_id]`` (Eq. 10 under ``hidden_rule``),
+  ``cluster_onset[U, cluster_id]`` (onset step of the cluster mean curve: *the* onset,
+  the one the figures draw and ``hidden`` uses), ``hidden[U, cluster_id]`` (Eq. 10:
+  ``cluster_onset > tau``), ``cluster_member_onset_mean[U, cluster_id]`` (a diagnostic:
+  the mean of the members' own onsets, pulled late by members whose curves are noisy;
+  never drawn as the onset),
   ``token_onset[U, token]``, ``cluster_trajectory[U, cluster_id, snapshot]``;
 - with their own filter (polca, polca_first, lca): ``kept[U]``,
   ``token_kept[U, token]``, ``final_projected_loss[U, token]``;
 - ``tau``, ``onset_delta`` (scalars, steps; the rules that gave them in the attrs
-  ``analysis_tau_rule`` and ``analysis_delta_rule``), ``mean_loss[snapshot]``;
+  ``analysis_tau_rule`` and ``analysis_delta_rule``), ``tau_paper`` (the paper's τ,
+  10 % of the run, always computed: ``analysis_tau_paper``), ``mean_loss[snapshot]``;
 - table of clusterings: dim ``clustering`` with coords ``clustering_method``,
   ``clustering_unit`` (-1 for loss methods) and ``clustering_n_clusters``,
   ``clustering_n_clustered``, ``clustering_n_outliers``, ``clustering_n_filtered``;
 - table of clusters: dim ``entry`` with coords ``entry_method``, ``entry_unit``,
-  ``entry_cluster`` and ``entry_size``, ``entry_onset``, ``entry_mean_token_onset``,
-  ``entry_hidden``; ``hidden_fraction[trajectory_type]`` (the ``trajectory_type`` dim
-  lists the methods; it is not called ``method``, which ``.sel`` reserves);
+  ``entry_cluster`` and ``entry_size``, ``entry_onset``, ``entry_member_onset_mean``,
+  ``entry_hidden`` (``entry_onset > tau``), ``entry_hidden_paper`` (``entry_onset >
+  tau_paper``); ``hidden_fraction[trajectory_type]`` and
+  ``hidden_fraction_paper[trajectory_type]``, the fraction of each type's clusters
+  hidden under τ and under the paper's τ (the ``trajectory_type`` dim lists the
+  methods; it is not called ``method``, which ``.sel`` reserves);
 - per label coordinate ``L`` (e.g. ``carry``), dim ``L_value``: ``L_homogeneity``,
   ``L_chance``, ``L_recall``, ``L_f1``, ``L_eligible`` ``[entry, L_value]``.
   ``L_chance`` is the homogeneity expected from the cluster's composition alone: with a
@@ -99,6 +108,7 @@ from .pipeline import AnalysisSettings, analyze, complete_snapshots
 from .scores import best_clusters, chance_homogeneity, clustering_scores, label_scores
 from .signal import interpret_signal_check, signal_check, signal_check_table
 from .synthetic import make_synthetic_store, planted_groups
+from .tables import check_hidden_flags
 from .trajectories import cumulative_fisher, filter_trajectories, loss_change, projected_loss
 
 __all__ = [
@@ -123,6 +133,7 @@ __all__ = [
     "smooth_curve",
     "plateau_step",
     "hidden_breakthrough",
+    "check_hidden_flags",
     "label_scores",
     "chance_homogeneity",
     "best_clusters",

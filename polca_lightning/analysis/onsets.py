@@ -13,18 +13,21 @@ Conventions (the paper's text leaves them open; these are ours):
   start of the drop, not its middle; on a hinge (flat, then linear descent from ``t0``)
   exactly at ``t0``. Curves that only rise (cumulated Fisher) use ``direction="rising"``:
   most positive ``a(t)``, where the rise starts.
-- **τ and Δ by default: the paper's.** App. G used Δ = 100 and τ = 1000 on a
-  10,000-step run: 1 % and 10 % of it. With ``span = step[-1] - step[0]``,
-  ``default_tau`` is ``step[0] + 0.10 × span`` and ``default_delta`` is
-  ``max(0.01 × span, largest snapshot spacing)``. Δ is never shorter than one snapshot
-  interval: ``a(t)`` needs ``f`` at ``t ± Δ``, and below the spacing that would be
-  interpolation between two snapshots, not data.
-- **Plateau step τ** (``plateau_step``, ``analyze(tau="plateau")``): the mean exact loss
-  is smoothed by a centred moving average over ``smooth`` snapshots; the total decrease
-  is ``D = smoothed[0] - min(smoothed)``; τ is the first snapshot step after which the
-  remaining decrease ``smoothed(t) - min_{u >= t} smoothed(u)`` stays at or below
-  ``fraction * D`` (default 5 %) for every later snapshot. The paper fixed τ by hand;
-  this rule places it where the mean loss flattens, wherever that is in the run.
+- **Δ by default: the paper's.** App. G used Δ = 100 on a 10,000-step run: 1 % of it.
+  With ``span = step[-1] - step[0]``, ``default_delta`` is ``max(0.01 × span, largest
+  snapshot spacing)``. Δ is never shorter than one snapshot interval: ``a(t)`` needs
+  ``f`` at ``t ± Δ``, and below the spacing that would be interpolation between two
+  snapshots, not data.
+- **τ by default: where the mean loss flattens** (``plateau_step``,
+  ``analyze(tau="plateau")``, the default): the mean exact loss is smoothed by a centred
+  moving average over ``smooth`` snapshots; the total decrease is ``D = smoothed[0] -
+  min(smoothed)``; τ is the first snapshot step after which the remaining decrease
+  ``smoothed(t) - min_{u >= t} smoothed(u)`` stays at or below ``fraction * D`` (default
+  5 %) for every later snapshot. A hidden breakthrough is learning the mean loss does
+  not show, i.e. after it has flattened; the paper fixed that step by hand (τ = 1000 of
+  10,000 steps, where its loss was flat), this rule finds it wherever it is in the run.
+  ``default_tau`` (``tau="paper"``) is the paper's proportion, ``step[0] + 0.10 × span``,
+  which on a shorter or slower run can fall in the middle of the main drop.
 - **Hidden breakthrough** (Eq. 10): onset ``> τ`` (strictly).
 """
 
@@ -44,6 +47,7 @@ __all__ = [
     "hidden_breakthrough",
     "resolve_tau",
     "resolve_delta",
+    "tau_rule_label",
     "TAU_RULES",
     "DELTA_RULES",
 ]
@@ -260,7 +264,7 @@ def plateau_step(
 
 
 #: named rules for τ and Δ in ``analyze`` (numbers are steps); the first is the default
-TAU_RULES = ("paper", "plateau")
+TAU_RULES = ("plateau", "paper")
 DELTA_RULES = ("paper", "wide")
 
 
@@ -314,8 +318,15 @@ def resolve_tau(tau, step: np.ndarray, mean_loss: np.ndarray, *, fraction: float
     """τ in steps from ``analyze``'s ``tau`` (a rule of ``TAU_RULES``, None, or a step),
     and a description of the rule that gave it (``analysis_tau_rule``).
 
-    ``"paper"`` (None): ``default_tau(step)``; ``"plateau"``: ``plateau_step(mean_loss,
-    step, fraction=fraction, smooth=smooth)``; a number: itself.
+    ``"plateau"`` (None): ``plateau_step(mean_loss, step, fraction=fraction,
+    smooth=smooth)``; ``"paper"``: ``default_tau(step)``; a number: itself.
+
+    Example:
+        >>> s = np.arange(0, 1000.0, 10)
+        >>> resolve_tau(None, s, np.exp(-s / 100))[0] == plateau_step(np.exp(-s / 100), s)
+        True
+        >>> resolve_tau("paper", s, np.exp(-s / 100))
+        (99.0, 'paper: step[0] + 10% of the run')
     """
     tau = _rule_or_steps(tau, TAU_RULES, "tau")
     if isinstance(tau, float):
@@ -324,6 +335,22 @@ def resolve_tau(tau, step: np.ndarray, mean_loss: np.ndarray, *, fraction: float
         return (plateau_step(mean_loss, step, fraction=fraction, smooth=smooth),
                 f"plateau: plateau_step(fraction={fraction}, smooth={smooth})")
     return default_tau(step, 0.10), "paper: step[0] + 10% of the run"
+
+
+def tau_rule_label(rule: str) -> str:
+    """A few words for ``analysis_tau_rule`` (what :func:`resolve_tau` returned), as figure
+    legends show it: ``"plateau: mean loss flat"``, ``"paper: 10% of the run"``, ``"given"``.
+
+    Example:
+        >>> tau_rule_label("plateau: plateau_step(fraction=0.05, smooth=None)")
+        'plateau: mean loss flat'
+    """
+    rule = str(rule)
+    if rule.startswith("plateau"):
+        return "plateau: mean loss flat"
+    if rule.startswith("paper"):
+        return "paper: 10% of the run"
+    return rule.split(":")[0] if rule else "rule not recorded"
 
 
 def hidden_breakthrough(onset: np.ndarray, tau: float) -> np.ndarray:

@@ -73,12 +73,14 @@ class AnalysisSettings:
             default of earlier versions); either at least the largest snapshot spacing,
             since ``a(t)`` needs the curves at ``t ± Δ`` and a shorter Δ would read them
             between snapshots (a given Δ below the spacing warns). See ``onsets.py``.
-        tau: τ of Eq. 10: a step, or a rule: ``"paper"`` (default, or None):
-            ``step[0] + 10 %`` of the run (the paper's τ = 1000 of 10,000 steps);
-            ``"plateau"``: where the mean exact loss flattens (``plateau_step``).
+        tau: τ of Eq. 10: a step, or a rule: ``"plateau"`` (default, or None): where
+            the mean exact loss flattens (``plateau_step``), what a hidden breakthrough
+            means (learning the mean loss does not show); ``"paper"``: ``step[0] + 10 %``
+            of the run (the paper's τ = 1000 of 10,000 steps). A cluster is hidden when
+            the onset of its mean curve (``cluster_onset``) is after τ. The paper's τ is
+            always computed too (``tau_paper``, ``entry_hidden_paper``,
+            ``hidden_fraction_paper``).
         tau_fraction, tau_smooth: ``plateau_step`` settings (with ``tau="plateau"``).
-        hidden_rule: ``"token_mean"`` (Eq. 10 as written: the mean of the member tokens'
-            onsets > τ) or ``"mean_curve"`` (the onset of the cluster's mean curve > τ).
         restrict: App. G restriction per label, ``{label: (coordinate, allowed values)}``,
             e.g. ``{"carry": ("place", (1, 2))}`` for the paper's carry scores. The
             coordinate is also what the label's chance level conditions on.
@@ -109,10 +111,9 @@ class AnalysisSettings:
     time_points: int | None = 64
     cluster_selection_method: str = "eom"
     delta: float | str | None = "paper"
-    tau: float | str | None = "paper"
+    tau: float | str | None = "plateau"
     tau_fraction: float = 0.05
     tau_smooth: int | None = None
-    hidden_rule: str = "token_mean"
     restrict: Mapping[str, tuple[str, Sequence[int]]] | None = None
     restrict_fraction: float = APPENDIX_G_FRACTION
     recall_over: str = "clustered"
@@ -129,8 +130,6 @@ class AnalysisSettings:
         for m in self.methods or ():
             if m not in METHODS:
                 raise ValueError(f"unknown method {m!r}; expected some of {list(METHODS)}")
-        if self.hidden_rule not in ("token_mean", "mean_curve"):
-            raise ValueError(f"hidden_rule must be 'token_mean' or 'mean_curve', got {self.hidden_rule!r}")
         if self.recall_over not in ("clustered", "all"):
             raise ValueError(f"recall_over must be 'clustered' or 'all', got {self.recall_over!r}")
         if not 0 <= self.restrict_fraction < 1:
@@ -239,18 +238,19 @@ def _cluster_one(traj, mask, step, settings, groups, delta, direction, timings):
         token_onset[mask] = breakthrough_onset(traj[:, mask], step, delta, direction=direction)
     if n_c:
         onset = breakthrough_onset(curves, step, delta, direction=direction)
-        # mean over the members that have an onset (a member whose curve never bends has none)
+        # a diagnostic, not the onset: the mean over the members that have an onset of
+        # their own (a member whose curve never bends has none)
         has = in_c & np.isfinite(token_onset)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean_tok = (np.bincount(labels[has], weights=token_onset[has], minlength=n_c)
-                        / np.bincount(labels[has], minlength=n_c))
+            member_mean = (np.bincount(labels[has], weights=token_onset[has], minlength=n_c)
+                           / np.bincount(labels[has], minlength=n_c))
     else:
-        onset = mean_tok = np.zeros(0)
+        onset = member_mean = np.zeros(0)
     timings["medoids"] = timings.get("medoids", 0.0) + t1 - t0
     timings["onsets"] = timings.get("onsets", 0.0) + time.perf_counter() - t1
     return {
         "labels": labels, "medoid": medoid, "size": size, "curves": curves,
-        "onset": onset, "mean_token_onset": mean_tok, "token_onset": token_onset,
+        "onset": onset, "member_onset_mean": member_mean, "token_onset": token_onset,
     }
 
 
@@ -267,7 +267,7 @@ def _run_methods(ds, order, n_snap, step, settings, groups, delta, per_method, t
     for m in order:
         spec = METHODS[m]
         t_m = time.perf_counter()
-        res = {k: [] for k in ("labels", "medoid", "size", "curves", "onset", "mean_token_onset",
+        res = {k: [] for k in ("labels", "medoid", "size", "curves", "onset", "member_onset_mean",
                                "token_onset", "kept", "token_kept", "final")}
         for u in range(spec.n_units(ds)):
             t0 = time.perf_counter()
@@ -321,9 +321,11 @@ def analyze(ds, settings: AnalysisSettings | None = None, *, progress: bool = Fa
     Example:
         >>> from polca_lightning.analysis import make_synthetic_store, analyze
         >>> res = analyze(make_synthetic_store(50, 40, 4), methods=["polca"])   # steps 0..800
-        >>> res["cluster"].dims, float(res["tau"]), float(res["onset_delta"])
+        >>> res["cluster"].dims, float(res["tau_paper"]), float(res["onset_delta"])
         (('basis', 'token'), 80.0, 20.0)
-        >>> float(analyze(make_synthetic_store(50, 40, 4), methods=["loss"], tau="plateau")["tau"]) > 80
+        >>> float(res["tau"]) > 80    # the plateau rule: where the mean loss flattens
+        True
+        >>> bool((res["hidden"] == (res["cluster_onset"] > res["tau"])).all())
         True
     """
     import xarray as xr
@@ -345,6 +347,7 @@ def analyze(ds, settings: AnalysisSettings | None = None, *, progress: bool = Fa
     timings["scores"] = time.perf_counter() - t_s
 
     data["tau"] = ((), inp.tau)
+    data["tau_paper"] = ((), inp.tau_paper)
     data["onset_delta"] = ((), inp.delta)
     data["mean_loss"] = ((SNAPSHOT,), inp.mean_loss)
     timings["total"] = time.perf_counter() - t_start
@@ -369,6 +372,7 @@ class _Inputs:
     delta_rule: str
     tau: float
     tau_rule: str
+    tau_paper: float
     mean_loss: np.ndarray
     n_tokens: int
 
@@ -405,8 +409,9 @@ def _inputs(ds, settings: AnalysisSettings) -> _Inputs:
     mean_loss = np.nanmean(loss.astype(np.float64), axis=1)
     tau, tau_rule = resolve_tau(settings.tau, step, mean_loss, fraction=settings.tau_fraction,
                                 smooth=settings.tau_smooth)
+    tau_paper, _ = resolve_tau("paper", step, mean_loss)  # appendix G compares under the paper's τ too
     return _Inputs(methods, list(labels), label_arrays, groups, restrict_masks, restrict_groups, n_snap, step,
-                   delta, delta_rule, tau, tau_rule, mean_loss, int(ds.sizes[TOKEN]))
+                   delta, delta_rule, tau, tau_rule, tau_paper, mean_loss, int(ds.sizes[TOKEN]))
 
 
 def _cluster_units(ds, inp: _Inputs, settings: AnalysisSettings, timings: dict, progress: bool) -> dict:
@@ -430,13 +435,17 @@ def _cluster_units(ds, inp: _Inputs, settings: AnalysisSettings, timings: dict, 
 
 def _method_variables(ds, inp: _Inputs, settings: AnalysisSettings, per_method: dict):
     """Stage 3: each method's clusters, medoids, curves, onsets and hidden flags as variables;
-    returns ``(data, coords, entries, clusterings)``, the last two as columns for ``_tables``."""
+    returns ``(data, coords, entries, clusterings)``, the last two as columns for ``_tables``.
+
+    ``hidden`` is decided by ``cluster_onset``, the onset of the cluster's mean curve: the
+    curve the figures draw. ``cluster_member_onset_mean`` (the mean of the members' own
+    onsets) is a diagnostic beside it, never the onset."""
     n_snap, T, tau = inp.n_snap, inp.n_tokens, inp.tau
     n_cid = max([r.shape[0] for m in inp.methods for r in per_method[m]["size"]] + [0])
     data, coords = {}, {SNAPSHOT: ds[SNAPSHOT].values[:n_snap] if SNAPSHOT in ds.coords else np.arange(n_snap),
                         TOKEN: ds[TOKEN].values if TOKEN in ds.coords else np.arange(T),
                         "cluster_id": np.arange(n_cid)}
-    entries = {"method": [], "unit": [], "cluster": [], "size": [], "onset": [], "mean_token_onset": []}
+    entries = {"method": [], "unit": [], "cluster": [], "size": [], "onset": [], "member_onset_mean": []}
     clusterings = {"method": [], "unit": [], "n_clusters": [], "n_clustered": [], "n_outliers": [], "n_filtered": []}
     for m in inp.methods:
         spec, r, p = METHODS[m], per_method[m], METHODS[m].prefix
@@ -447,8 +456,7 @@ def _method_variables(ds, inp: _Inputs, settings: AnalysisSettings, per_method: 
         sq = (lambda a: a[0]) if not U else (lambda a: a)
         size = _pad(r["size"], n_cid, 0, np.int64)
         onset = _pad(r["onset"], n_cid, np.nan, np.float64)
-        mtok = _pad(r["mean_token_onset"], n_cid, np.nan, np.float64)
-        rule_onset = mtok if settings.hidden_rule == "token_mean" else onset
+        member_mean = _pad(r["member_onset_mean"], n_cid, np.nan, np.float64)
         curves = np.full((len(r["curves"]), n_cid, n_snap), np.nan)
         for i, c in enumerate(r["curves"]):
             curves[i, : c.shape[1]] = c.T
@@ -456,8 +464,8 @@ def _method_variables(ds, inp: _Inputs, settings: AnalysisSettings, per_method: 
         data[p + "cluster_size"] = (U + ("cluster_id",), sq(size))
         data[p + "medoid"] = (U + ("cluster_id",), sq(_pad(r["medoid"], n_cid, -1, np.int64)))
         data[p + "cluster_onset"] = (U + ("cluster_id",), sq(onset))
-        data[p + "cluster_mean_token_onset"] = (U + ("cluster_id",), sq(mtok))
-        data[p + "hidden"] = (U + ("cluster_id",), sq(hidden_breakthrough(rule_onset, tau)))
+        data[p + "cluster_member_onset_mean"] = (U + ("cluster_id",), sq(member_mean))
+        data[p + "hidden"] = (U + ("cluster_id",), sq(hidden_breakthrough(onset, tau)))
         data[p + "token_onset"] = (U + (TOKEN,), sq(np.stack(r["token_onset"])))
         data[p + "cluster_trajectory"] = (U + ("cluster_id", SNAPSHOT), sq(curves))
         if spec.filter == "own":
@@ -478,13 +486,14 @@ def _method_variables(ds, inp: _Inputs, settings: AnalysisSettings, per_method: 
                 entries["cluster"].append(c)
                 entries["size"].append(int(size[u, c]))
                 entries["onset"].append(onset[u, c])
-                entries["mean_token_onset"].append(mtok[u, c])
+                entries["member_onset_mean"].append(member_mean[u, c])
     return data, coords, entries, clusterings
 
 
 def _tables(data: dict, coords: dict, inp: _Inputs, settings: AnalysisSettings, entries: dict,
             clusterings: dict) -> None:
-    """Stage 4: the tables of clusterings and of clusters (``entry``), hidden fractions."""
+    """Stage 4: the tables of clusterings and of clusters (``entry``), hidden fractions under the
+    τ in force (``entry_hidden``, ``hidden_fraction``) and under the paper's (``*_paper``)."""
     E = len(entries["method"])
     coords["clustering_method"] = ("clustering", np.array(clusterings["method"], dtype=str))
     coords["clustering_unit"] = ("clustering", np.array(clusterings["unit"], dtype=np.int64))
@@ -495,14 +504,15 @@ def _tables(data: dict, coords: dict, inp: _Inputs, settings: AnalysisSettings, 
     coords["entry_cluster"] = ("entry", np.array(entries["cluster"], dtype=np.int64).reshape(E))
     data["entry_size"] = (("entry",), np.array(entries["size"], dtype=np.int64).reshape(E))
     data["entry_onset"] = (("entry",), np.array(entries["onset"], dtype=np.float64).reshape(E))
-    data["entry_mean_token_onset"] = (("entry",), np.array(entries["mean_token_onset"], dtype=np.float64).reshape(E))
-    rule_col = data["entry_mean_token_onset" if settings.hidden_rule == "token_mean" else "entry_onset"][1]
-    entry_hidden = hidden_breakthrough(rule_col, inp.tau)
-    data["entry_hidden"] = (("entry",), entry_hidden)
+    data["entry_member_onset_mean"] = (("entry",), np.array(entries["member_onset_mean"],
+                                                            dtype=np.float64).reshape(E))
     em = coords["entry_method"][1]
     coords["trajectory_type"] = np.array(inp.methods, dtype=str)
-    data["hidden_fraction"] = (("trajectory_type",), np.array(
-        [entry_hidden[em == m].mean() if (em == m).any() else np.nan for m in inp.methods]))
+    for suffix, tau in (("", inp.tau), ("_paper", inp.tau_paper)):
+        entry_hidden = hidden_breakthrough(data["entry_onset"][1], tau)
+        data["entry_hidden" + suffix] = (("entry",), entry_hidden)
+        data["hidden_fraction" + suffix] = (("trajectory_type",), np.array(
+            [entry_hidden[em == m].mean() if (em == m).any() else np.nan for m in inp.methods]))
 
 
 def _label_scores(data: dict, coords: dict, inp: _Inputs, settings: AnalysisSettings, per_method: dict) -> None:
@@ -561,7 +571,7 @@ def _settings_attrs(settings: AnalysisSettings, inp: _Inputs) -> dict:
         "n_components": -1 if settings.n_components is None else settings.n_components,
         "time_points": -1 if settings.time_points is None else settings.time_points,
         "cluster_selection_method": settings.cluster_selection_method, "onset_delta": inp.delta,
-        "delta_rule": inp.delta_rule, "tau": inp.tau, "tau_rule": inp.tau_rule, "hidden_rule": settings.hidden_rule,
+        "delta_rule": inp.delta_rule, "tau": inp.tau, "tau_rule": inp.tau_rule, "tau_paper": inp.tau_paper,
         "restrict": json.dumps({k: [v[0], list(map(int, v[1]))] for k, v in (settings.restrict or {}).items()}),
         "restrict_fraction": settings.restrict_fraction, "recall_over": settings.recall_over,
         "top_k": settings.top_k, "n_snapshots_used": inp.n_snap,

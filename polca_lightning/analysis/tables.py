@@ -1,6 +1,7 @@
 """Reading analysis results: :class:`Table` (what the report sends and the CLI prints),
-:func:`plain_value`, :func:`kept_units` (the vectors the filter kept), and one unit's
-:func:`cluster_members` and :func:`unit_trajectories` as the analysis clustered them."""
+:func:`plain_value`, :func:`kept_units` (the vectors the filter kept), one unit's
+:func:`cluster_members` and :func:`unit_trajectories` as the analysis clustered them, and
+:func:`check_hidden_flags` (every hidden flag is its cluster's drawn onset against τ)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from polca_lightning.store.schema import SNAPSHOT
 
 from .methods import METHODS
 
-__all__ = ["Table", "plain_value", "kept_units", "cluster_members", "unit_trajectories"]
+__all__ = ["Table", "plain_value", "kept_units", "cluster_members", "unit_trajectories", "check_hidden_flags"]
 
 
 @dataclass
@@ -83,3 +84,65 @@ def cluster_members(ds, unit: int, method: str = "polca") -> tuple[np.ndarray, i
     labels = np.asarray(ds[p + "cluster"].isel(sel).values)
     sizes = np.asarray(ds[p + "cluster_size"].isel(sel).values)
     return labels, int((sizes > 0).sum())
+
+
+def _hidden_mismatches(onset, flags, tau: float) -> int:
+    onset = np.asarray(onset, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        expected = np.isfinite(onset) & (onset > tau)
+    return int((np.asarray(flags, dtype=bool) != expected).sum())
+
+
+def check_hidden_flags(ds) -> int:
+    """Check that every hidden flag of an analysed store is ``cluster_onset > tau``.
+
+    For every trajectory type in ``trajectory_type``: ``<prefix>hidden`` against
+    ``<prefix>cluster_onset`` (the onset of the cluster's mean curve, the one the figures
+    draw), ``entry_hidden`` against ``entry_onset`` and ``hidden_fraction`` against the
+    mean of ``entry_hidden``; with ``tau_paper`` the same for ``entry_hidden_paper`` and
+    ``hidden_fraction_paper``. A cluster without an onset (NaN) is never hidden.
+
+    Args:
+        ds: an analysed store (``open_analysed_store``, ``analyze_store``) or an
+            ``analyze`` result; it needs the scalar ``tau``.
+
+    Returns:
+        The number of clusters checked (entries of the cluster table).
+
+    Raises:
+        ValueError: ``ds`` has no analysis results or no ``tau``, or a flag disagrees
+            (the message names the variable, the trajectory type and how many disagree).
+
+    Example:
+        >>> from polca_lightning.analysis import analyze, make_synthetic_store
+        >>> check_hidden_flags(analyze(make_synthetic_store(50, 40, 4), methods=["polca", "loss"])) > 0
+        True
+    """
+    for name in ("tau", "trajectory_type", "entry_onset", "entry_hidden"):
+        if name not in ds.variables:
+            raise ValueError(f"ds has no {name!r}: not an analysed store (open it with open_analysed_store)")
+    bad = []
+    em = np.asarray(ds["entry_method"].values).astype(str)
+    onset = np.asarray(ds["entry_onset"].values, dtype=np.float64)
+    taus = [("", float(ds["tau"].values))]
+    if "tau_paper" in ds.variables and "entry_hidden_paper" in ds.variables:
+        taus.append(("_paper", float(ds["tau_paper"].values)))
+    for suffix, tau in taus:
+        flags = np.asarray(ds["entry_hidden" + suffix].values, dtype=bool)
+        fraction = np.asarray(ds["hidden_fraction" + suffix].values, dtype=np.float64)
+        for i, m in enumerate(np.asarray(ds["trajectory_type"].values).astype(str)):
+            mine = em == m
+            n = _hidden_mismatches(onset[mine], flags[mine], tau)
+            if n:
+                bad.append(f"entry_hidden{suffix} ({m}): {n} of {int(mine.sum())}")
+            if mine.any() and not np.isclose(fraction[i], flags[mine].mean()):
+                bad.append(f"hidden_fraction{suffix} ({m}): {fraction[i]:.4g}, not {flags[mine].mean():.4g}")
+    tau = taus[0][1]
+    for m in np.asarray(ds["trajectory_type"].values).astype(str):
+        p = _check_results(ds, m)
+        n = _hidden_mismatches(ds[p + "cluster_onset"].values, ds[p + "hidden"].values, tau)
+        if n:
+            bad.append(f"{p}hidden ({m}): {n} clusters")
+    if bad:
+        raise ValueError("hidden flags that are not cluster_onset > tau: " + "; ".join(bad))
+    return int(onset.size)

@@ -8,7 +8,9 @@
   store Dataset with them, which every figure and table below reads.
 - ``content``: :func:`report_items`, the report's items (name, kind, caption, value),
   once for every sink, and :func:`send_report`, which sends them and closes each figure.
-- ``figures``: matplotlib figures (returned, never logged).
+- ``figures``: matplotlib figures (returned, never logged); ``tau_figures``: the τ line
+  they draw, labelled with τ's rule, and :func:`mean_loss_figure` (the mean exact loss
+  with τ and the paper's τ on it).
 - ``wandb_report``: :func:`log_report` to a Lightning ``WandbLogger`` (keys in its docstring).
 - ``tensorboard_report``: :func:`log_report_tensorboard` to a ``TensorBoardLogger`` (tags
   in its docstring).
@@ -33,6 +35,7 @@ from polca_lightning.report.figures import (  # noqa: F401 (exported: the figure
     coverage_figure,
     exact_loss_figure,
     label_composition_figure,
+    mean_loss_figure,
     projected_loss_figure,
 )
 from polca_lightning.report.folder import write_report_folder

@@ -11,6 +11,8 @@ Items, in order (``NN`` = the vector index, two digits; ``<label>`` = a token la
 ==================================  =======  ==============================================
 name                                kind     content
 ==================================  =======  ==============================================
+``mean_loss``                       figure   the mean exact loss over training with τ (its
+                                             rule in the legend) and the paper's τ
 ``vector_NN/projected_loss``        figure   cluster mean projected loss, 25-75 % bands,
                                              onsets, τ (kept vectors with clusters only)
 ``vector_NN/exact_loss``            figure   cluster mean exact loss, onsets, τ
@@ -42,6 +44,8 @@ name                                kind     content
 ``kept_vectors``                    scalar   vectors the §4.1 filter kept
 ``hidden_breakthroughs``            scalar   hidden breakthroughs among the kept vectors
 ``tau``                             scalar   τ (analysed stores with one)
+``tau_paper``                       scalar   the paper's τ, 10 % of the run (analysed
+                                             stores with one)
 ``overview``                        text     what the numbers are: method, kept vectors, τ,
                                              the vectors without clusters, coverage and
                                              what coverage means (markdown)
@@ -70,6 +74,7 @@ import numpy as np
 from polca_lightning.analysis.ablation import ablated_units, ablation_summary, ablation_table
 from polca_lightning.analysis.methods import METHODS
 from polca_lightning.report import figures as F
+from polca_lightning.report.tau_figures import tau_label
 from polca_lightning.report.tables import (
     Table,
     _labels,
@@ -235,9 +240,11 @@ def _vector_items(ds, u: int, method: str, decode_target, top_targets: int, abla
 
 
 def _overview(ds, method: str, units: list[int], empty: list[int], hidden: int, cov: dict) -> str:
-    tau = float(ds["tau"].values) if "tau" in ds.variables else float("nan")
+    paper = (f"; the paper's τ (10% of the run) = {float(ds['tau_paper'].values):g}"
+             if "tau_paper" in ds.variables else "")
     lines = [f"Method `{method}`; {len(units)} kept vector(s) of {METHODS[method].n_units(ds)}; "
-             f"τ = {tau:g}; hidden breakthroughs among kept vectors: {hidden}."]
+             f"{tau_label(ds)}{paper}; hidden breakthroughs (a cluster onset after τ) among kept vectors: "
+             f"{hidden}."]
     if empty:
         lines += ["", f"Kept vectors without clusters (no per-vector figures): {', '.join(map(str, empty))}."]
     lines += ["", "Coverage over the run: " + ", ".join(f"{k} = {v:.4g}" for k, v in cov["summary"].items()),
@@ -276,6 +283,10 @@ def report_items(ds, *, method: str = "polca", decode: Callable[[int, int], str]
     elif empty:
         log.info("POLCA report: no clusters on kept vector(s) %s; no per-vector figures for them", empty)
     drawn = [u for u in units if u not in empty]
+    if "tau" in ds.variables:
+        yield ReportItem("mean_loss", "figure", f"mean exact loss over training: {tau_label(ds)}, and the paper's "
+                         "τ (10% of the run); a cluster whose onset is after τ is a hidden breakthrough",
+                         F.mean_loss_figure(ds))
     bar = None
     if progress and drawn:
         from tqdm.auto import tqdm
@@ -329,7 +340,10 @@ def report_items(ds, *, method: str = "polca", decode: Callable[[int, int], str]
     yield ReportItem("kept_vectors", "scalar", "vectors the filter kept", len(units))
     yield ReportItem("hidden_breakthroughs", "scalar", "hidden breakthroughs among the kept vectors", hidden)
     if "tau" in ds.variables:
-        yield ReportItem("tau", "scalar", "τ, the step after which a breakthrough counts as hidden",
+        yield ReportItem("tau", "scalar", f"τ, the step after which a breakthrough counts as hidden ({tau_label(ds)})",
                          float(ds["tau"].values))
+    if "tau_paper" in ds.variables:
+        yield ReportItem("tau_paper", "scalar", "the paper's τ, 10% of the run (the appendix G comparison's)",
+                         float(ds["tau_paper"].values))
     yield ReportItem("overview", "text", "what the report's numbers are", _overview(ds, method, units, empty, hidden,
                                                                                   cov))

@@ -7,8 +7,10 @@ Every function takes ``ds``: a store Dataset that also holds the analysis result
 ``method`` ``"polca"`` (default), ``"polca_first"`` or ``"fisher"``.
 
 Artists carry a ``gid`` so that tests (and users) can find them:
-``"cluster_mean"``, ``"onset"``, ``"tau"``, ``"mean_loss"``, ``"allocated"``, ``"real"``,
-``"base_share"``, ``"ablation"``, ``"chance"``, ``"reference"``, ``"fixed"``.
+``"cluster_mean"``, ``"onset"``, ``"tau"``, ``"tau_paper"``, ``"mean_loss"``, ``"allocated"``,
+``"real"``, ``"base_share"``, ``"ablation"``, ``"chance"``, ``"reference"``, ``"fixed"``. The τ
+line's legend says τ's rule (``"τ = 330 (plateau: mean loss flat)"``, from the attribute
+``analysis_tau_rule``).
 Bars of the label-composition and App. G figures are ``BarContainer``\\ s, one per label
 value (composition) or per rank (App. G).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from polca_lightning.analysis.methods import METHODS
+from polca_lightning.report.tau_figures import mean_loss_figure, tau_line as _tau_line  # noqa: F401
 from polca_lightning.analysis.tables import (  # noqa: F401  (cluster_members, unit_trajectories: also importable from here)
     _check_results, _n_snapshots, _prefix, cluster_members, unit_trajectories,
 )
@@ -25,6 +28,7 @@ from polca_lightning.report.appendix_g import appendix_g_figure  # noqa: F401  (
 from polca_lightning.store.schema import BASIS, BASIS_STEP, EIGENVALUE, LOSS, SNAPSHOT, STEP, TOKEN
 
 __all__ = [
+    "mean_loss_figure",
     "projected_loss_figure",
     "exact_loss_figure",
     "label_composition_figure",
@@ -36,7 +40,6 @@ __all__ = [
     "unit_trajectories",
 ]
 
-_TAU_STYLE = {"color": "black", "linestyle": ":", "linewidth": 1.2}
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 6.4, height: float = 4.0):
@@ -50,10 +53,6 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 6.4, height: fl
 
 def _steps(ds, n: int) -> np.ndarray:
     return np.asarray(ds[STEP].values[:n], dtype=np.float64)
-
-
-def _tau(ds) -> float:
-    return float(ds["tau"].values) if "tau" in ds.variables else float("nan")
 
 
 def _unit_sel(ds, unit, method):
@@ -79,9 +78,7 @@ def _onset_lines(ax, ds, unit, method, n_c, colors):
         if np.isfinite(onset[c]):
             ax.axvline(onset[c], color=colors[c], linestyle="--", linewidth=1.0, gid="onset",
                        label=f"onset c{c}{' (hidden)' if hidden[c] else ''}")
-    tau = _tau(ds)
-    if np.isfinite(tau):
-        ax.axvline(tau, gid="tau", label=f"τ = {tau:g}", **_TAU_STYLE)
+    _tau_line(ax, ds)
 
 
 def _legend(ax, fontsize=7, loc="best"):

@@ -18,6 +18,8 @@ Layout of ``out_dir`` (default ``<store>.report`` beside the store)::
                                       (signal_table; stores with a binary label)
     coverage.csv                      per-interval coverage (store_coverage)
     coverage.png                      allocated vs real loss change
+    mean_loss.png                     the mean exact loss over training, τ (its rule in the
+                                      legend) and the paper's τ
     appendix_g_<label>.png            best homogeneity per trajectory type, per label
     vector_NN_projected_loss.png      per kept vector with clusters: cluster means, bands,
                                       onsets, τ

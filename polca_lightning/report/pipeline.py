@@ -61,9 +61,10 @@ def result_variables(res, store) -> dict[str, tuple[tuple[str, ...], np.ndarray,
     (``snapshot``, ``token``, ``basis``, labels) are dropped. Variables along ``snapshot``
     computed on fewer snapshots than the store holds (an incomplete store) are padded
     with NaN. Every variable carries the analysis settings (``res.attrs``). Scalars
-    (``tau``, ``onset_delta``) are left out: the store keeps only arrays with named
-    dimensions; they are in the settings (``analysis_tau``, ``analysis_onset_delta``) and
-    :func:`open_analysed_store` puts them back.
+    (``tau``, ``tau_paper``, ``onset_delta``) are left out: the store keeps only arrays
+    with named dimensions; they are in the settings (``analysis_tau``,
+    ``analysis_tau_paper``, ``analysis_onset_delta``) and :func:`open_analysed_store`
+    puts them back.
     """
     from polca_lightning.store import RESERVED_NAMES
 
@@ -192,12 +193,11 @@ def settings_with(base, changes: dict):
 
 
 def _with_scalars(ds):
-    """Restore the scalar results (``tau``, ``onset_delta``, ``tau_paper`` where the analysis
-    has it) from the settings attributes."""
+    """Restore the scalar results (``tau``, ``tau_paper``, ``onset_delta``) from the settings attributes."""
     if "cluster" not in ds.variables:
         return ds
     attrs = ds["cluster"].attrs
-    scalars = {name: float(attrs[f"analysis_{name}"]) for name in ("tau", "onset_delta", "tau_paper")
+    scalars = {name: float(attrs[f"analysis_{name}"]) for name in ("tau", "tau_paper", "onset_delta")
                if f"analysis_{name}" in attrs and name not in ds.variables}
     return ds.assign(scalars) if scalars else ds
 
@@ -208,7 +208,7 @@ def has_results(ds) -> bool:
 
 
 def open_analysed_store(path, *, storage_options: dict | None = None):
-    """``open_store(path)`` plus the scalar results (``tau``, ``onset_delta``) of an
+    """``open_store(path)`` plus the scalar results (``tau``, ``tau_paper``, ``onset_delta``) of an
     analysis written by :func:`analyze_store` (without one: ``open_store(path)``)."""
     from polca_lightning.store import open_store
 

@@ -8,7 +8,7 @@ event file. Tags (``prefix`` = ``"polca_report"``), from the items of
 ====================================  ===========  ==========================================
 tag                                   TensorBoard  content
 ====================================  ===========  ==========================================
-``<prefix>/<name>`` of a figure       image        ``add_figure`` (``vector_NN/...``,
+``<prefix>/<name>`` of a figure       image        ``add_figure`` (``mean_loss``, ``vector_NN/...``,
                                                    ``appendix_g_<label>``, ``coverage_plot``)
 ``<prefix>/<name>`` of a table        text         ``add_text``: the caption and the table as
                                                    markdown (first 200 rows); the whole table
@@ -19,7 +19,8 @@ tag                                   TensorBoard  content
                                                    also ``coverage.csv`` in the CSV folder
 ``<prefix>/<name>`` of a scalar       scalar       ``add_scalar`` at the report step
                                                    (``coverage_total/<name>``, ``kept_vectors``,
-                                                   ``hidden_breakthroughs``, ``tau``)
+                                                   ``hidden_breakthroughs``, ``tau``,
+                                                   ``tau_paper``)
 ``<prefix>/overview``                 text         what the numbers are, coverage explained
 ====================================  ===========  ==========================================
 

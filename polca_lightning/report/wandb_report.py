@@ -6,6 +6,8 @@ Keys (``prefix`` = ``"polca_report"``; ``NN`` = the vector index, two digits):
 =======================================  ======  =============================================
 key                                      kind    content
 =======================================  ======  =============================================
+``<prefix>/mean_loss``                  image   the mean exact loss over training, τ (its rule
+                                                 in the legend) and the paper's τ
 ``<prefix>/vector_NN/projected_loss``    image   cluster mean projected loss, 25-75 % bands,
                                                  onsets, τ (kept vectors with clusters only)
 ``<prefix>/vector_NN/exact_loss``        image   cluster mean exact loss, onsets, τ
@@ -37,7 +39,7 @@ key                                      kind    content
                                                  (and ``first_*`` for first-order POLCA)
 ``<prefix>/coverage_total/<name>``       scalar  over the whole run (also in the run summary)
 ``<prefix>/kept_vectors``, ``tau``,      scalar  at the report step (also in the run summary)
-``hidden_breakthroughs``
+``tau_paper``, ``hidden_breakthroughs``
 ``<prefix>/overview``                    text    in the run summary: method, kept vectors, τ,
                                                  vectors without clusters, coverage and what
                                                  coverage means
