@@ -3,7 +3,7 @@
 Usage::
 
     polca info STORE [--storage-option KEY=VALUE ...]
-    polca analyze STORE [--defaults] [--min-cluster-size F] [--min-samples F] [--tau STEP|plateau]
+    polca analyze STORE [--defaults] [--min-cluster-size F] [--min-samples F] [--tau STEP|plateau|paper]
                         [--delta STEPS|wide] [--restrict LABEL:COORD=V,V ... | --no-restrict]
                         [--restrict-fraction F] [--group-by COORD] [--methods M ...]
                         [--labels L ...] [--wandb-project NAME [--online]]
@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HDBSCAN minimum cluster size: a fraction of the tokens if < 1, else a count (default 0.03)")
     g.add_argument("--min-samples", type=float, metavar="F",
                    help="HDBSCAN min_samples: fraction if < 1, else a count (default 10)")
-    g.add_argument("--tau", type=_steps_or("paper", "plateau"), metavar="STEP|plateau",
-                   help="τ of the hidden-breakthrough rule: a step, 'paper' (default: 10%% of the run, the "
-                        "paper's 1000 of 10,000 steps) or 'plateau' (where the mean loss flattens)")
+    g.add_argument("--tau", type=_steps_or("paper", "plateau"), metavar="STEP|plateau|paper",
+                   help="τ of the hidden-breakthrough rule: a step, 'plateau' (the default: where the mean loss "
+                        "flattens) or 'paper' (10%% of the run, the paper's 1000 of 10,000 steps; its hidden "
+                        "fractions are computed beside the plateau rule's in any case)")
     g.add_argument("--delta", type=_steps_or("paper", "wide"), metavar="STEPS|wide",
                    help="Δ of the onset rule: steps, 'paper' (default: 1%% of the run, at least one snapshot "
                         "interval) or 'wide' (2%%, the earlier default)")

@@ -290,18 +290,16 @@ def test_both_hidden_fractions_side_by_side_when_the_analysis_has_the_papers_tau
     ds = make_synthetic_store(n_sequences=40, n_intervals=40, n_basis=3, lca=False, seed=1)
     res = analyze(ds, methods=["polca", "loss"], tau="plateau", restrict=CARRY_RESTRICT, entropy_scores=False,
                   min_samples=5)
-    merged = ds.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in result_variables(res, ds).items()})
-    merged = merged.assign(tau=res["tau"]).drop_vars(  # as an analysis without the paper's τ writes it
-        [v for v in ("entry_hidden_paper", "hidden_fraction_paper", "tau_paper") if v in merged.variables])
+    both = ds.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in result_variables(res, ds).items()})
+    both = both.assign(tau=res["tau"], tau_paper=res["tau_paper"])
+    merged = both.drop_vars(["entry_hidden_paper", "hidden_fraction_paper", "tau_paper"])  # as older versions wrote it
     (own,) = hidden_views(merged)  # an analysis without the paper's τ: its own only
     assert own.rule == "plateau" and own.flag_column == f"hidden (τ={float(res['tau']):g}, plateau)"
-    # as an analysis with the paper's τ records it
+    # the paper's τ, computed here from the steps and the drawn onsets, independently of the analysis
     paper_tau = float(ds["step"][0] + 0.1 * (ds["step"][-1] - ds["step"][0]))
-    onset = merged["entry_mean_token_onset"].values
+    assert float(both["tau_paper"]) == pytest.approx(paper_tau)
+    onset = both["entry_onset"].values
     flags = np.isfinite(onset) & (onset > paper_tau)
-    frac = [flags[merged["entry_method"].values == m].mean() for m in merged["trajectory_type"].values]
-    both = merged.assign(entry_hidden_paper=("entry", flags), hidden_fraction_paper=("trajectory_type", frac),
-                         tau_paper=paper_tau)
     views = hidden_views(both)
     assert [v.key for v in views] == ["hidden", "hidden_paper"]
     table = appendix_g_table(both)
