@@ -55,3 +55,21 @@ def test_filter_constructed_case():
     assert bool(k) and t.tolist() == [False, False, True, False]
     with pytest.raises(ValueError, match="projected"):
         filter_trajectories(np.zeros(3))
+
+
+def test_filter_drops_round_off_decreases():
+    """Tokens that do not depend on a vector get a projected loss of float round-off along it
+    (here ~1e-9 of either sign, beside real decreases of order 1): none of them is kept,
+    whichever its sign, while every real decrease is; with rtol=0 the negative round-off stays."""
+    rng = np.random.default_rng(0)
+    real = -rng.uniform(0.2, 1.0, 50)
+    noise = rng.normal(0.0, 1e-9, 200)
+    final = np.concatenate([real, noise])[None, :]  # [1 vector, token]
+    P = np.stack([np.zeros_like(final), 0.5 * final, final])  # [snapshot, basis, token]
+    kept, tok = filter_trajectories(P)
+    assert kept.tolist() == [True]
+    assert tok[0, :50].all() and not tok[0, 50:].any()
+    _, tok0 = filter_trajectories(P, rtol=0.0)
+    assert tok0[0, 50:].sum() == (noise < 0).sum() > 0
+    with pytest.raises(ValueError, match="rtol"):
+        filter_trajectories(P, rtol=1.5)

@@ -24,13 +24,14 @@ Construction (``_planted``: two linear logistic heads on signed inputs, SGD):
   step 200, then warms up like head P's; in the twin it warms up with head P from
   step 0. Every training batch holds one late example (63 + 1).
 - **The other tokens** carry a faint constant ``x_Q = 0.003 u`` with target 0: the late
-  skill costs each of them a few thousandths of loss. Without it their POLCA along head
-  Q's vector is float round-off (the vector's components in head P are ~1e-6), of one
-  sign for all of them: the §4.1 filter kept every one with seed 0 (with seed 1 it
-  dropped them), and HDBSCAN made tight clusters of them whose mean curves (~1e-9)
-  follow head Q's late movement and were flagged hidden with homogeneity 0, while the
-  late group, under 3 % of the tokens kept, was left among the outliers. With it their
-  projected loss along that vector rises and the filter drops them.
+  skill costs each of them a few thousandths of loss, so their projected loss along head
+  Q's vector rises and the §4.1 filter drops them. A third case leaves them independent
+  of head Q (``x_Q = 0``): their POLCA along that vector is then float round-off (the
+  vector's components in head P are ~1e-6), of one sign for all of them on some seeds,
+  and the filter must drop it as round-off (``ROUNDOFF_RTOL``); kept, HDBSCAN makes
+  tight clusters of them whose mean curves (~1e-9) follow head Q's late movement, flagged
+  hidden with homogeneity 0, while the late group, under 3 % of the tokens kept, is left
+  among the outliers.
 
 The criterion "the mean exact loss moves less than its noise" is exact: the mean exact
 loss averaged over the last 50 steps of the run (10 snapshots) differs from its average
@@ -71,9 +72,9 @@ BATCH, N_TRAIN = 64, 40_000
 SEED = 0
 
 
-def planted_data(n_main: int, n_late: int, seed: int, flip: float = 0.0) -> dict[str, Tensor]:
+def planted_data(n_main: int, n_late: int, seed: int, flip: float = 0.0, kappa: float = KAPPA) -> dict[str, Tensor]:
     """``n_main`` main tokens, then ``n_late`` late ones (``late`` 1); ``flip``: the share of
-    head P targets flipped (training data only)."""
+    head P targets flipped (training data only); ``kappa``: the main tokens' stake in head Q."""
     gen = torch.Generator().manual_seed(seed)
     n = n_main + n_late
     halves = lambda lo_hi, m: torch.cat([torch.empty(m // 2).uniform_(*lo_hi[0], generator=gen),  # noqa: E731
@@ -83,7 +84,7 @@ def planted_data(n_main: int, n_late: int, seed: int, flip: float = 0.0) -> dict
     if flip:
         t_p = torch.where(torch.rand(n, generator=gen) < flip, 1 - t_p, t_p)
     t_late = torch.randint(0, 2, (n_late,), generator=gen).float()
-    faint = KAPPA * torch.ones(n_main, DIM) / DIM**0.5  # the others' stake in head Q: KAPPA u
+    faint = kappa * torch.ones(n_main, DIM) / DIM**0.5  # the others' stake in head Q: kappa u
     x_q = torch.cat([faint, signed_inputs(halves(LATE_W, n_late), t_late, NOISE, gen)])
     return {"x_p": x_p, "t_p": t_p, "x_q": x_q, "t_q": torch.cat([torch.zeros(n_main), t_late]),
             "late": torch.cat([torch.zeros(n_main), torch.ones(n_late)]).long()}
@@ -106,13 +107,14 @@ def stratified_batches(data: dict[str, Tensor], steps: int, seed: int) -> list[d
     return out
 
 
-def planted_run(root, seed: int, late: bool):
+def planted_run(root, seed: int, late: bool, kappa: float = KAPPA):
     """Train the planted task with the callback and analyse it with the defaults;
-    ``late``: head Q starts learning at ``T_LATE`` (else with head P, at step 0)."""
-    probe = planted_data(N_MAIN, N_LATE, seed + 1000)
-    hessian = planted_data(N_MAIN, N_LATE, seed + 2000)
+    ``late``: head Q starts learning at ``T_LATE`` (else with head P, at step 0);
+    ``kappa``: the other tokens' stake in head Q (0: none, their POLCA along it is round-off)."""
+    probe = planted_data(N_MAIN, N_LATE, seed + 1000, kappa=kappa)
+    hessian = planted_data(N_MAIN, N_LATE, seed + 2000, kappa=kappa)
     train = planted_data(N_TRAIN - N_TRAIN * N_LATE // (N_MAIN + N_LATE), N_TRAIN * N_LATE // (N_MAIN + N_LATE),
-                         seed, flip=FLIP)
+                         seed, flip=FLIP, kappa=kappa)
     init_p = torch.zeros(DIM)
     init_p[:] = INIT_P / DIM**0.5  # -6 u: head P starts confidently wrong
     module = TwoHeads(SCALES, LRS, [linear_warmup(WARMUP), linear_warmup(WARMUP, start=T_LATE if late else 0)],
@@ -158,6 +160,11 @@ def mean_loss_change_and_noise(ds, span: int = 50) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def late_run(tmp_path_factory):
     return planted_run(tmp_path_factory.mktemp("planted_hidden"), SEED, late=True)
+
+
+@pytest.fixture(scope="module")
+def independent_run(tmp_path_factory):
+    return planted_run(tmp_path_factory.mktemp("planted_independent"), SEED, late=True, kappa=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +239,16 @@ def test_the_same_skill_learned_early_is_flagged_nowhere(early_run):
     clusters = [c for c in range(sizes.size) if sizes[c] > 0]
     assert clusters and all(late_share(ds, vectors["Q"], c) >= 0.9 for c in clusters)
     assert (ds["cluster_onset"].values[vectors["Q"]][clusters] <= tau).all()
+
+
+def test_round_off_along_the_late_vector_is_filtered_out(independent_run):
+    """The other tokens do not depend on head Q at all: their POLCA along its vector is
+    round-off, which the filter drops, whatever its sign; only the late group is flagged."""
+    ds, _ = independent_run
+    vectors = head_vectors(ds)
+    is_late = ds["late"].values == 1
+    final = ds["final_projected_loss"].values[vectors["Q"]]
+    assert np.abs(final[~is_late]).max() < 1e-4 * np.abs(final[is_late]).max()  # the premise: round-off only
+    assert (ds["cluster"].values[vectors["Q"]][~is_late] == -2).all()
+    flagged = flagged_clusters(ds)
+    assert flagged and all(b == vectors["Q"] and late_share(ds, b, c) >= 0.9 for b, c in flagged)

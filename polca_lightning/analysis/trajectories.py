@@ -82,7 +82,11 @@ def cumulative_fisher(directional_grad: np.ndarray, n_intervals: int | None = No
     return projected_loss(g * g)
 
 
-def filter_trajectories(projected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+#: a token's decrease along a vector smaller than this fraction of the vector's largest is round-off
+ROUNDOFF_RTOL = 1e-5
+
+
+def filter_trajectories(projected: np.ndarray, rtol: float = ROUNDOFF_RTOL) -> tuple[np.ndarray, np.ndarray]:
     """The paper's §4.1 filter: which vectors, and which tokens along each, to cluster.
 
     Rule (exactly): with ``final = projected[-1]`` (the total POLCA over training, the
@@ -91,13 +95,20 @@ def filter_trajectories(projected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     - a vector is kept iff the mean of ``final`` over its tokens with finite values is
       ``< 0`` (its projected loss decreases on average; the others oscillate or hurt);
     - along a kept vector, a token is kept iff its trajectory is finite everywhere and
-      its ``final < 0``. Tokens with ``final >= 0`` (an increase, or no change at all:
-      they do not rely on this direction) are dropped, as are tokens with a NaN
-      anywhere (incomplete rows of a store written during training).
+      its ``final < -rtol * max |final|`` (the maximum over the vector's finite tokens).
+      Tokens with ``final >= 0`` (an increase, or no change at all: they do not rely on
+      this direction) are dropped, as are tokens with a NaN anywhere (incomplete rows of
+      a store written during training), and so are tokens whose decrease is float
+      round-off: a token that does not depend on a vector at all still gets a projected
+      loss of about 1e-9 along it (the vector's other components are ~1e-6, not 0), whose
+      sign is chance; kept, such tokens form tight clusters of curves near 0 that follow
+      the vector's own movement.
 
     Args:
         projected: ``[snapshot, basis, token]`` projected loss (``projected_loss``).
             A ``[snapshot, token]`` array is treated as one vector.
+        rtol: the decrease below which a token counts as unchanged, relative to the
+            vector's largest ``|final|`` (:data:`ROUNDOFF_RTOL`, 1e-5; 0: every ``final < 0``).
 
     Returns:
         ``(kept [basis] bool, token_kept [basis, token] bool)``; ``token_kept`` is all
@@ -110,6 +121,8 @@ def filter_trajectories(projected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         >>> kept.tolist(), tok.tolist()
         ([True], [[True, False, True]])
     """
+    if not 0 <= rtol < 1:
+        raise ValueError(f"rtol must be in [0, 1), got {rtol!r}")
     projected = np.asarray(projected)
     squeeze = projected.ndim == 2
     if squeeze:
@@ -124,7 +137,8 @@ def filter_trajectories(projected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = np.isfinite(final).sum(axis=1)
         mean_final = np.where(n > 0, np.nansum(final, axis=1) / np.maximum(n, 1), np.nan)
         kept = mean_final < 0  # NaN -> False
-        token_kept = kept[:, None] & finite & (final < 0)
+        scale = np.nanmax(np.where(np.isfinite(final), np.abs(final), np.nan), axis=1, initial=0.0)  # [basis]
+        token_kept = kept[:, None] & finite & (final < -rtol * scale[:, None])
     if squeeze:
         return kept[0], token_kept[0]
     return kept, token_kept
