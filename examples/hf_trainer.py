@@ -30,27 +30,12 @@ except ImportError as err:
     raise ImportError('examples/hf_trainer.py needs the transformers extra: pip install -e ".[transformers]"') from err
 
 from arithmetic import addition_callback, print_results, splits, write_results
-from huggingface import PRESETS, hf_config
+from huggingface import example_parser, hf_config
 from polca_lightning.hf import POLCATrainerCallback
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
-    p.add_argument("--out", default="runs/hf_trainer", help="output folder (store, Trainer output, W&B run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", default="auto", choices=["auto", "forward", "reverse"])
-    p.add_argument("--wandb-project", default="polca-hf-trainer")
-    p.add_argument("--online", action="store_true", help="log to W&B online (default: offline)")
-    p.add_argument("--no-wandb", action="store_true", help="no W&B: the report goes to a folder beside the store")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store in --out")
-    tiny = argparse.ArgumentParser(add_help=False)  # the preset decides the defaults that --help shows
-    tiny.add_argument("--tiny", action="store_true")
-    preset = PRESETS["tiny" if tiny.parse_known_args(argv)[0].tiny else "default"]
-    for name, value in preset.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
-                       help=f"(default {PRESETS['default'][name]}; --tiny: {PRESETS['tiny'][name]})")
-    return p.parse_args(argv)
+    return example_parser(__doc__, "runs/hf_trainer", "polca-hf-trainer", argv).parse_args(argv)
 
 
 def main(argv=None) -> Path:

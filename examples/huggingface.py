@@ -111,23 +111,30 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def example_parser(description: str, out: str, project: str, argv=None) -> argparse.ArgumentParser:
+    """The flags this example shares with ``hf_trainer.py``: output, seed, engine, W&B, and
+    the preset's sizes (``--tiny`` decides the defaults that ``--help`` shows)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
-    p.add_argument("--arch", default="gpt2", choices=ARCHITECTURES, help="the transformers model class")
-    p.add_argument("--out", default="runs/huggingface", help="output folder (store, W&B run)")
+    p.add_argument("--out", default=out, help="output folder (store, W&B run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default="auto", choices=["auto", "forward", "reverse"])
-    p.add_argument("--wandb-project", default="polca-huggingface")
+    p.add_argument("--wandb-project", default=project)
     p.add_argument("--online", action="store_true", help="log to W&B online (default: offline)")
     p.add_argument("--no-wandb", action="store_true", help="no W&B: figures go to a folder beside the store")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store in --out")
-    tiny = argparse.ArgumentParser(add_help=False)  # the preset decides the defaults that --help shows
+    tiny = argparse.ArgumentParser(add_help=False)
     tiny.add_argument("--tiny", action="store_true")
     preset = PRESETS["tiny" if tiny.parse_known_args(argv)[0].tiny else "default"]
     for name, value in preset.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
                        help=f"(default {PRESETS['default'][name]}; --tiny: {PRESETS['tiny'][name]})")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = example_parser(__doc__, "runs/huggingface", "polca-huggingface", argv)
+    p.add_argument("--arch", default="gpt2", choices=ARCHITECTURES, help="the transformers model class")
     return p.parse_args(argv)
 
 
