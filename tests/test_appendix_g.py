@@ -238,19 +238,20 @@ def test_tau_and_delta_floor_and_errors(hand_store):
 
 
 def test_cli_flags_reach_analyze(capsys):
-    from polca_lightning.cli import _analysis_changes, build_parser, main
+    from polca_lightning.cli import build_parser, main
+    from polca_lightning.cli.analyze import analysis_changes
 
     args = build_parser().parse_args(["analyze", "s", "--tau", "plateau", "--delta", "50",
                                       "--restrict", "carry:place=1,2", "--restrict-fraction", "0.5",
                                       "--min-samples", "5", "--min-cluster-size", "0.02"])
-    assert _analysis_changes(args) == dict(tau="plateau", delta=50.0, restrict_fraction=0.5,
+    assert analysis_changes(args) == dict(tau="plateau", delta=50.0, restrict_fraction=0.5,
                                            restrict={"carry": ("place", (1, 2))}, min_samples=5,
                                            min_cluster_size=0.02)
-    assert isinstance(_analysis_changes(args)["min_samples"], int)  # a count, not a fraction
+    assert isinstance(analysis_changes(args)["min_samples"], int)  # a count, not a fraction
     args = build_parser().parse_args(["analyze", "s", "--tau", "1000", "--delta", "wide"])
-    assert _analysis_changes(args) == dict(tau=1000.0, delta="wide")
-    assert _analysis_changes(build_parser().parse_args(["analyze", "s"])) == {}  # the store's settings, unchanged
-    assert _analysis_changes(build_parser().parse_args(["analyze", "s", "--no-restrict"])) == {"restrict": None}
+    assert analysis_changes(args) == dict(tau=1000.0, delta="wide")
+    assert analysis_changes(build_parser().parse_args(["analyze", "s"])) == {}  # the store's settings, unchanged
+    assert analysis_changes(build_parser().parse_args(["analyze", "s", "--no-restrict"])) == {"restrict": None}
     assert main(["analyze", "s", "--restrict-fraction", "1.5"]) == 2
     assert "restrict_fraction must be in [0, 1)" in capsys.readouterr().err
     assert main(["analyze", "s", "--no-restrict", "--restrict", "carry:place=1,2"]) == 2

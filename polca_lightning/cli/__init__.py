@@ -47,14 +47,17 @@ analysis that cannot run; all with a one-line message on stderr, no traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from polca_lightning.store.schema import BASIS, BASIS_STEP, EIGENVALUE, SEQUENCE, SNAPSHOT, STEP, TOKEN
+from polca_lightning.cli.analyze import cmd_analyze, run_analysis
+from polca_lightning.cli.common import (
+    CLIError, open_store_or_fail, require_complete, resolve_location, restriction_argument, steps_or, storage_option,
+    storage_options_from, where_values,
+)
+from polca_lightning.store.schema import BASIS, BASIS_STEP, EIGENVALUE, SEQUENCE, STEP, TOKEN
 
 __all__ = ["main", "build_parser"]
 
@@ -69,10 +72,6 @@ def _version() -> str:
         return version("polca_lightning")
     except PackageNotFoundError:  # run from a source tree without installing
         return "unknown (not installed)"
-
-
-class CLIError(Exception):
-    """An error to report on one line with exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,14 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HDBSCAN minimum cluster size: a fraction of the tokens if < 1, else a count (default 0.03)")
     g.add_argument("--min-samples", type=float, metavar="F",
                    help="HDBSCAN min_samples: fraction if < 1, else a count (default 10)")
-    g.add_argument("--tau", type=_steps_or("paper", "plateau"), metavar="STEP|plateau|paper",
+    g.add_argument("--tau", type=steps_or("paper", "plateau"), metavar="STEP|plateau|paper",
                    help="τ of the hidden-breakthrough rule: a step, 'plateau' (the default: where the mean loss "
                         "flattens) or 'paper' (10%% of the run, the paper's 1000 of 10,000 steps; its hidden "
                         "fractions are computed beside the plateau rule's in any case)")
-    g.add_argument("--delta", type=_steps_or("paper", "wide"), metavar="STEPS|wide",
+    g.add_argument("--delta", type=steps_or("paper", "wide"), metavar="STEPS|wide",
                    help="Δ of the onset rule: steps, 'paper' (default: 1%% of the run, at least one snapshot "
                         "interval) or 'wide' (2%%, the earlier default)")
-    g.add_argument("--restrict", type=_restriction, action="append", metavar="LABEL:COORD=V,V",
+    g.add_argument("--restrict", type=restriction_argument, action="append", metavar="LABEL:COORD=V,V",
                    help="App. G restriction, e.g. carry:place=1,2 (carry clusters count when their carries "
                         "are at places 1 and 2); repeat for more labels")
     g.add_argument("--no-restrict", action="store_true",
@@ -153,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Tokens with a negative label are left out. Uses the store's complete part.")
     _store_argument(p, "path of the store")
     p.add_argument("--label", required=True, metavar="L", help="binary token label (a coordinate), e.g. carry")
-    p.add_argument("--where", type=_where, action="append", metavar="COORD=V,V",
+    p.add_argument("--where", type=where_values, action="append", metavar="COORD=V,V",
                    help="use only tokens whose coordinate takes one of these values, e.g. place=1,2; "
                         "repeat for more conditions (all must hold)")
     p.add_argument("--method", default="polca", choices=["polca", "polca_first"],
@@ -164,80 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _where(text: str) -> tuple[str, tuple[int | float | str, ...]]:
-    """argparse type: ``COORD=V,V`` -> ``(coord, (v, v))``; values as ints where they are."""
-    coord, sep, values = text.partition("=")
-    if not sep or not coord or not values or "" in values.split(","):
-        raise argparse.ArgumentTypeError(f"expected COORD=V,V (e.g. place=1,2), got {text!r}")
-
-    def value(v: str):
-        for kind in (int, float):
-            try:
-                return kind(v)
-            except ValueError:
-                continue
-        return v
-
-    return coord, tuple(value(v) for v in values.split(","))
-
-
-def _steps_or(*rules: str):
-    """argparse type: a number of steps, or one of the named ``rules``."""
-    def parse(text: str):
-        if text in rules:
-            return text
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number of steps or one of {', '.join(rules)}, "
-                                             f"got {text!r}") from None
-    parse.__name__ = "steps"
-    return parse
-
-
-def _restriction(text: str) -> tuple[str, tuple[str, tuple[int, ...]]]:
-    """argparse type: ``LABEL:COORD=V,V`` -> ``(label, (coord, (v, v)))``."""
-    try:
-        label, rest = text.split(":", 1)
-        coord, values = rest.split("=", 1)
-        parsed = tuple(int(v) for v in values.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LABEL:COORD=V,V (e.g. carry:place=1,2), got {text!r}") from None
-    if not label or not coord:
-        raise argparse.ArgumentTypeError(f"expected LABEL:COORD=V,V (e.g. carry:place=1,2), got {text!r}")
-    return label, (coord, parsed)
-
-
-def _storage_option(text: str) -> tuple[list[str], object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. endpoint_url=http://localhost:9000), got {text!r}")
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        parsed = value
-    return key.split("."), parsed
-
-
-def storage_options_from(pairs: list[tuple[list[str], object]] | None) -> dict | None:
-    """``--storage-option`` pairs as a (nested) dict: ``client_kwargs.endpoint_url=URL`` ->
-    ``{"client_kwargs": {"endpoint_url": URL}}``; None without any."""
-    if not pairs:
-        return None
-    options: dict = {}
-    for keys, value in pairs:
-        node = options
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise CLIError(f"--storage-option: {'.'.join(keys)} nests under a key that has a value")
-        node[keys[-1]] = value
-    return options
-
-
 def _store_argument(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("store", help=help + " (or a URL: s3://bucket/run.zarr, gs://..., memory://...)")
-    p.add_argument("--storage-option", dest="storage_options", type=_storage_option, action="append",
+    p.add_argument("--storage-option", dest="storage_options", type=storage_option, action="append",
                    metavar="KEY=VALUE", help="an option of the URL's filesystem (repeatable), e.g. "
                                              "endpoint_url=http://localhost:9000, key=..., anon=true")
 
@@ -249,58 +177,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _resolve(store: str, storage_options: dict | None):
-    """STORE as a StoreLocation (a local path, or a URL with its storage options)."""
-    from polca_lightning.store.location import resolve_store
-
-    try:
-        return resolve_store(store, storage_options, argument="STORE")
-    except (TypeError, ValueError, ImportError) as error:
-        raise CLIError(str(error)) from None
-
-
-def _open(path: str):
-    from polca_lightning.report.pipeline import open_analysed_store
-    from polca_lightning.store import StoreError
-
-    try:
-        return open_analysed_store(path)
-    except (OSError, StoreError) as error:  # FileNotFoundError, PermissionError (a URL's credentials)
-        raise CLIError(str(error)) from None
-
-
-def _require_complete(ds, path: str, force: bool) -> None:
-    if not ds.attrs.get("complete", False) and not force:
-        raise CLIError(f"the store {str(path)!r} is not complete (still being written, or its run stopped early) "
-                       f"with {ds.sizes.get(SNAPSHOT, 0)} committed snapshots; pass --force to use that part")
-
-
-def _analysis_changes(args) -> dict:
-    """The settings ``analyze``'s flags give, by name (checked here, on the defaults)."""
-    from polca_lightning.analysis import AnalysisSettings
-
-    values = {}
-    for name in ("methods", "labels", "min_cluster_size", "min_samples", "tau", "delta", "restrict_fraction",
-                 "group_by"):
-        value = getattr(args, name)
-        if value is not None:
-            values[name] = value
-    if args.restrict:
-        values["restrict"] = dict(args.restrict)
-    if getattr(args, "no_restrict", False):
-        if args.restrict:
-            raise CLIError("--restrict and --no-restrict contradict each other; give one")
-        values["restrict"] = None
-    for name in ("min_cluster_size", "min_samples"):  # counts as ints, fractions as floats
-        if name in values and values[name] >= 1 and float(values[name]).is_integer():
-            values[name] = int(values[name])
-    try:
-        AnalysisSettings.from_dict(values)
-    except (ValueError, TypeError) as error:
-        raise CLIError(f"analysis settings: {error}") from None
-    return values
-
-
 def _analysis_variables(ds) -> list[str]:
     from polca_lightning.report.pipeline import RESULT_MARK
 
@@ -317,7 +193,7 @@ def _fmt_steps(steps: np.ndarray) -> str:
 
 # --------------------------------------------------------------------------- commands
 def cmd_info(args) -> int:
-    ds = _open(args.store)
+    ds = open_store_or_fail(args.store)
     a = ds.attrs
     steps = np.asarray(ds[STEP].values)
     lines = [f"POLCA store {args.store}"]
@@ -363,124 +239,15 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _run_analysis(args, write: bool, **kwargs):
-    from polca_lightning.report.pipeline import analyze_store
-
-    try:
-        return analyze_store(args.store, write=write, progress=not args.quiet, **kwargs)
-    except (ValueError, TypeError) as error:  # bad settings or too little data, said by analyze
-        raise CLIError(f"analysis failed: {error}") from None
-
-
-def _previous_settings(ds, defaults: bool):
-    """The settings of the analysis the store holds (None without one)."""
-    from polca_lightning.analysis import AnalysisSettings
-
-    try:
-        return AnalysisSettings.from_store(ds)
-    except (ValueError, TypeError) as error:
-        if defaults:
-            return None
-        raise CLIError(f"the store's recorded analysis settings are not valid ({error}); "
-                       "pass --defaults to start from the defaults") from None
-
-
-def cmd_analyze(args) -> int:
-    from polca_lightning.analysis import AnalysisSettings
-    from polca_lightning.analysis.recorded import analysis_attrs, describe_settings
-    from polca_lightning.report.folder import write_report_folder
-    from polca_lightning.report.pipeline import default_report_dir
-
-    changes = _analysis_changes(args)  # bad settings fail before the store is read
-    ds = _open(args.store)
-    _require_complete(ds, args.store, args.force)
-    previous = _previous_settings(ds, args.defaults)
-    ds = _run_analysis(args, write=not args.no_write, defaults=args.defaults, **changes)
-    if not args.no_write:
-        print(f"analysis written into {args.store}")
-    used = AnalysisSettings.from_store(ds)
-    start = ("the defaults (--defaults)" if args.defaults else
-             "the store's previous analysis" if previous is not None else "the defaults (the store held no analysis)")
-    marks = "; * marks a change from the store's previous analysis" if previous is not None else ""
-    print(f"analysis settings: {start}, with the flags given{marks}")
-    print("\n".join(describe_settings(used, previous, resolved=analysis_attrs(ds))))
-    _print_summary(ds)
-    if args.wandb_project:
-        _log_wandb(args, ds, used)
-    if args.report or not args.wandb_project:
-        out = write_report_folder(ds, args.report or default_report_dir(args.store), progress=not args.quiet)
-        print(f"report folder: {out}")
-    return 0
-
-
-def _print_summary(ds) -> None:
-    """The summary per vector, and the App. G best clusters with what each is conditioned on."""
-    from polca_lightning.report.conditioning import chance_basis, restriction_text
-    from polca_lightning.report.pipeline import appendix_g_table, kept_units, summary_table
-
-    summary = summary_table(ds)
-    attrs = ds["cluster"].attrs if "cluster" in ds.variables else {}
-    print(f"kept vectors: {kept_units(ds)}; tau = {float(ds['tau'].values):g} ({attrs.get('analysis_tau_rule', '?')}); "
-          f"delta = {float(ds['onset_delta'].values):g} ({attrs.get('analysis_delta_rule', '?')})")
-    print("  ".join(summary.columns[:9]))
-    for row in summary.rows:
-        print("  ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row[:9]))
-    table = appendix_g_table(ds)
-    if table is None:
-        return
-    col = {c: i for i, c in enumerate(table.columns)}
-    hidden = [c for c in table.columns if c.startswith("hidden_fraction")]
-    num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    print("\nappendix G: the best cluster per label value and trajectory type (rank 0)")
-    for lab in dict.fromkeys(row[col["label"]] for row in table.rows):
-        print(f"{lab}: restriction {restriction_text(ds, lab)}; chance from the "
-              + ("label's base rate" if chance_basis(ds, lab) == "base rate"
-                 else f"cluster's mix of {chance_basis(ds, lab)}"))
-        print(f"  {'value':>5} {'trajectory':<12} {'vector':>6} {'size':>5} {'homogeneity':>11} {'chance':>6} "
-              f"{'recall':>6} {'F1':>6}  " + "  ".join(hidden))
-        for row in table.rows:
-            if row[col["label"]] != lab or row[col["rank"]] != 0:
-                continue
-            unit = row[col["unit"]]
-            print(f"  {row[col['value']]!s:>5} {row[col['trajectory_type']]:<12} {unit if unit >= 0 else '-':>6} "
-                  f"{row[col['size']]:>5} {num(row[col['homogeneity']]):>11} {num(row[col['chance']]):>6} "
-                  f"{num(row[col['recall']]):>6} {num(row[col['f1']]):>6}  "
-                  + "  ".join(f"{num(row[col[h]]):>{len(h)}}" for h in hidden)
-                  + (f"  warning: {lab} is fixed by {row[col['fixed_by']]} in this cluster"
-                     if row[col["fixed_by"]] else ""))
-
-
-def _log_wandb(args, ds, settings) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
-    from polca_lightning.report.wandb_report import log_report
-
-    location = args.store
-    store = str(location) if location.remote else str(location.target.resolve())
-    save_dir = args.wandb_dir or ("." if location.remote else str(location.target.resolve().parent))
-    Path(save_dir).mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(project=args.wandb_project, offline=not args.online, save_dir=save_dir,
-                         name=f"polca analyze {location.name}", job_type="polca-analysis",
-                         config={"store": store, **settings.to_dict()})
-    try:
-        keys = log_report(logger, ds, progress=not args.quiet)
-        run_dir = logger.experiment.dir
-    finally:
-        import wandb
-
-        wandb.finish()
-    print(f"W&B run ({'online' if args.online else 'offline'}): {len(keys)} keys; files in {Path(run_dir).parent}")
-
-
 def cmd_report(args) -> int:
     from polca_lightning.report.folder import write_report_folder
     from polca_lightning.report.pipeline import default_report_dir, has_results
 
-    ds = _open(args.store)
-    _require_complete(ds, args.store, args.force)
+    ds = open_store_or_fail(args.store)
+    require_complete(ds, args.store, args.force)
     if not has_results(ds):
         print(f"{args.store} holds no analysis: running it with default settings (written into the store)")
-        ds = _run_analysis(args, write=True, defaults=True)
+        ds = run_analysis(args, write=True, defaults=True)
     out = write_report_folder(ds, args.out or default_report_dir(args.store), progress=not args.quiet)
     print(f"report folder: {out}")
     return 0
@@ -499,7 +266,7 @@ def _fmt(value, signed: bool = True) -> str:
 def cmd_ablate(args) -> int:
     from polca_lightning.analysis.ablation import ablation_summary, ablation_table
 
-    ds = _open(args.store)
+    ds = open_store_or_fail(args.store)
     try:
         table = ablation_table(ds, args.vectors, args.method, labels=args.labels)
         summary = ablation_summary(ds, args.vectors, args.method)
@@ -531,7 +298,7 @@ def cmd_signal(args) -> int:
 
     from polca_lightning.analysis.signal import interpret_signal_check, signal_check, signal_check_table
 
-    ds = _open(args.store)
+    ds = open_store_or_fail(args.store)
     where: dict = {}
     for coord, values in args.where or []:  # a coordinate given twice: both conditions hold
         where[coord] = [v for v in where[coord] if v in values] if coord in where else list(values)
@@ -577,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
-        args.store = _resolve(args.store, storage_options_from(args.storage_options))
+        args.store = resolve_location(args.store, storage_options_from(args.storage_options))
         return COMMANDS[args.command](args)
     except CLIError as error:
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
