@@ -149,7 +149,7 @@ def appendix_g_figure(ds, label: str, value=None, *, reference: dict | None = No
     if reference:
         _reference_marks(ax, reference, types, x, n_rank, width, reference_name)
     views = hidden_views(ds)
-    ticks = [t + "\nhidden " + " | ".join("-" if not np.isfinite(v.fraction.get(t, np.nan)) else
+    ticks = [t + "\nhidden\n" + " | ".join("-" if not np.isfinite(v.fraction.get(t, np.nan)) else
                                            f"{v.fraction[t]:.2f}" for v in views) for t in types]
     ax.set_xticks(x, ticks, fontsize=7)
     ax.set_ylim(0, 1.15)
