@@ -182,21 +182,29 @@ def tables(figures: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure_stores(stores: list[str], out: str | None, measure=store_figures, verb: str = "measuring") -> list[dict]:
+    """``measure`` of each store, in order. With ``out``, the figures are kept in ``out``'s
+    ``.json`` after every store (a long run keeps what it measured) and the stores already
+    there are not measured again."""
+    cache = Path(out).with_suffix(".json") if out else None
+    done = {f["store"]: f for f in json.loads(cache.read_text())} if cache and cache.exists() else {}
+    figures = []
+    for i, path in enumerate(stores, 1):
+        if path not in done:
+            print(f"[{i}/{len(stores)}] {verb} {path}", flush=True)
+        figures.append(done.get(path) or measure(path))
+        if cache:
+            cache.write_text(json.dumps(list({**done, **{f["store"]: f for f in figures}}.values()), indent=1))
+    return figures
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stores", nargs="+")
     p.add_argument("--out", help="write the tables (markdown) here and the figures beside it as JSON "
                                  "(stores already in that JSON are not measured again)")
     args = p.parse_args(argv)
-    done = {}
-    if args.out and Path(args.out).with_suffix(".json").exists():
-        done = {f["store"]: f for f in json.loads(Path(args.out).with_suffix(".json").read_text())}
-    figures = []
-    for path in args.stores:
-        figures.append(done.get(path) or store_figures(path))
-        print(json.dumps(figures[-1], indent=1))
-        if args.out:  # after every store: a long run keeps what it measured
-            Path(args.out).with_suffix(".json").write_text(json.dumps(list({**done, **{f["store"]: f for f in figures}}.values()), indent=1))
+    figures = measure_stores(args.stores, args.out)
     text = tables(figures)
     print(text)
     if args.out:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from carry_regimes import store_figures  # noqa: E402  (one measurement of a store, shared)
+from carry_regimes import measure_stores, store_figures  # noqa: E402  (one measurement of a store, shared)
 
 #: the paper's arithmetic model (appendix D)
 PAPER_PARAMETERS = 9_475_594
@@ -154,19 +154,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="the markdown table; the per-store figures go beside it as JSON (and are reused)")
     p.add_argument("--figure", help="PNG of the measures against the parameter count")
     args = p.parse_args(argv)
-    cache = Path(args.out).with_suffix(".json") if args.out else None
-    done = {f["store"]: f for f in json.loads(cache.read_text())} if cache and cache.exists() else {}
-    figures = []
-    for i, path in enumerate(args.stores, 1):
-        if path in done:
-            figures.append(done[path])
-            continue
-        print(f"[{i}/{len(args.stores)}] measuring {path}", flush=True)
+    def measure(path: str) -> dict:
         f = store_figures(path)
         f["parameters"], f["d_model"] = model_size(path)
-        figures.append(f)
-        if cache:  # after every store: a long run keeps what it measured
-            cache.write_text(json.dumps(list({**done, **{g["store"]: g for g in figures}}.values()), indent=1))
+        return f
+
+    figures = measure_stores(args.stores, args.out, measure)
     text = table(figures)
     print(text)
     if args.out:

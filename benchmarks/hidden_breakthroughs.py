@@ -28,7 +28,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -41,6 +40,7 @@ from polca_lightning.analysis import analyze
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from arithmetic import PAPER, TYPE_NAMES  # noqa: E402  (the paper's table 9, one definition)
+from carry_regimes import measure_stores  # noqa: E402  (the per-store loop that keeps what it measured)
 
 RESTRICT = {"carry": ("place", (1, 2))}
 PLACES = ("1000s", "100s", "10s", "1s")
@@ -191,15 +191,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="the markdown tables; the per-store figures beside it as JSON (reused)")
     p.add_argument("--figure-dir", help="write one PNG per regime here (hidden_<regime>.png)")
     args = p.parse_args(argv)
-    cache = Path(args.out).with_suffix(".json") if args.out else None
-    done = {f["store"]: f for f in json.loads(cache.read_text())} if cache and cache.exists() else {}
-    figures = []
-    for i, path in enumerate(args.stores, 1):
-        if path not in done:
-            print(f"[{i}/{len(args.stores)}] analysing {path}", flush=True)
-        figures.append(done.get(path) or store_figures(path))
-        if cache:
-            cache.write_text(json.dumps(list({**done, **{f["store"]: f for f in figures}}.values())))
+    figures = measure_stores(args.stores, args.out, store_figures, verb="analysing")
     text = tables(figures)
     print(text)
     if args.out:
