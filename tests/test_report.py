@@ -454,3 +454,8 @@ def test_every_hidden_flag_of_a_trained_store_is_its_drawn_onset_after_tau(tmp_p
         bad[name].values[..., 0] = ~bad[name].values[..., 0]
         with pytest.raises(ValueError, match="not cluster_onset > tau"):
             check_hidden_flags(bad)
+    # the store as open_store gives it (τ from the recorded attributes), and a store without an analysis
+    assert check_hidden_flags(open_store(store)) == n
+    bare = open_store(store, analysis=False)
+    with pytest.raises(ValueError, match="not an analysed store"):
+        check_hidden_flags(bare)

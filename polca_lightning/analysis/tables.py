@@ -103,14 +103,15 @@ def check_hidden_flags(ds) -> int:
     ``hidden_fraction_paper``. A cluster without an onset (NaN) is never hidden.
 
     Args:
-        ds: an analysed store (``open_analysed_store``, ``analyze_store``) or an
-            ``analyze`` result; it needs the scalar ``tau``.
+        ds: an analysed store (``open_store``, ``open_analysed_store``, ``analyze_store``)
+            or an ``analyze`` result: τ comes from its ``tau`` (and ``tau_paper``), or from
+            the ``analysis_tau`` attributes the analysis records on ``cluster``.
 
     Returns:
         The number of clusters checked (entries of the cluster table).
 
     Raises:
-        ValueError: ``ds`` has no analysis results or no ``tau``, or a flag disagrees
+        ValueError: ``ds`` has no analysis results or no τ, or a flag disagrees
             (the message names the variable, the trajectory type and how many disagree).
 
     Example:
@@ -118,15 +119,24 @@ def check_hidden_flags(ds) -> int:
         >>> check_hidden_flags(analyze(make_synthetic_store(50, 40, 4), methods=["polca", "loss"])) > 0
         True
     """
-    for name in ("tau", "trajectory_type", "entry_onset", "entry_hidden"):
+    for name in ("trajectory_type", "entry_onset", "entry_hidden"):
         if name not in ds.variables:
-            raise ValueError(f"ds has no {name!r}: not an analysed store (open it with open_analysed_store)")
+            raise ValueError(f"ds has no {name!r}: not an analysed store (run analyze_store or polca analyze)")
+    recorded = ds["cluster"].attrs if "cluster" in ds.variables else {}
+
+    def scalar(name):  # the analysis' variable, or (open_store) its recorded attribute
+        if name in ds.variables:
+            return float(ds[name].values)
+        return float(recorded[f"analysis_{name}"]) if f"analysis_{name}" in recorded else None
+
+    if scalar("tau") is None:
+        raise ValueError("ds has no 'tau': neither the variable nor the analysis_tau attribute of 'cluster'")
     bad = []
     em = np.asarray(ds["entry_method"].values).astype(str)
     onset = np.asarray(ds["entry_onset"].values, dtype=np.float64)
-    taus = [("", float(ds["tau"].values))]
-    if "tau_paper" in ds.variables and "entry_hidden_paper" in ds.variables:
-        taus.append(("_paper", float(ds["tau_paper"].values)))
+    taus = [("", scalar("tau"))]
+    if scalar("tau_paper") is not None and "entry_hidden_paper" in ds.variables:
+        taus.append(("_paper", scalar("tau_paper")))
     for suffix, tau in taus:
         flags = np.asarray(ds["entry_hidden" + suffix].values, dtype=bool)
         fraction = np.asarray(ds["hidden_fraction" + suffix].values, dtype=np.float64)
