@@ -154,6 +154,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="the markdown table; the per-store figures go beside it as JSON (and are reused)")
     p.add_argument("--figure", help="PNG of the measures against the parameter count")
     args = p.parse_args(argv)
+
     def measure(path: str) -> dict:
         f = store_figures(path)
         f["parameters"], f["d_model"] = model_size(path)
