@@ -116,6 +116,9 @@ def table(figures: list[dict]) -> str:
               "| measure | change per 10x parameters | at the paper's size |", "|---|---|---|"]
     for measure in MEASURES:
         t = trend(figures, measure)
+        if not np.isfinite(t["slope"]):
+            lines.append(f"| {measure} | - | - (a trend needs 3 measured runs at 2 widths or more; {t['n']} here) |")
+            continue
         lines.append(f"| {measure} | {t['slope']:+.3f} | {t['at_paper']:.2f} ± {t['residual_sd']:.2f} |")
     return "\n".join(lines) + "\n"
 
