@@ -83,12 +83,8 @@ def hidden_fractions(store) -> dict:
             continue
         values = [float(v) for v in ds[name].values.reshape(-1)]
         out[name] = dict(zip(types, values)) if len(values) == len(types) else values
-    attrs = ds["cluster"].attrs if "cluster" in ds.variables else {}
-    for name in ("tau", "tau_paper"):
-        if name in ds.variables:
-            out[name] = float(ds[name].values)
-        else:
-            out[name] = float(attrs[f"analysis_{name}"]) if f"analysis_{name}" in attrs else None
+    for name in ("tau", "tau_paper"):  # open_analysed_store restores them from the recorded attributes
+        out[name] = float(ds[name].values) if name in ds.variables else None
     return out
 
 

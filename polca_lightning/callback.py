@@ -14,7 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
-from polca_lightning.session import POLCASession, SessionAttributes, as_batches
+from polca_lightning.session import POLCASession, SessionAttributes, as_batches, session_arguments
 from polca_lightning.store import WEIGHTS_COMPRESSORS
 
 __all__ = ["POLCACallback"]
@@ -115,15 +115,8 @@ class POLCACallback(SessionAttributes, Callback):
         ablate: bool = True,
         progress: bool = True,
     ):
-        self.session = POLCASession(
-            store, owner="POLCACallback", resume_hint="ckpt_path= to Trainer.fit",
-            token_loss=token_loss, token_labels=token_labels, mode=mode, storage_options=storage_options,
-            weights_compressors=weights_compressors, analyze=analyze, analysis_kwargs=analysis_kwargs,
-            decode=decode, decode_target=decode_target, lca_directions=lca_directions, ablate=ablate,
-            progress=progress, snapshot_every=snapshot_every, basis_every=basis_every, k=k, max_basis=max_basis,
-            order=order, basis=basis, parameters=parameters, engine=engine, memory_cap=memory_cap,
-            basis_on_device=basis_on_device, compute_precision=compute_precision, lanczos_tol=lanczos_tol, seed=seed,
-        )
+        self.session = POLCASession(store, owner="POLCACallback", resume_hint="ckpt_path= to Trainer.fit",
+                                    **session_arguments(locals()))
         self.probe_batches = as_batches("probe_data", probe_data)
         wants_hessian = self.session.needs_hessian or hessian_data is not None
         self.hessian_batches = as_batches("hessian_data", hessian_data) if wants_hessian else []

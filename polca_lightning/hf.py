@@ -32,10 +32,13 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         'polca_lightning.hf needs transformers (and accelerate): pip install "polca-lightning[transformers]"'
     ) from err
 
-from polca_lightning.session import POLCASession, SessionAttributes, as_batches, callable_or_none
+from polca_lightning.session import (
+    POLCASession, SessionAttributes, as_batches, callable_or_none, session_arguments,
+)
 from polca_lightning.store import WEIGHTS_COMPRESSORS
 
 __all__ = ["POLCATrainerCallback", "tensorboard_log_dir", "trainer_collator"]
+
 
 def _is_dataset(data: Any) -> bool:
     """A dataset of examples (batched here) rather than batches: a torch ``Dataset`` or a
@@ -158,15 +161,9 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
         ablate: bool = True,
         progress: bool = True,
     ):
-        self.session = POLCASession(
-            store, owner="POLCATrainerCallback", resume_hint="resume_from_checkpoint= to Trainer.train",
-            token_loss=token_loss, token_labels=token_labels, mode=mode, storage_options=storage_options,
-            weights_compressors=weights_compressors, analyze=analyze, analysis_kwargs=analysis_kwargs,
-            decode=decode, decode_target=decode_target, lca_directions=lca_directions, ablate=ablate,
-            progress=progress, snapshot_every=snapshot_every, basis_every=basis_every, k=k, max_basis=max_basis,
-            order=order, basis=basis, parameters=parameters, engine=engine, memory_cap=memory_cap,
-            basis_on_device=basis_on_device, compute_precision=compute_precision, lanczos_tol=lanczos_tol, seed=seed,
-        )
+        self.session = POLCASession(store, owner="POLCATrainerCallback",
+                                    resume_hint="resume_from_checkpoint= to Trainer.train",
+                                    **session_arguments(locals()))
         self.data_collator = callable_or_none("data_collator", data_collator, "list of examples -> batch")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
@@ -176,7 +173,7 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
         # batches now (bad data fail here); datasets when training begins, with the Trainer's collator
         self.probe_batches = self._batches_now("probe_data")
         self.hessian_batches = self._batches_now("hessian_data") if wants_hessian else []
-        self._wandb_run = None
+        self._wandb_run = None  # a WandbRun on the run the Trainer opened (rank 0)
         self._tensorboard = None  # a SummaryWriter in the Trainer's TensorBoard log dir (rank 0)
 
     def _batches_now(self, name: str) -> list | None:
@@ -264,10 +261,13 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
         if "wandb" in report_to:
             import wandb
 
-            self._wandb_run = wandb.run  # opened by the Trainer's WandbCallback in its on_train_begin
-            if self._wandb_run is None:
+            from polca_lightning.report.wandb_report import WandbRun
+
+            if wandb.run is None:  # opened by the Trainer's WandbCallback in its on_train_begin
                 warnings.warn("POLCA: report_to has 'wandb' but no W&B run is open; the report goes elsewhere",
                               UserWarning, stacklevel=2)
+            else:
+                self._wandb_run = WandbRun(wandb.run)
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -280,9 +280,7 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
 
     def _log(self, metrics: dict, step: int) -> None:
         if self._wandb_run is not None:
-            from polca_lightning.report.wandb_report import WandbRun
-
-            WandbRun(self._wandb_run).log_metrics(metrics, step)
+            self._wandb_run.log_metrics(metrics, step)
         if self._tensorboard is not None:
             for key, value in metrics.items():
                 self._tensorboard.add_scalar(key, value, global_step=step)
@@ -290,11 +288,11 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
     def _report_sinks(self, step: int) -> list:
         sinks = []
         if self._wandb_run is not None:
-            from polca_lightning.report.wandb_report import WandbRun, WandbSink
+            from polca_lightning.report.wandb_report import WandbSink
 
-            sinks.append(WandbSink(WandbRun(self._wandb_run), step))
+            sinks.append(WandbSink(self._wandb_run, step))
         if self._tensorboard is not None:
-            from polca_lightning.report.tensorboard_report import TensorBoardSink, _csv_dir
+            from polca_lightning.report.tensorboard_report import TensorBoardSink
 
-            sinks.append(TensorBoardSink(self._tensorboard, step, csv_dir=_csv_dir(None, self._tensorboard)))
+            sinks.append(TensorBoardSink.of(self._tensorboard, step))
         return sinks

@@ -27,7 +27,9 @@ In every process of a run, in this order:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import logging
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -45,7 +47,7 @@ from polca_lightning.store import (
 from polca_lightning.store.location import resolve_store
 from polca_lightning.tracker import Collective, POLCATracker, TorchDistributed
 
-__all__ = ["POLCASession", "SessionAttributes", "as_batches", "callable_or_none"]
+__all__ = ["POLCASession", "SessionAttributes", "as_batches", "callable_or_none", "session_arguments"]
 
 log = logging.getLogger("polca_lightning")
 
@@ -371,6 +373,25 @@ class POLCASession:
         return report_after_fit(self.store, loggers=list(loggers or []), sinks=sinks, step=step, decode=self.decode,
                                 decode_target=self.decode_target, analysis_kwargs=self.analysis_kwargs,
                                 progress=self.progress, storage_options=self.storage_options)
+
+
+def session_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The session's settings among a callback's arguments (the ``locals()`` of its
+    ``__init__``): every keyword of :class:`POLCASession` after ``store`` and every field
+    of :class:`~polca_lightning.config.POLCAConfig`, so that a callback passes them all
+    without naming each twice.
+
+    Raises:
+        KeyError: a setting the callback does not take (its signature lacks one).
+    """
+    return {name: arguments[name] for name in _SESSION_ARGUMENTS}
+
+
+_SESSION_ARGUMENTS = tuple(
+    [name for name, p in inspect.signature(POLCASession.__init__).parameters.items()
+     if p.kind is p.KEYWORD_ONLY and name not in ("owner", "resume_hint")]
+    + [f.name for f in dataclasses.fields(POLCAConfig)]
+)
 
 
 class SessionAttributes:

@@ -47,6 +47,7 @@ __all__ = [
     "hidden_breakthrough",
     "resolve_tau",
     "resolve_delta",
+    "rule_name",
     "tau_rule_label",
     "TAU_RULES",
     "DELTA_RULES",
@@ -337,6 +338,24 @@ def resolve_tau(tau, step: np.ndarray, mean_loss: np.ndarray, *, fraction: float
     return default_tau(step, 0.10), "paper: step[0] + 10% of the run"
 
 
+def rule_name(rule) -> str:
+    """The name of a recorded rule (``analysis_tau_rule``, ``analysis_delta_rule``: what
+    :func:`resolve_tau` and :func:`resolve_delta` returned): one of :data:`TAU_RULES` or
+    :data:`DELTA_RULES`, ``"given"`` for a step given by hand, else the text before its
+    ``:`` (``""`` for no rule). The earliest plateau rule, ``"plateau_step(...)"``, is
+    ``"plateau"``.
+
+    Example:
+        >>> rule_name("plateau: plateau_step(fraction=0.05, smooth=None)"), rule_name("plateau_step(fraction=0.1)")
+        ('plateau', 'plateau')
+    """
+    head = str(rule or "").split(":", 1)[0].split("(", 1)[0].strip()
+    for name in TAU_RULES + DELTA_RULES:
+        if head == name or head.startswith(name + "_"):
+            return name
+    return head
+
+
 def tau_rule_label(rule: str) -> str:
     """A few words for ``analysis_tau_rule`` (what :func:`resolve_tau` returned), as figure
     legends show it: ``"plateau: mean loss flat"``, ``"paper: 10% of the run"``, ``"given"``.
@@ -345,12 +364,8 @@ def tau_rule_label(rule: str) -> str:
         >>> tau_rule_label("plateau: plateau_step(fraction=0.05, smooth=None)")
         'plateau: mean loss flat'
     """
-    rule = str(rule)
-    if rule.startswith("plateau"):
-        return "plateau: mean loss flat"
-    if rule.startswith("paper"):
-        return "paper: 10% of the run"
-    return rule.split(":")[0] if rule else "rule not recorded"
+    name = rule_name(rule)
+    return {"plateau": "plateau: mean loss flat", "paper": "paper: 10% of the run"}.get(name, name or "rule not recorded")
 
 
 def hidden_breakthrough(onset: np.ndarray, tau: float) -> np.ndarray:

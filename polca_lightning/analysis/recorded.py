@@ -21,7 +21,7 @@ import logging
 import re
 from typing import Any, Mapping
 
-__all__ = ["SETTINGS_ATTR", "analysis_attrs", "recorded_settings", "describe_settings"]
+__all__ = ["SETTINGS_ATTR", "analysis_attrs", "analysis_scalar", "recorded_settings", "describe_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,17 @@ def analysis_attrs(ds) -> dict[str, Any] | None:
         if any(mark in attrs for mark in _MARKS):
             return dict(attrs)
     return None
+
+
+def analysis_scalar(ds, name: str) -> float:
+    """A scalar result of the analysis ``ds`` holds (``tau``, ``tau_paper``, ``onset_delta``):
+    the variable where ``ds`` has it (an ``analyze`` result, ``open_analysed_store``), else
+    the attribute ``analysis_<name>`` the analysis recorded (a store as ``open_store``
+    gives it); NaN where neither is."""
+    if name in ds.variables:
+        return float(ds[name].values)
+    value = (analysis_attrs(ds) or {}).get(f"analysis_{name}")
+    return float("nan") if value is None else float(value)
 
 
 def recorded_settings(ds, cls):
@@ -96,13 +107,12 @@ def _count(value):
 
 
 def _rule(rule: str | None, resolved, names: tuple[str, ...]):
-    """A recorded ``analysis_*_rule`` back to the setting: the rule's name where it names
-    one of ``names``, else the step it resolved to (``"given"``, or an unknown rule)."""
-    head = str(rule or "").split(":", 1)[0].split("(", 1)[0].strip()
-    for name in names:
-        if head == name or head.startswith(name + "_"):  # "plateau_step(...)": an earlier plateau rule
-            return name
-    return None if resolved is None else float(resolved)
+    """A recorded ``analysis_*_rule`` back to the setting: the rule's name where it is one
+    of ``names``, else the step it resolved to (``"given"``, or an unknown rule)."""
+    from .onsets import rule_name
+
+    name = rule_name(rule)
+    return name if name in names else (None if resolved is None else float(resolved))
 
 
 def _from_single_attrs(ds, attrs: dict) -> dict[str, Any]:

@@ -62,8 +62,8 @@ import warnings
 
 import numpy as np
 
-__all__ = ["label_scores", "chance_homogeneity", "best_clusters", "clustering_scores", "determined", "fixed_by",
-           "FIXED_FRACTION", "FIXED_MIN_COUNT"]
+__all__ = ["label_scores", "chance_homogeneity", "best_clusters", "clustering_scores", "determined", "fixing",
+           "fixed_by", "FIXED_FRACTION", "FIXED_MIN_COUNT"]
 
 #: App. G eligibility threshold (camera-ready: "over 85%")
 APPENDIX_G_FRACTION = 0.85
@@ -264,6 +264,25 @@ def determined(label: np.ndarray, coordinates, *, fraction: float = FIXED_FRACTI
     return (size[stratum] >= min_count) & (share >= fraction)
 
 
+def fixing(label: np.ndarray, coordinates, *, fraction: float = FIXED_FRACTION,
+           min_count: int = FIXED_MIN_COUNT) -> np.ndarray | None:
+    """The tokens whose label ``coordinates`` determine (:func:`determined`), or None where
+    the coordinates determine it for ``fraction`` of all tokens (strata of any size): then
+    they fix the label by construction, everywhere, and no cluster is flagged for it.
+    :func:`fixed_by` of a cluster is this mask's share among its members; computed once, it
+    serves every cluster of the store.
+
+    Example:
+        >>> place = np.repeat([0, 2], 10)
+        >>> carry = np.where(place == 0, 1, np.tile([0, 1], 10))
+        >>> fixing(carry, place).tolist() == [True] * 10 + [False] * 10
+        True
+    """
+    if determined(label, coordinates, fraction=fraction, min_count=1).mean() >= fraction:
+        return None
+    return determined(label, coordinates, fraction=fraction, min_count=min_count)
+
+
 def fixed_by(members: np.ndarray, label: np.ndarray, coordinates, *, fraction: float = FIXED_FRACTION,
              min_count: int = FIXED_MIN_COUNT) -> bool:
     """Whether ``coordinates`` fix ``label`` within the cluster ``members`` (module docstring).
@@ -278,7 +297,7 @@ def fixed_by(members: np.ndarray, label: np.ndarray, coordinates, *, fraction: f
 
     Returns:
         True when the coordinates determine the label for ``fraction`` of the members but
-        not for ``fraction`` of all tokens.
+        not for ``fraction`` of all tokens (:func:`fixing`).
 
     Raises:
         ValueError: as :func:`determined`, or ``members`` of another shape.
@@ -295,9 +314,8 @@ def fixed_by(members: np.ndarray, label: np.ndarray, coordinates, *, fraction: f
         raise ValueError(f"members must have the shape of label {np.shape(label)}, got {members.shape}")
     if not members.any():
         return False
-    if determined(label, coordinates, fraction=fraction, min_count=1).mean() >= fraction:
-        return False  # the coordinates give the label everywhere: nothing to warn about in one cluster
-    return bool(determined(label, coordinates, fraction=fraction, min_count=min_count)[members].mean() >= fraction)
+    mask = fixing(label, coordinates, fraction=fraction, min_count=min_count)
+    return mask is not None and bool(mask[members].mean() >= fraction)
 
 
 def best_clusters(

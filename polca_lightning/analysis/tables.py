@@ -122,21 +122,17 @@ def check_hidden_flags(ds) -> int:
     for name in ("trajectory_type", "entry_onset", "entry_hidden"):
         if name not in ds.variables:
             raise ValueError(f"ds has no {name!r}: not an analysed store (run analyze_store or polca analyze)")
-    recorded = ds["cluster"].attrs if "cluster" in ds.variables else {}
+    from .recorded import analysis_scalar  # the variable, or (open_store) the recorded attribute
 
-    def scalar(name):  # the analysis' variable, or (open_store) its recorded attribute
-        if name in ds.variables:
-            return float(ds[name].values)
-        return float(recorded[f"analysis_{name}"]) if f"analysis_{name}" in recorded else None
-
-    if scalar("tau") is None:
-        raise ValueError("ds has no 'tau': neither the variable nor the analysis_tau attribute of 'cluster'")
+    tau, tau_paper = analysis_scalar(ds, "tau"), analysis_scalar(ds, "tau_paper")
+    if np.isnan(tau):
+        raise ValueError("ds has no 'tau': neither the variable nor the analysis_tau attribute")
     bad = []
     em = np.asarray(ds["entry_method"].values).astype(str)
     onset = np.asarray(ds["entry_onset"].values, dtype=np.float64)
-    taus = [("", scalar("tau"))]
-    if scalar("tau_paper") is not None and "entry_hidden_paper" in ds.variables:
-        taus.append(("_paper", scalar("tau_paper")))
+    taus = [("", tau)]
+    if not np.isnan(tau_paper) and "entry_hidden_paper" in ds.variables:
+        taus.append(("_paper", tau_paper))
     for suffix, tau in taus:
         flags = np.asarray(ds["entry_hidden" + suffix].values, dtype=bool)
         fraction = np.asarray(ds["hidden_fraction" + suffix].values, dtype=np.float64)

@@ -90,7 +90,7 @@ def cmd_analyze(args) -> int:
 
 def _print_summary(ds) -> None:
     """The summary per vector, and the App. G best clusters with what each is conditioned on."""
-    from polca_lightning.report.conditioning import chance_basis, restriction_text
+    from polca_lightning.report.conditioning import chance_text, restriction_text
     from polca_lightning.report.pipeline import appendix_g_table, kept_units, summary_table
 
     summary = summary_table(ds)
@@ -108,9 +108,7 @@ def _print_summary(ds) -> None:
     num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     print("\nappendix G: the best cluster per label value and trajectory type (rank 0)")
     for lab in dict.fromkeys(row[col["label"]] for row in table.rows):
-        print(f"{lab}: restriction {restriction_text(ds, lab)}; chance from the "
-              + ("label's base rate" if chance_basis(ds, lab) == "base rate"
-                 else f"cluster's mix of {chance_basis(ds, lab)}"))
+        print(f"{lab}: restriction {restriction_text(ds, lab)}; chance from {chance_text(ds, lab)}")
         print(f"  {'value':>5} {'trajectory':<12} {'vector':>6} {'size':>5} {'homogeneity':>11} {'chance':>6} "
               f"{'recall':>6} {'F1':>6}  " + "  ".join(hidden))
         for row in table.rows:

@@ -11,7 +11,7 @@ import numpy as np
 
 from polca_lightning.analysis.tables import Table, plain_value
 from polca_lightning.report.conditioning import (
-    chance_basis, fixing_coordinates, hidden_views, restriction_text, scored_labels, tau_text,
+    chance_basis, chance_text, fixing_coordinates, hidden_views, restriction_text, scored_labels, tau_text,
 )
 
 __all__ = ["appendix_g_table", "appendix_g_figure"]
@@ -154,11 +154,9 @@ def appendix_g_figure(ds, label: str, value=None, *, reference: dict | None = No
     ax.set_xticks(x, ticks, fontsize=7)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel(f"homogeneity for {label}={value}")
-    chance_text = ("the label's base rate" if chance_basis(ds, label) == "base rate"
-                   else f"the cluster's mix of {chance_basis(ds, label)}")
     hidden_text = " | ".join(f"τ = {v.tau:g} ({v.rule})" for v in views)
     ax.set_title(f"App. G: best {label}={value} clusters per trajectory type\n"
-                 f"restriction: {restriction_text(ds, label)}; chance level (grey): {chance_text}\n"
+                 f"restriction: {restriction_text(ds, label)}; chance level (grey): {chance_text(ds, label)}\n"
                  f"{tau_text(ds)}; hidden fractions under {hidden_text}", fontsize=8)
     handles, names = ax.get_legend_handles_labels()
     from matplotlib.patches import Patch  # the rank's colour without the hatch its first bar may carry

@@ -26,8 +26,9 @@ from itertools import combinations
 import numpy as np
 
 from polca_lightning.analysis.methods import METHODS
-from polca_lightning.analysis.recorded import analysis_attrs
-from polca_lightning.analysis.scores import FIXED_FRACTION, FIXED_MIN_COUNT, determined
+from polca_lightning.analysis.onsets import rule_name
+from polca_lightning.analysis.recorded import analysis_attrs, analysis_scalar
+from polca_lightning.analysis.scores import FIXED_FRACTION, FIXED_MIN_COUNT, fixing
 from polca_lightning.store.schema import TARGET, TOKEN
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "restriction",
     "restriction_text",
     "chance_basis",
+    "chance_text",
     "fixing_coordinates",
     "entry_members",
     "tau_rule_name",
@@ -92,6 +94,12 @@ def chance_basis(ds, label: str) -> str:
     return "base rate" if spec is None else spec[0]
 
 
+def chance_text(ds, label: str) -> str:
+    """``"the cluster's mix of place"`` or ``"the label's base rate"``: :func:`chance_basis` in words."""
+    basis = chance_basis(ds, label)
+    return "the label's base rate" if basis == "base rate" else f"the cluster's mix of {basis}"
+
+
 def _token_coordinates(ds, label: str) -> list[str]:
     """The coordinates that may fix ``label``: the other token labels, and the target."""
     names = [str(n) for n in ds.attrs.get("token_labels", [])]
@@ -134,42 +142,31 @@ def fixing_coordinates(ds, label: str, entries, *, fraction: float = FIXED_FRACT
     names = _token_coordinates(ds, label)
     arrays = {name: np.asarray(ds[name].values) for name in names}
     candidates = [(name,) for name in names] + list(combinations(names, 2))
-    # [token] determined flags per candidate, leaving out those that give the label everywhere
-    det = {}
-    for cand in candidates:
-        coords = [arrays[n] for n in cand]
-        if determined(values, coords, fraction=fraction, min_count=1).mean() < fraction:
-            det[cand] = determined(values, coords, fraction=fraction, min_count=min_count)
+    # fixed_by, with each candidate's [token] mask computed once for all the entries
+    masks = {cand: fixing(values, [arrays[n] for n in cand], fraction=fraction, min_count=min_count)
+             for cand in candidates}
+    masks = {cand: mask for cand, mask in masks.items() if mask is not None}
     out = []
     for e in entries:
         if e is None or int(e) < 0:
             out.append([])
             continue
         members = entry_members(ds, int(e))
-        fixing = [cand for cand, d in det.items() if members.any() and d[members].mean() >= fraction]
-        singles = [c for c in fixing if len(c) == 1]
-        out.append(["+".join(c) for c in (singles or fixing)])
+        fixed = [cand for cand, mask in masks.items() if members.any() and mask[members].mean() >= fraction]
+        singles = [c for c in fixed if len(c) == 1]
+        out.append(["+".join(c) for c in (singles or fixed)])
     return out
 
 
 def tau_rule_name(ds) -> str:
     """The name of the rule that gave τ: ``paper``, ``plateau``, ``given`` (or ``?``)."""
-    rule = str(_attrs(ds).get("analysis_tau_rule", "?"))
-    head = rule.split(":", 1)[0].split("(", 1)[0].strip()
-    return "plateau" if head.startswith("plateau") else head or "?"
-
-
-def _scalar(ds, name: str) -> float:
-    if name in ds.variables:
-        return float(ds[name].values)
-    value = _attrs(ds).get(f"analysis_{name}")
-    return float("nan") if value is None else float(value)
+    return rule_name(_attrs(ds).get("analysis_tau_rule")) or "?"
 
 
 def tau_text(ds) -> str:
     """``"τ = 330 (plateau: plateau_step(fraction=0.05, smooth=None))"``: τ and the rule
     that gave it (``analysis_tau_rule``)."""
-    return f"τ = {_scalar(ds, 'tau'):g} ({_attrs(ds).get('analysis_tau_rule', 'rule not recorded')})"
+    return f"τ = {analysis_scalar(ds, 'tau'):g} ({_attrs(ds).get('analysis_tau_rule', 'rule not recorded')})"
 
 
 @dataclass(frozen=True)
@@ -211,8 +208,8 @@ def hidden_views(ds) -> list[HiddenView]:
         fraction = dict(zip(types, np.asarray(ds[fraction_name].values, dtype=np.float64).tolist()))
         return HiddenView(key, tau, rule, entry, fraction)
 
-    views = [view("hidden", _scalar(ds, "tau"), tau_rule_name(ds), "entry_hidden", "hidden_fraction")]
+    views = [view("hidden", analysis_scalar(ds, "tau"), tau_rule_name(ds), "entry_hidden", "hidden_fraction")]
     if "hidden_fraction_paper" in ds.variables:
-        views.append(view("hidden_paper", _scalar(ds, "tau_paper"), "paper", "entry_hidden_paper",
+        views.append(view("hidden_paper", analysis_scalar(ds, "tau_paper"), "paper", "entry_hidden_paper",
                           "hidden_fraction_paper"))
     return views

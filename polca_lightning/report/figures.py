@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 
-
 def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 6.4, height: float = 4.0):
     """A Figure not registered with pyplot (so nothing leaks when reporters drop it)."""
     from matplotlib.figure import Figure

@@ -194,11 +194,13 @@ def settings_with(base, changes: dict):
 
 def _with_scalars(ds):
     """Restore the scalar results (``tau``, ``tau_paper``, ``onset_delta``) from the settings attributes."""
+    from polca_lightning.analysis.recorded import analysis_scalar
+
     if "cluster" not in ds.variables:
         return ds
-    attrs = ds["cluster"].attrs
-    scalars = {name: float(attrs[f"analysis_{name}"]) for name in ("tau", "tau_paper", "onset_delta")
-               if f"analysis_{name}" in attrs and name not in ds.variables}
+    scalars = {name: analysis_scalar(ds, name) for name in ("tau", "tau_paper", "onset_delta")
+               if name not in ds.variables}
+    scalars = {name: value for name, value in scalars.items() if not np.isnan(value)}
     return ds.assign(scalars) if scalars else ds
 
 
@@ -280,7 +282,7 @@ def report_after_fit(store_path, trainer=None, *, loggers=None, sinks=None, step
 
     from polca_lightning.report.content import report_items, send_report
     from polca_lightning.report.folder import FolderSink
-    from polca_lightning.report.tensorboard_report import TensorBoardSink, _csv_dir, tensorboard_loggers
+    from polca_lightning.report.tensorboard_report import TensorBoardSink, tensorboard_loggers
     from polca_lightning.report.wandb_report import WandbSink, wandb_loggers
 
     if loggers is None:
@@ -301,8 +303,7 @@ def report_after_fit(store_path, trainer=None, *, loggers=None, sinks=None, step
         step = int(ds[STEP].values[-1]) if step is None else int(step)
         given = list(sinks or [])
         sinks = [WandbSink(lg, step) for lg in wandb_loggers(loggers)]
-        sinks += [TensorBoardSink(lg.experiment, step, csv_dir=_csv_dir(lg, lg.experiment))
-                  for lg in tensorboard_loggers(loggers)]
+        sinks += [TensorBoardSink.of(lg, step) for lg in tensorboard_loggers(loggers)]
         sinks += given
         fallback = not sinks
         if fallback or report_dir is not None:

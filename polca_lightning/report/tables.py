@@ -13,7 +13,7 @@ import numpy as np
 from polca_lightning.analysis.methods import METHODS
 from polca_lightning.analysis.tables import Table, cluster_members, kept_units, plain_value, unit_trajectories
 from polca_lightning.report.appendix_g import appendix_g_table
-from polca_lightning.report.conditioning import scored_labels
+from polca_lightning.report.conditioning import fixing_coordinates, restriction_text, restrictions, scored_labels
 from polca_lightning.store.schema import (
     BASIS, BASIS_STEP, EIGENVALUE, INTERVAL, LOSS, POLCA, POLCA_FIRST, POSITION, SEQUENCE, SNAPSHOT, STEP, TARGET,
     TOKEN,
@@ -101,8 +101,6 @@ def summary_table(ds, method: str = "polca") -> Table:
     rate without one) and ``fixed_by L=v`` (the token labels or ``target`` that fix the
     label within that cluster, a warning; empty where none does).
     """
-    from polca_lightning.report.conditioning import fixing_coordinates, restriction_text
-
     spec, p = METHODS[method], METHODS[method].prefix
     labels = _labels(ds)
     em = np.asarray(ds["entry_method"].values).astype(str)
@@ -116,21 +114,29 @@ def summary_table(ds, method: str = "polca") -> Table:
     columns = ["vector", "eigenvalue", "basis_step", "kept", "tokens_kept", "clusters", "outliers",
                "hidden_breakthroughs", "onsets"] + label_cols
     n_units = spec.n_units(ds)
-    best = {}  # (label, value index) -> [unit] entry index of the best eligible cluster (-1 none)
+    label_cells = {}  # label -> per unit, the row's cells of the label
     for lab in labels:
-        h_all = np.asarray(ds[f"{lab}_homogeneity"].values)  # [entry, value]
-        e_all = np.asarray(ds[f"{lab}_eligible"].values, dtype=bool)
-        for vi in range(len(values[lab])):
-            picks = np.full(n_units, -1)
-            for u in range(n_units):
-                idx = np.flatnonzero((em == method) & (eu == u) & e_all[:, vi] & np.isfinite(h_all[:, vi]))
+        hom = np.asarray(ds[f"{lab}_homogeneity"].values)  # [entry, value]
+        eligible = np.asarray(ds[f"{lab}_eligible"].values, dtype=bool) & np.isfinite(hom)
+        chance = np.asarray(ds[f"{lab}_chance"].values) if f"{lab}_chance" in ds.variables else None
+        best = np.full((n_units, len(values[lab])), -1)  # [unit, value] the best eligible cluster's entry
+        for u in range(n_units):
+            mine = (em == method) & (eu == u)
+            for vi in range(len(values[lab])):
+                idx = np.flatnonzero(mine & eligible[:, vi])
                 if idx.size:
-                    picks[u] = idx[np.argmax(h_all[idx, vi])]
-            best[lab, vi] = picks
-    fixed = {}  # label -> {entry: the coordinates that fix the label in its cluster}
-    for lab in labels:
-        shown = sorted({int(e) for vi in range(len(values[lab])) for e in best[lab, vi] if e >= 0})
-        fixed[lab] = dict(zip(shown, fixing_coordinates(ds, lab, shown)))
+                    best[u, vi] = idx[np.argmax(hom[idx, vi])]
+        shown = sorted({int(e) for e in best.ravel() if e >= 0})
+        fixed = dict(zip(shown, fixing_coordinates(ds, lab, shown)))  # what fixes the label in each cluster
+        where = restriction_text(ds, lab)
+        label_cells[lab] = []
+        for u in range(n_units):
+            cells = [where]
+            for vi, e in enumerate(best[u]):
+                cells += ([None, None, None] if e < 0 else
+                          [round(float(hom[e, vi]), 4), None if chance is None else round(float(chance[e, vi]), 4),
+                           ", ".join(fixed[int(e)]) or None])
+            label_cells[lab].append(cells)
     rows = []
     kept = set(kept_units(ds, method))
     for u in range(n_units):
@@ -143,16 +149,7 @@ def summary_table(ds, method: str = "polca") -> Table:
                u in kept, int((cl != -2).sum()), n_c, int((cl == -1).sum()), int(hidden.sum()),
                " ".join(f"{o:g}" for o in onset)]
         for lab in labels:
-            row.append(restriction_text(ds, lab))
-            h_all = np.asarray(ds[f"{lab}_homogeneity"].values)
-            c_all = np.asarray(ds[f"{lab}_chance"].values) if f"{lab}_chance" in ds.variables else None
-            for vi in range(len(values[lab])):
-                e = int(best[lab, vi][u])
-                if e < 0:
-                    row += [None, None, None]
-                    continue
-                chance = None if c_all is None else round(float(c_all[e, vi]), 4)
-                row += [round(float(h_all[e, vi]), 4), chance, ", ".join(fixed[lab][e]) or None]
+            row += label_cells[lab][u]
         rows.append([_py(v) for v in row])
     return Table(columns, rows)
 
@@ -328,8 +325,6 @@ def signal_table(ds, method: str = "polca", *, folds: int = 5, seed: int = 0) ->
 
     if method not in ds.variables:
         return None
-    from polca_lightning.report.conditioning import restrictions
-
     restrict = restrictions(ds)
     rows = []
     for lab in binary_labels(ds):

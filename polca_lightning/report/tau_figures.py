@@ -11,23 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 from polca_lightning.analysis.onsets import tau_rule_label
+from polca_lightning.analysis.recorded import analysis_attrs, analysis_scalar
 from polca_lightning.store.schema import LOSS, SNAPSHOT, STEP, TOKEN
 
 __all__ = ["mean_loss_figure", "tau_label", "tau_line"]
 
 _TAU_STYLE = {"color": "black", "linestyle": ":", "linewidth": 1.2}
 _TAU_PAPER_STYLE = {"color": "tab:gray", "linestyle": "-.", "linewidth": 1.0}
-
-
-def _scalar(ds, name: str) -> float:
-    return float(ds[name].values) if name in ds.variables else float("nan")
-
-
-def _analysis_attr(ds, name: str, default=None):
-    """An ``analysis_*`` attribute: on the result variables of a store, or on an ``analyze`` result."""
-    if "cluster" in ds.variables and name in ds["cluster"].attrs:
-        return ds["cluster"].attrs[name]
-    return ds.attrs.get(name, default)
 
 
 def tau_label(ds) -> str:
@@ -38,13 +28,13 @@ def tau_label(ds) -> str:
         >>> tau_label(analyze(make_synthetic_store(50, 40, 4), methods=["loss"]))
         'τ = 180 (plateau: mean loss flat)'
     """
-    rule = _analysis_attr(ds, "analysis_tau_rule")
-    return f"τ = {_scalar(ds, 'tau'):g}" + (f" ({tau_rule_label(rule)})" if rule is not None else "")
+    rule = (analysis_attrs(ds) or {}).get("analysis_tau_rule")
+    return f"τ = {analysis_scalar(ds, 'tau'):g}" + (f" ({tau_rule_label(rule)})" if rule is not None else "")
 
 
 def tau_line(ax, ds) -> None:
     """A dotted vertical line at τ (``gid="tau"``) labelled by :func:`tau_label`; none without τ."""
-    tau = _scalar(ds, "tau")
+    tau = analysis_scalar(ds, "tau")
     if np.isfinite(tau):
         ax.axvline(tau, gid="tau", label=tau_label(ds), **_TAU_STYLE)
 
@@ -85,7 +75,7 @@ def mean_loss_figure(ds):
     ax.plot(step, mean[:n], color="tab:blue", linewidth=1.5, gid="mean_loss",
             label=f"mean exact loss ({ds.sizes.get(TOKEN, '?')} probe tokens)")
     tau_line(ax, ds)
-    tau, paper = _scalar(ds, "tau"), _scalar(ds, "tau_paper")
+    tau, paper = analysis_scalar(ds, "tau"), analysis_scalar(ds, "tau_paper")
     if np.isfinite(paper) and paper != tau:
         ax.axvline(paper, gid="tau_paper", label=f"paper's τ = {paper:g} ({tau_rule_label('paper')})",
                    **_TAU_PAPER_STYLE)

@@ -93,6 +93,14 @@ class TensorBoardSink:
         self.csv_dir = None if csv_dir is None else Path(csv_dir)
         self.tags: list[str] = []
 
+    @classmethod
+    def of(cls, logger, step: int, prefix: str = "polca_report", csv: bool = True) -> "TensorBoardSink":
+        """The sink of a Lightning ``TensorBoardLogger`` (its ``experiment``) or of a
+        ``SummaryWriter``, with the tables as CSV in ``<log_dir>/polca_report`` where the log
+        dir is local and ``csv`` is on."""
+        writer = getattr(logger, "experiment", logger)
+        return cls(writer, step, prefix, csv_dir=_csv_dir(logger, writer) if csv else None)
+
     def send(self, item: ReportItem) -> None:
         tags = [tag for _, tag in tensorboard_tags(item, self.prefix)]
         tag = f"{self.prefix}/{item.name}"
@@ -156,10 +164,9 @@ def log_report_tensorboard(logger, ds, *, method: str = "polca", decode: Callabl
     Returns:
         The tags written (table at the module top).
     """
-    writer = getattr(logger, "experiment", logger)
     step = int(ds[STEP].values[-1]) if step is None else int(step)
     items = report_items(ds, method=method, decode=decode, decode_target=decode_target, k_nearest=k_nearest,
                          top_targets=top_targets, progress=progress)
-    sink = TensorBoardSink(writer, step, prefix, csv_dir=_csv_dir(logger, writer) if csv else None)
+    sink = TensorBoardSink.of(logger, step, prefix, csv=csv)
     (tags,) = send_report(items, [sink])
     return tags
