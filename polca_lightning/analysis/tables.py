@@ -15,6 +15,7 @@ import numpy as np
 from polca_lightning.store.schema import SNAPSHOT
 
 from .methods import METHODS
+from .recorded import analysis_scalar
 
 __all__ = ["Table", "plain_value", "kept_units", "cluster_members", "unit_trajectories", "check_hidden_flags"]
 
@@ -122,9 +123,7 @@ def check_hidden_flags(ds) -> int:
     for name in ("trajectory_type", "entry_onset", "entry_hidden"):
         if name not in ds.variables:
             raise ValueError(f"ds has no {name!r}: not an analysed store (run analyze_store or polca analyze)")
-    from .recorded import analysis_scalar  # the variable, or (open_store) the recorded attribute
-
-    tau, tau_paper = analysis_scalar(ds, "tau"), analysis_scalar(ds, "tau_paper")
+    tau, tau_paper = analysis_scalar(ds, "tau"), analysis_scalar(ds, "tau_paper")  # open_store: the attributes
     if np.isnan(tau):
         raise ValueError("ds has no 'tau': neither the variable nor the analysis_tau attribute")
     bad = []
@@ -133,17 +132,16 @@ def check_hidden_flags(ds) -> int:
     taus = [("", tau)]
     if not np.isnan(tau_paper) and "entry_hidden_paper" in ds.variables:
         taus.append(("_paper", tau_paper))
-    for suffix, tau in taus:
+    for suffix, t in taus:
         flags = np.asarray(ds["entry_hidden" + suffix].values, dtype=bool)
         fraction = np.asarray(ds["hidden_fraction" + suffix].values, dtype=np.float64)
         for i, m in enumerate(np.asarray(ds["trajectory_type"].values).astype(str)):
             mine = em == m
-            n = _hidden_mismatches(onset[mine], flags[mine], tau)
+            n = _hidden_mismatches(onset[mine], flags[mine], t)
             if n:
                 bad.append(f"entry_hidden{suffix} ({m}): {n} of {int(mine.sum())}")
             if mine.any() and not np.isclose(fraction[i], flags[mine].mean()):
                 bad.append(f"hidden_fraction{suffix} ({m}): {fraction[i]:.4g}, not {flags[mine].mean():.4g}")
-    tau = taus[0][1]
     for m in np.asarray(ds["trajectory_type"].values).astype(str):
         p = _check_results(ds, m)
         n = _hidden_mismatches(ds[p + "cluster_onset"].values, ds[p + "hidden"].values, tau)
