@@ -7,7 +7,7 @@ and 100s places): homogeneity, recall, F1 and size.
 
 Usage:
     python examples/arithmetic.py --out runs/arithmetic
-    python benchmarks/carry_settings.py runs/arithmetic/polca.zarr
+    python studies/carry_settings.py runs/arithmetic/polca.zarr
 """
 
 from __future__ import annotations

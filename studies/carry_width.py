@@ -13,7 +13,7 @@ clusters in), groups the stores by parameter count, and writes
   parameters, printed as the extrapolation the trend allows, with its residual spread.
 
 Usage:
-    python benchmarks/carry_width.py runs/width/d*/seed_*/polca.zarr --out runs/width/table.md \\
+    python studies/carry_width.py runs/width/d*/seed_*/polca.zarr --out runs/width/table.md \\
         --figure docs/figures/carry_width.png
 """
 

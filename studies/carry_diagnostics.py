@@ -13,7 +13,7 @@ For each analysed arithmetic store (``examples/arithmetic.py``) prints:
    vector is undone), with the vector's best carry cluster (homogeneity, size).
 
 Usage:
-    python benchmarks/carry_diagnostics.py runs/arithmetic/seed_*/polca.zarr
+    python studies/carry_diagnostics.py runs/arithmetic/seed_*/polca.zarr
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ under one parent), and a figure per regime (``--figure-dir``): the mean exact lo
 (place, carry) group of the 10s and 100s places over training, the overall mean, and both τs.
 
 Usage:
-    python benchmarks/hidden_breakthroughs.py runs/regimes/slow/seed_*/polca.zarr --out runs/regimes/hidden.md \\
+    python studies/hidden_breakthroughs.py runs/regimes/slow/seed_*/polca.zarr --out runs/regimes/hidden.md \\
         --figure-dir docs/figures
 """
 

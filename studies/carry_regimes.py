@@ -20,7 +20,7 @@ Nothing is written into the stores.
 
 Usage:
     python examples/arithmetic.py --seeds 0 1 2 --out runs/regimes/default --no-wandb --lca-directions 0
-    python benchmarks/carry_regimes.py runs/regimes/*/seed_*/polca.zarr --out runs/regimes/table.md
+    python studies/carry_regimes.py runs/regimes/*/seed_*/polca.zarr --out runs/regimes/table.md
 """
 
 from __future__ import annotations
