@@ -13,6 +13,7 @@ Usage:
     python examples/arithmetic.py --tiny           # seconds: the CI smoke run
     python examples/arithmetic.py --seeds 0 1 2    # 3 runs and the table of their mean and spread
     python examples/arithmetic.py --paper          # the paper's settings (appendix E): a GPU job
+    python examples/arithmetic.py --paper-cpu      # the paper's run trimmed to 2 CPU cores (make paper)
     python examples/arithmetic.py --help
 
 Each run ends with the appendix G comparison (the best carry cluster per trajectory
@@ -23,6 +24,13 @@ the loss change of its clusters when the final model's movement along it is undo
 ``results.json`` beside the store keeps these figures, and ``appendix_g_carry.png`` draws
 the top three carry clusters of each trajectory type beside their chance levels and the
 paper's table 8.
+
+A run with ``--checkpoint-every`` (``--paper-cpu``: every 500 steps) keeps the last two
+Lightning checkpoints in ``OUT/checkpoints``; started again with the same flags, it resumes
+from the newer one that loads (the store in ``mode="a"``, the training batches from the
+checkpoint's step), so a long run can span several sessions. A complete run (its
+``results.json`` written) is reused unless ``--overwrite``. Every ``--time-left-every``
+steps a line says how long training has left, from the costs measured so far.
 
 Then:
     polca info runs/arithmetic/polca.zarr
@@ -36,14 +44,17 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from polca_lightning import POLCACallback
+from polca_lightning.time_left import TimeLeft
 from polca_lightning.toy import ADDITION_VOCAB, TinyCausalLM, addition_data
 
 
@@ -78,11 +89,11 @@ PRESETS = {
     # snapshots every 25 and a vector every 200 put 13 of 15 vectors on the flat tail)
     "default": dict(steps=600, batch=64, d_model=128, n_layers=2, n_heads=4, lr=1e-3, probe=600,
                     hessian=256, snapshot_every=5, basis_every=40, k=1, max_basis=15,
-                    min_cluster_size=0.03, min_samples=10.0, beta2=0.98, warmup=100),
+                    min_cluster_size=0.03, min_samples=10.0, beta2=0.98, warmup=100, checkpoint_every=0),
     # CI smoke run: seconds
     "tiny": dict(steps=24, batch=32, d_model=16, n_layers=1, n_heads=2, lr=3e-3, probe=48,
                  hessian=32, snapshot_every=4, basis_every=8, k=2, max_basis=4,
-                 min_cluster_size=0.03, min_samples=10.0, beta2=0.98, warmup=100),
+                 min_cluster_size=0.03, min_samples=10.0, beta2=0.98, warmup=100, checkpoint_every=0),
     # the paper's appendix E settings (9.5M parameters; a GPU job): 3 layers, d 512, 4 heads,
     # MLP 2048, 10000 AdamW steps at lr 1e-5, 1250 probe problems (5000 tokens) and a 1250-problem
     # Hessian sample, one eigenvector every 200 steps (50 in all), HDBSCAN min cluster size 150
@@ -90,8 +101,15 @@ PRESETS = {
     # table says 5, which would store 2000 weight snapshots of 38 MB each).
     "paper": dict(steps=10000, batch=64, d_model=512, n_layers=3, n_heads=4, lr=1e-5, probe=1250,
                   hessian=1250, snapshot_every=20, basis_every=200, k=1, max_basis=50,
-                  min_cluster_size=150.0, min_samples=1 / 15, beta2=0.95, warmup=100),
+                  min_cluster_size=150.0, min_samples=1 / 15, beta2=0.95, warmup=100, checkpoint_every=500),
 }
+#: the paper's run on 2 CPU cores (``make paper``): its model, tokenisation, optimizer, learning
+#: rate, warm-up, batch, 10,000 steps, 1,250-problem probe and HDBSCAN settings untouched; trimmed
+#: only (docs/paper.md gives each trim's measured cost) the Hessian sample (PAPER_CPU_TRIMS'
+#: hessian problems instead of 1,250), the number of vectors (the first max_basis of the paper's
+#: 50, one every 200 steps as the paper) and the snapshot interval (snapshot_every instead of 20)
+PAPER_CPU_TRIMS = dict(hessian=256, max_basis=16, snapshot_every=50)
+PRESETS["paper_cpu"] = {**PRESETS["paper"], **PAPER_CPU_TRIMS}
 
 #: appendix G, Table 9 (best carry cluster: homogeneity, recall, F1) and the fraction of
 #: clusters with hidden breakthroughs, for the trajectory types this example compares; the
@@ -118,6 +136,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
     size.add_argument("--paper", action="store_true", help="the paper's settings (appendix E): a GPU job")
+    size.add_argument("--paper-cpu", action="store_true",
+                      help="the paper's run with only the Hessian sample, the vectors and the snapshot interval "
+                           "trimmed to fit 2 CPU cores (make paper)")
     p.add_argument("--out", default="runs/arithmetic", help="output folder (store, W&B run, results.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", metavar="S",
@@ -137,14 +158,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wandb-project", default="polca-arithmetic")
     p.add_argument("--online", action="store_true", help="log to W&B online (default: offline)")
     p.add_argument("--no-wandb", action="store_true", help="no W&B: figures go to a folder beside the store")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: replace the store, checkpoints and results in --out")
+    p.add_argument("--no-bars", action="store_true",
+                   help="no progress bars: a log file gets the time-left lines alone")
+    p.add_argument("--time-left-every", type=int, default=None, metavar="N",
+                   help="print the time left every N steps (default: 20 lines a run)")
     for name, value in PRESETS["default"].items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
-                       help=f"(default {value:g}; --tiny: {PRESETS['tiny'][name]:g}; --paper: {PRESETS['paper'][name]:g})")
+                       help=f"(default {value:g}; --tiny: {PRESETS['tiny'][name]:g}; --paper: {PRESETS['paper'][name]:g}; "
+                            f"--paper-cpu: {PRESETS['paper_cpu'][name]:g})")
     args = p.parse_args(argv)
-    preset = PRESETS["tiny" if args.tiny else "paper" if args.paper else "default"]
+    args.paper = args.paper or args.paper_cpu  # the paper's model and tokenisation
+    preset = PRESETS["tiny" if args.tiny else "paper_cpu" if args.paper_cpu else "paper" if args.paper else "default"]
     if args.format is None:
         args.format = "digits" if args.paper else "symbols"
+    if args.time_left_every is None:
+        args.time_left_every = max(1, (args.steps or preset["steps"]) // 20)
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -210,17 +240,32 @@ def main(argv=None) -> Path:
 
 
 def run(args, out: Path) -> dict:
-    """Train one seed with the callback into ``out``; returns (and writes) its results."""
-    store = out / "polca.zarr"
-    if store.exists() and args.overwrite:
-        shutil.rmtree(store)
+    """Train one seed with the callback into ``out``; returns (and writes) its results.
+
+    A complete run (``results.json``) is reused; a run with checkpoints in ``out/checkpoints``
+    resumes from the newest that loads; ``--overwrite`` starts again."""
+    store, ckpt_dir, results = out / "polca.zarr", out / "checkpoints", out / "results.json"
+    if args.overwrite:
+        for path in (store, ckpt_dir, results):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    elif results.exists():
+        print(f"{out}: reusing the complete run (--overwrite runs it again)")
+        return json.loads(results.read_text())
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(args.seed, verbose=False)
+    resume = latest_checkpoint(ckpt_dir) if store.exists() else None
+    if store.exists() and resume is None:
+        raise SystemExit(f"{store} exists but {ckpt_dir} holds no checkpoint to resume it from: "
+                         "--overwrite starts the run again")
+    start_step = 0 if resume is None else resume[1]
+    if resume is not None:
+        print(f"resuming {store} from {resume[0]} (step {start_step})")
 
     train, probe, hessian = splits(args)
     callback = addition_callback(store, probe, hessian, args, order=args.order, basis=args.basis,
                                  lca_directions=args.lca_directions, ablate=not args.no_ablate,
-                                 analysis_kwargs=analysis_settings(args))
+                                 analysis_kwargs=analysis_settings(args), mode="w-" if resume is None else "a",
+                                 progress=not args.no_bars)
     if args.no_wandb:
         logger = False
     else:
@@ -232,20 +277,58 @@ def run(args, out: Path) -> dict:
     model = TinyCausalLM(vocab, context, args.d_model, args.n_layers, args.n_heads,
                          d_mlp=2048 if args.paper else None, lr=args.lr, warmup=args.warmup,
                          betas=(0.9, args.beta2))
+    clock = TimeLeft(args.time_left_every)  # also the run's time over every process that resumed it
+    callbacks = [callback, clock]
+    if args.checkpoint_every:  # the last two: a kill while one is written leaves the other
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step:06d}", every_n_train_steps=args.checkpoint_every,
+                                         save_top_k=2, monitor="step", mode="max"))
     trainer = L.Trainer(  # one epoch of exactly `steps` batches: the progress bar counts steps
-        max_steps=args.steps, max_epochs=1, callbacks=[callback], logger=logger, default_root_dir=out,
-        accelerator="auto", devices=1, log_every_n_steps=max(1, min(25, args.steps // 4)), enable_checkpointing=False,
-        enable_model_summary=False,
+        max_steps=args.steps, max_epochs=1, callbacks=callbacks, logger=logger, default_root_dir=out,
+        accelerator="auto", devices=1, log_every_n_steps=max(1, min(25, args.steps // 4)),
+        enable_checkpointing=bool(args.checkpoint_every), enable_model_summary=False, enable_progress_bar=not args.no_bars,
     )
-    start = time.perf_counter()
-    trainer.fit(model, DataLoader(batches(train, args.batch), batch_size=None, shuffle=False))
-    total = time.perf_counter() - start
+    with warnings.catch_warnings():  # FromStep starts the data where the checkpoint stopped
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        trainer.fit(model, FromStep(batches(train, args.batch), start_step),
+                    ckpt_path=None if resume is None else str(resume[0]))
+    totals = clock.totals()
     if logger:
         import wandb
 
         wandb.finish()
-    timings = {"fit": total, **callback.tracker.timings}
-    return write_results(store, timings)
+    return write_results(store, {"fit": totals["seconds"], **totals["timings"]},
+                         resumed_at=None if resume is None else start_step)
+
+
+class FromStep:
+    """The training batches from ``start`` on, with the length of all of them.
+
+    Lightning restores a mid-epoch checkpoint's step counters but restarts a plain iterable
+    from its first batch; a run resumed at step ``start`` must train on the batches an
+    uninterrupted run trains on from there (every problem is fresh: batch ``i`` is step ``i``'s).
+    """
+
+    def __init__(self, batches: list, start: int = 0):
+        self.batches, self.start = batches, start
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches[self.start:])
+
+
+def latest_checkpoint(folder: Path) -> tuple[Path, int] | None:
+    """The newest checkpoint in ``folder`` that loads, and its step (``None``: none does)."""
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    for path in found:
+        try:  # a kill while a checkpoint is written leaves a file that does not load
+            step = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+        except Exception as err:  # noqa: BLE001 - any unreadable file: try the older one
+            print(f"skipping {path}: it does not load ({type(err).__name__}: {err})")
+            continue
+        return path, int(step)
+    return None
 
 
 def run_seeds(args) -> Path:
@@ -254,15 +337,13 @@ def run_seeds(args) -> Path:
     results = []
     for seed in args.seeds:
         out = root / f"seed_{seed}"
-        path = out / "results.json"
-        if path.exists() and not args.overwrite:
-            print(f"seed {seed}: reusing the complete run in {out} (--overwrite runs it again)")
-            results.append(json.loads(path.read_text()))
-            continue
-        print(f"seed {seed}: training into {out}")
+        complete = (out / "results.json").exists() and not args.overwrite
+        if not complete:
+            print(f"seed {seed}: training into {out}")
         args.seed = seed
         results.append(run(args, out))
-        print_results(results[-1])
+        if not complete:
+            print_results(results[-1])
     table = seeds_table(results)
     (root / "table.md").write_text(table)
     print(f"\n{len(results)} seeds ({', '.join(str(r['seed']) for r in results)}): mean ± standard deviation\n")
@@ -272,7 +353,7 @@ def run_seeds(args) -> Path:
 
 
 # ----------------------------------------------------------------------------- results
-def write_results(store: Path, timings: dict | None = None) -> dict:
+def write_results(store: Path, timings: dict | None = None, resumed_at: int | None = None) -> dict:
     """What a finished run found, as JSON-able figures (also written to ``results.json``).
 
     Coverage, and per trajectory type the best 10s/100s carry cluster (homogeneity,
@@ -287,7 +368,7 @@ def write_results(store: Path, timings: dict | None = None) -> dict:
     config = json.loads(ds.attrs["config"]) if isinstance(ds.attrs.get("config"), str) else ds.attrs.get("config", {})
     out = {"store": str(store), "seed": config.get("seed"), "snapshots": ds.sizes["snapshot"],
            "basis": ds.sizes["basis"], "tokens": ds.sizes["token"], "order": ds.attrs["order"],
-           "timings": timings or {}, "coverage": {}, "carry": {}}
+           "timings": timings or {}, "resumed_at_step": resumed_at, "coverage": {}, "carry": {}}
     real = (ds["loss"][-1] - ds["loss"][0]).values  # [token]
     for name in ("polca", "polca_first"):
         alloc = ds[name].sum(("interval", "basis")).values
