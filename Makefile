@@ -1,6 +1,8 @@
 # The two commands the README opens with:
 #   make example   the main job: the arithmetic example end to end, W&B offline
 #   make test      the whole test suite
+# and the paper's own run on 2 CPU cores, one seed (resumes when started again; docs/paper.md):
+#   make paper [SEED=0] [BASIS=hessian|random]
 # Both create .venv on first use. TORCH_SPEC picks the torch build: the default asks for
 # torch==2.13.0, which pip takes from a local wheel where one is configured (a CPU build)
 # and from PyPI otherwise (the CUDA build on Linux). Use your own, e.g.
@@ -12,7 +14,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install example test benchmark clean
+SEED ?= 0
+BASIS ?= hessian
+
+.PHONY: install example test paper benchmark clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +32,9 @@ example: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	WANDB_MODE=offline $(PY) -m pytest -q
+
+paper: $(VENV)/.installed
+	$(PY) studies/paper_run.py run --seeds $(SEED) --bases $(BASIS) --out runs/paper
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/engine.py

@@ -1,0 +1,158 @@
+"""The paper's own run on 2 CPU cores: three seeds with Algorithm 1's Hessian basis, three with
+appendix H's random basis, and what they show beside the paper's tables.
+
+``run`` trains the runs one after the other with ``make paper``'s command
+(``examples/arithmetic.py --paper-cpu``: the paper's model, tokenisation, optimizer, schedule,
+10,000 steps, 1,250-problem probe and HDBSCAN settings; the Hessian sample, the vectors and
+the snapshot interval trimmed). Every run resumes from its last checkpoint when started
+again and a complete one is reused, so the command can be stopped at any moment and run
+again. The random basis takes its vectors all at step 0 (appendix H: a random orthonormal
+basis, as many vectors as the Hessian runs'): no backfill.
+
+``table`` reads the finished runs (``results.json`` and the analysed stores) and writes
+``OUT/table.md`` and the figures beside it:
+
+1. appendix G per run and over seeds: the best 10s/100s carry cluster of every trajectory
+   type (homogeneity beside its chance level, recall, F1), the hidden fractions under the
+   plateau τ and the paper's τ; the paper's table 8 and 9 beside them;
+2. the signal check (is carry information in the trajectories at all) and the neighbourhood
+   purity of the 10s/100s carry tokens (how carry-pure the neighbourhoods HDBSCAN sees are);
+3. the exact loss per (place, carry) at steps 1,000 / 2,000 / 5,000 / 10,000, beside what
+   appendix F's figures show, and ``loss_by_place_carry.png``;
+4. which vectors carry what: per vector of each run, its basis step, eigenvalue, movement,
+   the loss it allocates to 10s/100s carries against the other 10s/100s tokens, and its
+   best carry cluster;
+5. ``best_carry_cluster.png``: the best POLCA carry cluster over all runs, as the paper's
+   figure 4 (its projected loss and its exact loss against the other tokens').
+
+Usage:
+    python studies/paper_run.py run --seeds 0 1 2 --bases hessian random --out runs/paper
+    python studies/paper_run.py table --out runs/paper
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[0] / "examples"))
+sys.path.insert(0, str(HERE))
+
+import arithmetic  # noqa: E402
+
+#: the flags of every run beyond make paper's (the random basis: every vector at step 0)
+BASIS_FLAGS = {
+    "hessian": [],
+    "random": ["--k", str(arithmetic.PAPER_CPU_TRIMS["max_basis"]), "--basis-every", "10000"],
+}
+#: appendix F (figures 6-7, read off the plots): the exact loss of the 10s and 100s places at
+#: step 1,000, without and with a carry, and of every place by 5,000 and 10,000
+APPENDIX_F = {"1000: 10s/100s no carry": 0.5, "1000: 10s/100s carry": 0.6, "5000: all": 0.1, "10000: all": 0.05}
+GROUPS = ("1000s", "100s no carry", "100s carry", "10s no carry", "10s carry", "1s")
+CHECK_STEPS = (1000, 2000, 5000, 10000)
+
+
+def run_dir(out: Path, basis: str, seed: int) -> Path:
+    return out / f"{basis}_seed{seed}"
+
+
+def command(out: Path, basis: str, seed: int) -> list[str]:
+    """The flags of one run (``make paper SEED=.. BASIS=..`` is the same for the Hessian basis)."""
+    return ["--paper-cpu", "--seed", str(seed), "--basis", basis, "--no-wandb", "--no-bars",
+            "--out", str(run_dir(out, basis, seed)), *BASIS_FLAGS[basis]]
+
+
+def run(args) -> None:
+    for basis in args.bases:
+        for seed in args.seeds:
+            flags = command(Path(args.out), basis, seed)
+            print(f"== {basis} basis, seed {seed}: python examples/arithmetic.py {' '.join(flags)}", flush=True)
+            arithmetic.print_results(arithmetic.run(arithmetic.parse_args(flags), run_dir(Path(args.out), basis, seed)))
+
+
+# ------------------------------------------------------------------------------ measures
+def group_masks(ds) -> dict[str, np.ndarray]:
+    place, carry = ds["place"].values, ds["carry"].values
+    return {"1000s": place == 0, "100s no carry": (place == 1) & (carry == 0), "100s carry": (place == 1) & (carry == 1),
+            "10s no carry": (place == 2) & (carry == 0), "10s carry": (place == 2) & (carry == 1), "1s": place == 3}
+
+
+def loss_by_group(ds) -> dict:
+    """Mean and median exact loss per (place, carry) group at every snapshot."""
+    loss = ds["loss"].transpose("snapshot", "token").values.astype(float)
+    out = {"step": ds["step"].values.astype(int).tolist()}
+    for name, sel in group_masks(ds).items():
+        out[name] = {"n": int(sel.sum()), "mean": np.nanmean(loss[:, sel], 1).tolist(),
+                     "median": np.nanmedian(loss[:, sel], 1).tolist()}
+    return out
+
+
+def vectors(ds) -> list[dict]:
+    """Per basis vector: where it came from, how far training moved along it, and what it allocates."""
+    place, carry = ds["place"].values, ds["carry"].values
+    mid = np.isin(place, (1, 2))
+    total = ds["polca"].sum("interval").transpose("basis", "token").values.astype(float)  # [basis, token]
+    movement = np.abs(ds["delta"].transpose("interval", "basis").values.astype(float)).sum(0)
+    rows = []
+    for b in range(ds.sizes["basis"]):
+        row = {"vector": b, "basis_step": int(ds["basis_step"][b]), "eigenvalue": float(ds["eigenvalue"][b]),
+               "movement": float(movement[b]), "carry": float(np.nanmean(total[b, mid & (carry == 1)])),
+               "no_carry": float(np.nanmean(total[b, mid & (carry == 0)])),
+               "by_place": [float(np.nanmean(total[b, place == p])) for p in range(4)]}
+        rows.append(row)
+    return rows
+
+
+def directional_scale(ds) -> dict:
+    """How large the directional derivatives and the movement are along the basis: the median
+    over tokens of |g| and the total |δ| per vector (the random-basis diagnosis)."""
+    g = np.abs(ds["directional_grad"].values.astype(float))  # [snapshot, basis, token]
+    delta = np.abs(ds["delta"].values.astype(float))  # [interval, basis]
+    return {"g_median": np.nanmedian(g, axis=(0, 2)).tolist(), "delta_sum": delta.sum(0).tolist(),
+            "polca_abs_median": np.nanmedian(np.abs(ds["polca"].values.astype(float)), axis=(0, 2)).tolist()}
+
+
+def measure(path: Path) -> dict:
+    """Everything the table needs from one finished run."""
+    from carry_regimes import neighbour_purity
+
+    from polca_lightning.analysis import analyze
+    from polca_lightning.report import open_analysed_store
+
+    results = json.loads((path / "results.json").read_text())
+    ds = open_analysed_store(path / "polca.zarr")
+    train = ds[[v for v in ("loss", "directional_grad", "delta", "polca", "polca_first", "eigenvalue",
+                            "basis_vectors", "step", "basis_step") if v in ds]]
+    train.attrs.update(ds.attrs)
+    config = json.loads(ds.attrs["config"]) if isinstance(ds.attrs.get("config"), str) else ds.attrs.get("config", {})
+    settings = json.loads(ds["cluster"].attrs.get("analysis_settings", "{}")) if "cluster" in ds else {}
+    res = analyze(train, methods=["polca", "polca_first", "loss"], labels=["carry", "place"],
+                  restrict=arithmetic.APPENDIX_G_CARRY, entropy_scores=False,
+                  **{k: settings[k] for k in ("min_cluster_size", "min_samples") if k in settings})
+    return {"run": path.name, "basis": config.get("basis"), "seed": config.get("seed"), "results": results,
+            "purity": neighbour_purity(train, res), "loss_by_group": loss_by_group(ds), "vectors": vectors(ds),
+            "scale": directional_scale(ds)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["run", "table"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--bases", nargs="+", default=["hessian", "random"], choices=["hessian", "random"])
+    p.add_argument("--out", default="runs/paper")
+    args = p.parse_args(argv)
+    if args.what == "run":
+        run(args)
+    else:
+        from paper_tables import write_tables
+
+        write_tables(Path(args.out), args.bases, args.seeds, measure)
+
+
+if __name__ == "__main__":
+    main()
