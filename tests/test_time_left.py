@@ -1,0 +1,34 @@
+"""The time-left estimate against a hand count of the work left on a schedule."""
+
+import pytest
+
+from polca_lightning.time_left import Rates, TimeLeft, format_seconds, time_left
+
+
+def test_time_left_counts_the_snapshots_and_basis_steps_left_on_the_schedule():
+    r = Rates(train_step=0.5, snapshot=10.0, eigensolve=100.0, backfill_snapshot=2.0)
+    # at step 250 of 1000, snapshots every 50 (300, 350, ..., 1000: 15 left), basis steps every 200
+    # at the snapshots 400, 600, 800 while vectors are left (2 of 4 so far, k=1: 400 and 600),
+    # each an eigensolve and a backfill over the 9 and 13 snapshots taken by then
+    left = time_left(250, 1000, snapshot_every=50, basis_every=200, n_basis=2, max_basis=4, k=1, rates=r)
+    assert left["training"] == pytest.approx(750 * 0.5)
+    assert left["snapshots"] == pytest.approx(15 * 10.0)
+    assert left["basis"] == pytest.approx(2 * 100.0 + (9 + 13) * 2.0)
+    assert left["total"] == pytest.approx(left["training"] + left["snapshots"] + left["basis"])
+    # k = 3 vectors a step: the 2 left need one basis step; none left: none
+    assert time_left(250, 1000, snapshot_every=50, basis_every=200, n_basis=2, max_basis=4, k=3,
+                     rates=r)["basis"] == pytest.approx(100.0 + 9 * 2.0)
+    assert time_left(250, 1000, snapshot_every=50, basis_every=200, n_basis=4, max_basis=4, k=1,
+                     rates=r)["basis"] == 0.0
+    # what is not measured yet counts as nothing
+    assert time_left(0, 100, snapshot_every=10, basis_every=50, n_basis=0, max_basis=2, k=1,
+                     rates=Rates(None, None, None, None))["total"] == 0.0
+
+
+def test_format_seconds_and_argument_checks():
+    assert [format_seconds(s) for s in (12, 90, 3600 + 41 * 60)] == ["12 s", "2 min", "1 h 41 min"]
+    with pytest.raises(ValueError, match="every_n_steps: expected a positive int, got 0"):
+        TimeLeft(every_n_steps=0)
+    clock = TimeLeft(10)
+    clock.load_state_dict({"seconds": 30.0, "timings": {"interval": 4.0}})  # a resumed run's earlier time
+    assert clock.totals() == {"seconds": 30.0, "timings": {"interval": 4.0}}
