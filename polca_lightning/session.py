@@ -31,10 +31,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from polca_lightning.config import POLCAConfig
 from polca_lightning.core.functional import ParameterSpace
@@ -45,26 +45,9 @@ from polca_lightning.store import NullWriter, StoreWriter, TokenIndex, check_sto
 from polca_lightning.store.location import resolve_store
 from polca_lightning.tracker import Collective, POLCATracker, TorchDistributed
 
-__all__ = ["POLCASession", "SessionAttributes", "as_batches"]
+__all__ = ["POLCASession", "SessionAttributes"]
 
 log = logging.getLogger("polca_lightning")
-
-
-def as_batches(name: str, data: Any) -> list:
-    """The batches of a DataLoader or an iterable of batches, as a list.
-
-    Raises:
-        ValueError: ``None``, or no batch at all.
-        TypeError: a tensor, a mapping, a string or something not iterable.
-    """
-    if data is None:
-        raise ValueError(f"{name}: expected a DataLoader or an iterable of batches, got None")
-    if isinstance(data, (Tensor, Mapping, str)) or not isinstance(data, Iterable):
-        raise TypeError(f"{name}: expected a DataLoader or an iterable of batches, got {type(data).__name__}")
-    batches = list(data)
-    if not batches:
-        raise ValueError(f"{name}: expected at least one batch, got none (is the dataset empty?)")
-    return batches
 
 
 @takes_settings
@@ -80,9 +63,9 @@ class POLCASession:
     Attributes:
         config: the run's :class:`~polca_lightning.config.POLCAConfig`.
         store, storage_options: where the store is (a ``Path``, or a URL) and its filesystem's options.
-        token_loss, token_labels, mode, weights_compressors, analyze, analysis_kwargs, decode,
-            decode_target, lca_directions, ablate, progress: the settings, checked
-            (``lca_directions`` a number).
+        token_loss, token_labels, batch_size, data_collator, mode, weights_compressors, analyze,
+            analysis_kwargs, decode, decode_target, lca_directions, ablate, progress: the
+            settings, checked (``lca_directions`` a number).
         tracker, writer: from :meth:`start` on.
 
     Raises:
