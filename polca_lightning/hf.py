@@ -21,8 +21,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 try:
     from transformers import TrainerCallback, default_data_collator
@@ -32,20 +30,11 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         'polca_lightning.hf needs transformers (and accelerate): pip install "polca-lightning[transformers]"'
     ) from err
 
-from polca_lightning.session import (
-    POLCASession, SessionAttributes, as_batches, callable_or_none, session_arguments,
-)
-from polca_lightning.store import WEIGHTS_COMPRESSORS
+from polca_lightning.data import as_batches, holds_examples
+from polca_lightning.session import POLCASession, SessionAttributes
+from polca_lightning.settings import Settings, Unpack, takes_settings
 
 __all__ = ["POLCATrainerCallback", "tensorboard_log_dir", "trainer_collator"]
-
-
-def _is_dataset(data: Any) -> bool:
-    """A dataset of examples (batched here) rather than batches: a torch ``Dataset`` or a
-    🤗 ``datasets.Dataset`` (anything with ``column_names``); a DataLoader or a list is batches."""
-    if isinstance(data, DataLoader):
-        return False
-    return isinstance(data, Dataset) or hasattr(data, "column_names")
 
 
 def trainer_collator(train_dataloader: Any) -> Callable:
@@ -76,13 +65,14 @@ def tensorboard_log_dir(args: Any) -> Path:
     return runs / "polca"
 
 
+@takes_settings
 class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
     """:class:`~polca_lightning.POLCACallback` for Hugging Face's ``transformers.Trainer``.
 
-    The same store, analysis and report after training, with the same arguments (those of
-    ``POLCACallback`` document them) and two more for datasets. Snapshots and basis steps
-    come on optimizer steps (``on_step_end``: with ``gradient_accumulation_steps`` the
-    micro-batches of one step count once). The default token loss,
+    The same store, analysis and report after training, with the same arguments
+    (:mod:`polca_lightning.settings` defines them once) and two more for datasets. Snapshots
+    and basis steps come on optimizer steps (``on_step_end``: with
+    ``gradient_accumulation_steps`` the micro-batches of one step count once). The default token loss,
     :func:`~polca_lightning.causal_lm_token_loss`, reads the ``Trainer``'s batches: dicts
     with ``input_ids``, ``labels`` (``-100`` excluded) and ``attention_mask``. The report
     after training goes to the W&B run the ``Trainer`` opened (``report_to="wandb"``), to
@@ -100,22 +90,15 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
     (``torchrun``): rank 0 writes the one store, as with ``POLCACallback``; FSDP and
     DeepSpeed are refused.
 
-    Args:
-        store, probe_data, hessian_data, token_loss, token_labels, snapshot_every, basis_every,
-            k, max_basis, order, basis, parameters, mode, storage_options, weights_compressors,
-            engine, memory_cap, basis_on_device, compute_precision, lanczos_tol, seed, analyze,
-            analysis_kwargs, decode, decode_target, lca_directions, ablate, progress: as for
-            :class:`~polca_lightning.POLCACallback`. ``probe_data`` and ``hessian_data`` may
-            also be datasets of examples (a torch ``Dataset`` or a 🤗 ``datasets.Dataset``),
-            batched in order when training begins.
-        data_collator: collates the examples of a dataset (default: the ``Trainer``'s data
-            collator, :func:`trainer_collator`).
-        batch_size: examples per batch of a dataset (default: ``per_device_eval_batch_size``).
+    Data given as examples (a dataset, or a list or tuple of examples, as
+    ``Trainer(train_dataset=...)`` takes them) are collated when training begins, in order,
+    by the ``Trainer``'s data collator (:func:`trainer_collator`) unless ``data_collator`` is
+    given, ``per_device_eval_batch_size`` at a time unless ``batch_size`` is given.
 
     Attributes:
         session, config, store, tracker, writer: as for :class:`~polca_lightning.POLCACallback`.
         probe_batches, hessian_batches: the batches, from ``on_train_begin`` on where the
-            data are datasets.
+            data are examples.
 
     Raises:
         ValueError, TypeError: a bad argument, naming it, what was expected and what came.
@@ -127,50 +110,13 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
         ...                   train_dataset=train_dataset, callbacks=[polca])
     """
 
-    def __init__(
-        self,
-        store: str | os.PathLike,
-        probe_data: Iterable,
-        hessian_data: Iterable | None = None,
-        *,
-        token_loss: Callable | None = None,
-        token_labels: Callable[[Any], Mapping[str, Tensor]] | None = None,
-        data_collator: Callable | None = None,
-        batch_size: int | None = None,
-        snapshot_every: int = 25,
-        basis_every: int = 200,
-        k: int = 1,
-        max_basis: int = 15,
-        order: str = "trapezoid",
-        basis: str | Callable = "hessian",
-        parameters: list[str] | None = None,
-        mode: str = "w-",
-        storage_options: dict | None = None,
-        weights_compressors: Any = WEIGHTS_COMPRESSORS,
-        engine: str = "auto",
-        memory_cap: int = 1 << 30,
-        basis_on_device: bool = True,
-        compute_precision: str = "float32",
-        lanczos_tol: float = 1e-3,
-        seed: int = 0,
-        analyze: bool = True,
-        analysis_kwargs: dict | None = None,
-        decode: Callable[[int, int], str] | None = None,
-        decode_target: Callable[[int], str] | None = None,
-        lca_directions: int | None = None,
-        ablate: bool = True,
-        progress: bool = True,
-    ):
+    def __init__(self, store: str | os.PathLike, probe_data: Iterable, hessian_data: Iterable | None = None,
+                 **settings: Unpack[Settings]):
         self.session = POLCASession(store, owner="POLCATrainerCallback",
-                                    resume_hint="resume_from_checkpoint= to Trainer.train",
-                                    **session_arguments(locals()))
-        self.data_collator = callable_or_none("data_collator", data_collator, "list of examples -> batch")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
-        self.batch_size = batch_size
+                                    resume_hint="resume_from_checkpoint= to Trainer.train", **settings)
         wants_hessian = self.session.needs_hessian or hessian_data is not None
         self._sources = {"probe_data": probe_data, "hessian_data": hessian_data if wants_hessian else None}
-        # batches now (bad data fail here); datasets when training begins, with the Trainer's collator
+        # batches now (bad data fail here); examples when training begins, with the Trainer's collator
         self.probe_batches = self._batches_now("probe_data")
         self.hessian_batches = self._batches_now("hessian_data") if wants_hessian else []
         self._wandb_run = None  # a WandbRun on the run the Trainer opened (rank 0)
@@ -178,18 +124,17 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
 
     def _batches_now(self, name: str) -> list | None:
         data = self._sources[name]
-        if not _is_dataset(data):
+        if not holds_examples(name, data):
             return as_batches(name, data)
         if hasattr(data, "__len__") and len(data) == 0:
             raise ValueError(f"{name}: expected at least one example, got an empty dataset")
         return None
 
     def _batches(self, name: str, args: Any, train_dataloader: Any) -> list:
-        data = self._sources[name]
-        collate = self.data_collator or trainer_collator(train_dataloader)
-        loader = DataLoader(data, batch_size=self.batch_size or args.per_device_eval_batch_size,
-                            shuffle=False, collate_fn=collate)
-        return as_batches(name, loader)
+        session = self.session
+        return as_batches(name, self._sources[name],
+                          collate=session.data_collator or trainer_collator(train_dataloader),
+                          batch_size=session.batch_size or args.per_device_eval_batch_size)
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
@@ -222,9 +167,9 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
         session = self.session
         session.connect(args.world_size)
         session.check_store()  # rank 0 checks, every rank raises
-        if _is_dataset(self._sources["probe_data"]):
+        if holds_examples("probe_data", self._sources["probe_data"]):
             self.probe_batches = self._batches("probe_data", args, train_dataloader)
-        if _is_dataset(self._sources["hessian_data"]):
+        if holds_examples("hessian_data", self._sources["hessian_data"]):
             self.hessian_batches = self._batches("hessian_data", args, train_dataloader)
         saved = self._saved_state(state.stateful_callbacks) if state.global_step > 0 else None  # resumed
         session.resume_state = saved
