@@ -1,0 +1,92 @@
+"""track(): POLCA in a plain PyTorch loop. Its store equals the Lightning callback's on the same
+run; a crash then a resume at a checkpoint's step equals an uninterrupted run; bad use is named."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from _stores import same_stores
+from _tiny import AdditionModule, batches, tiny_lm
+from polca_lightning import POLCACallback, open_store, track
+from polca_lightning.core.losses import causal_lm_token_loss
+
+LR = 0.5
+TRAIN = batches(80, 16, seed=0)  # 5 batches, taken in order, again and again
+SETTINGS = dict(probe_data=batches(24, 12, seed=1, labels=True), hessian_data=batches(16, 16, seed=2),
+                token_labels=lambda b: {"carry": b["carry"], "place": b["place"]}, snapshot_every=2,
+                basis_every=4, k=1, max_basis=3, engine="forward", analyze=False, progress=False)
+
+
+def loss_of(net, batch):
+    loss, mask, _ = causal_lm_token_loss(net, batch)
+    return loss[mask].mean()
+
+
+def plain_loop(store, steps, *, net=None, optimizer=None, start=0, crash_at=None, checkpoint=None, **kw):
+    """Train the tiny transformer with SGD on TRAIN from step ``start`` to ``steps`` inside
+    ``track``; ``checkpoint``: ``(step, path)`` saves the model and optimizer after that
+    optimizer step; ``crash_at``: raise after that optimizer step, before its ``polca.step()``."""
+    net = net if net is not None else tiny_lm(seed=0, d_model=8, dtype=torch.float32)
+    optimizer = optimizer or torch.optim.SGD(net.parameters(), lr=LR)
+    with track(net, store, **{**SETTINGS, **kw}) as polca:
+        for step in range(start + 1, steps + 1):
+            loss_of(net, TRAIN[(step - 1) % len(TRAIN)]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if checkpoint and step == checkpoint[0]:
+                torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint[1])
+            if step == crash_at:
+                raise RuntimeError("simulated crash")
+            polca.step()
+    return polca
+
+
+class SGDAddition(AdditionModule):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+def test_the_plain_loop_store_equals_the_lightning_callbacks_on_the_same_run(tmp_path):
+    loop = plain_loop(tmp_path / "loop.zarr", 8)
+    callback = POLCACallback(tmp_path / "lightning.zarr", **SETTINGS)
+    L.Trainer(default_root_dir=tmp_path, max_steps=8, callbacks=[callback], accelerator="cpu", devices=1,
+              logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              ).fit(SGDAddition(), DataLoader(TRAIN, batch_size=None))  # the same initial weights (seed 0)
+    a, b = open_store(callback.store).load(), open_store(loop.store).load()
+    assert b.attrs["complete"] and b["step"].values.tolist() == [0, 2, 4, 6, 8]
+    assert b["basis_step"].values.tolist() == [0, 4, 8] and loop.global_step == 8
+    same_stores(a, b, rtol=1e-5, floor=1e-6)
+
+
+@pytest.mark.parametrize("crash_at, resume", [(13, 10), (12, 12)], ids=["store-past-the-checkpoint",
+                                                                         "snapshot-due-at-the-checkpoint"])
+def test_crash_then_resume_at_the_checkpoints_step_equals_an_uninterrupted_run(tmp_path, crash_at, resume):
+    """Crash at 13 with a checkpoint at 10: the store (up to 12) is cut back to 10. Crash at 12
+    after the optimizer step but before ``polca.step()``, checkpoint of that step: the store
+    lacks the snapshot and basis step due at 12, taken on entering the resumed block."""
+    # engine "auto": the resumed run reads the engine costs from the store
+    settings = dict(engine="auto", max_basis=4, basis="random")
+    reference = plain_loop(tmp_path / "reference.zarr", 14, **settings)
+
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        plain_loop(tmp_path / "run.zarr", 14, crash_at=crash_at, checkpoint=(resume, path), **settings)
+    left = open_store(tmp_path / "run.zarr")
+    assert not left.attrs["complete"] and left["step"].values.tolist()[-1] == (12 if crash_at == 13 else 10)
+    calibration = left.attrs["engine_calibration"]
+
+    saved = torch.load(path)
+    net = tiny_lm(seed=5, d_model=8, dtype=torch.float32)  # other weights: the checkpoint's replace them
+    net.load_state_dict(saved["model"])
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+    optimizer.load_state_dict(saved["optimizer"])
+    resumed = plain_loop(tmp_path / "run.zarr", 14, net=net, optimizer=optimizer, start=resume, mode="a",
+                         resume_step=resume, **settings)
+    # the resumed run makes the crashed run's engine choices: it reads their measured costs back
+    assert calibration and resumed.tracker.dd.calibration == calibration
+    a, b = open_store(reference.store).load(), open_store(resumed.store).load()
+    assert b.attrs["complete"] and b["step"].values.tolist() == list(range(0, 15, 2))
+    assert b["basis_step"].values.tolist() == [0, 4, 8, 12]
+    # the reference measured its own engine costs, so it may compute some K another way
+    same_stores(a, b, rtol=1e-5, floor=1e-6)
