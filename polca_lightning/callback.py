@@ -8,20 +8,20 @@ hooks onto it, moves the batches to the model's device, and reports to the train
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
-from torch import Tensor
 
-from polca_lightning.session import POLCASession, SessionAttributes, as_batches, session_arguments
-from polca_lightning.store import WEIGHTS_COMPRESSORS
+from polca_lightning.session import POLCASession, SessionAttributes, as_batches
+from polca_lightning.settings import Settings, Unpack, takes_settings
 
 __all__ = ["POLCACallback"]
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
+@takes_settings
 class POLCACallback(SessionAttributes, Callback):
     """Decompose every probe token's loss change along a growing Hessian basis, during training.
 
@@ -31,40 +31,8 @@ class POLCACallback(SessionAttributes, Callback):
     per-token loss, directional derivatives and POLCA values into a Zarr store that
     :func:`polca_lightning.open_store` reads back.
 
-    Args:
-        store: path of the Zarr store (a directory), or a URL that fsspec opens
-            (``s3://bucket/run.zarr``, ``gs://...``; see :func:`polca_lightning.open_store`).
-        probe_data: DataLoader or iterable of batches: the held-out tokens to decompose.
-        hessian_data: DataLoader or iterable of batches: the training sample whose mean
-            loss defines the Hessian (needed for ``basis="hessian"``).
-        token_loss: ``(module, batch) -> (loss, mask[, target])``; default: the module's
-            ``token_loss`` method if it has one, else the causal-LM built-in.
-        token_labels: optional ``batch -> {name: tensor[batch, positions]}``; each name
-            becomes a token coordinate of the store.
-        snapshot_every, basis_every, k, max_basis, order, basis, parameters: what is decomposed,
-            and when; engine, memory_cap, basis_on_device, compute_precision, lanczos_tol,
-            seed: how. The fields of :class:`~polca_lightning.config.POLCAConfig`, which
-            documents and checks them; the callback keeps them as :attr:`config`.
-        mode: ``"w-"`` refuses an existing store, ``"a"`` resumes (with ``ckpt_path``),
-            ``"w"`` overwrites.
-        storage_options: options of a URL store's filesystem, as ``xarray.open_zarr`` takes
-            them (S3: ``key``, ``secret``, ``endpoint_url``, ...); used for every read and
-            write of the store, the analysis after fit included.
-        weights_compressors: zarr 3 compressors of the ``weights`` snapshots (``None``: raw);
-            default :data:`polca_lightning.store.WEIGHTS_COMPRESSORS`.
-        analyze: run the analysis and reports after fit (:func:`polca_lightning.report.report_after_fit`).
-        analysis_kwargs: settings for :func:`polca_lightning.analysis.analyze` (e.g. ``min_samples``).
-        decode: ``decode(sequence_index, position) -> str``, the text of a probe token's context,
-            shown in the table of contexts nearest each cluster medoid.
-        decode_target: ``decode_target(token_id) -> str``, the text of a target token id
-            (e.g. a tokenizer's ``decode``), shown beside the ids in the table and figures of
-            each cluster's most common targets.
-        lca_directions: with ``analyze``, compute the LCA baseline after fit along this many
-            parameters, the largest in magnitude at the end (default ``max_basis``; 0: none).
-        ablate: with ``analyze``, undo the final model's movement along each basis vector
-            and store every probe token's loss change (:func:`polca_lightning.ablation.ablate_directions`;
-            one pass over the probe data per vector).
-        progress: progress bars for eigensolves, backfills and snapshots that take long.
+    The arguments are those of every entry point, defined once in :mod:`polca_lightning.settings`
+    (the ``Args`` below are written from there).
 
     Attributes:
         config: the :class:`~polca_lightning.config.POLCAConfig` of the run (the store records
@@ -83,40 +51,10 @@ class POLCACallback(SessionAttributes, Callback):
         >>> trainer = L.Trainer(max_steps=3000, callbacks=[callback])
     """
 
-    def __init__(
-        self,
-        store: str | os.PathLike,
-        probe_data: Iterable,
-        hessian_data: Iterable | None = None,
-        *,
-        token_loss: Callable | None = None,
-        token_labels: Callable[[Any], Mapping[str, Tensor]] | None = None,
-        snapshot_every: int = 25,
-        basis_every: int = 200,
-        k: int = 1,
-        max_basis: int = 15,
-        order: str = "trapezoid",
-        basis: str | Callable = "hessian",
-        parameters: list[str] | None = None,
-        mode: str = "w-",
-        storage_options: dict | None = None,
-        weights_compressors: Any = WEIGHTS_COMPRESSORS,
-        engine: str = "auto",
-        memory_cap: int = 1 << 30,
-        basis_on_device: bool = True,
-        compute_precision: str = "float32",
-        lanczos_tol: float = 1e-3,
-        seed: int = 0,
-        analyze: bool = True,
-        analysis_kwargs: dict | None = None,
-        decode: Callable[[int, int], str] | None = None,
-        decode_target: Callable[[int], str] | None = None,
-        lca_directions: int | None = None,
-        ablate: bool = True,
-        progress: bool = True,
-    ):
+    def __init__(self, store: str | os.PathLike, probe_data: Iterable, hessian_data: Iterable | None = None,
+                 **settings: Unpack[Settings]):
         self.session = POLCASession(store, owner="POLCACallback", resume_hint="ckpt_path= to Trainer.fit",
-                                    **session_arguments(locals()))
+                                    **settings)
         self.probe_batches = as_batches("probe_data", probe_data)
         wants_hessian = self.session.needs_hessian or hessian_data is not None
         self.hessian_batches = as_batches("hessian_data", hessian_data) if wants_hessian else []

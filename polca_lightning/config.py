@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from polca_lightning._docs import with_entries
 from polca_lightning.core._precision import check_compute_precision
 from polca_lightning.core.engine import check_engine, check_memory_cap
 from polca_lightning.core.polca import ORDERS
@@ -40,10 +41,11 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-def _setting(default: Any, *, resume: bool = True) -> Any:
-    """A field; ``resume=False``: a resumed run may change it (how the numbers are computed,
-    not which numbers)."""
-    return field(default=default, metadata={"resume": resume})
+def _setting(default: Any, doc: str, *, resume: bool = True) -> Any:
+    """A field and its documentation (in :class:`POLCAConfig`'s docstring and in every
+    entry point's, through :mod:`polca_lightning.settings`); ``resume=False``: a resumed
+    run may change it (how the numbers are computed, not which numbers)."""
+    return field(default=default, metadata={"resume": resume, "doc": doc})
 
 
 @dataclass(frozen=True)
@@ -51,36 +53,7 @@ class POLCAConfig:
     """What a POLCA run decomposes and how (a frozen dataclass; every field is checked on
     construction).
 
-    Attributes:
-        snapshot_every: N, optimizer steps between snapshots.
-        basis_every: M, optimizer steps between basis steps (a multiple of N).
-        k: vectors per basis step.
-        max_basis: at most this many basis vectors.
-        order: ``"first"``, ``"second"``, ``"trapezoid"`` (default) or ``"exact"``: the POLCA
-            of the store's ``polca`` variable (``polca_first`` is always stored too).
-        basis: ``"hessian"`` (eigenvectors of the projected Hessian of the mean loss on the
-            Hessian data, Algorithm 1 of the paper), ``"random"`` (orthonormal) or a callable
-            ``(module, step, basis [K, d]) -> [k, d]`` whose rows are orthonormalised against
-            the basis.
-        parameters: names or shell patterns of the parameters to decompose (``None``: all
-            that require gradients); kept as a tuple.
-        engine: ``"auto"`` (the cheaper, by costs measured on the model at the start),
-            ``"forward"`` or ``"reverse"``: how the directional derivatives are computed.
-        memory_cap: bytes one chunk of derivative work (per-sample Jacobian rows included),
-            of the eigensolver's products and of the orthonormalisation may use on the
-            model's device; it also bounds how many random directions (up to 16, two at
-            least) the engine calibration holds there.
-        basis_on_device: keep the basis and the eigensolver's Krylov vectors on the model's
-            device (fastest); ``False``: in host memory (pinned with CUDA), streamed to the
-            device in chunks of at most ``memory_cap`` bytes, for models whose basis does
-            not fit there.
-        compute_precision: ``"float32"`` (default), ``"tf32"`` (CUDA matmuls in TF32; a
-            no-op without CUDA) or ``"bf16"`` (bfloat16 autocast, CUDA or CPU): the
-            arithmetic of the directional derivatives ``g`` and ``c``; losses, HVPs and
-            ``delta`` stay float32.
-        lanczos_tol: relative residual at which the eigensolver stops, in (0, 1).
-        seed: seed of the eigensolver's start vectors and of random bases.
-
+    Each field is documented where it is defined (``help()`` shows them under Attributes).
     A resumed run must use the same values, except for ``engine``, ``memory_cap`` and
     ``basis_on_device``, which change how the numbers are computed, not which.
 
@@ -93,19 +66,31 @@ class POLCAConfig:
         'first'
     """
 
-    snapshot_every: int = _setting(25)
-    basis_every: int = _setting(200)
-    k: int = _setting(1)
-    max_basis: int = _setting(15)
-    order: str = _setting("trapezoid")
-    basis: str | Callable = _setting("hessian")
-    parameters: tuple[str, ...] | None = _setting(None)
-    engine: str = _setting("auto", resume=False)
-    memory_cap: int = _setting(1 << 30, resume=False)
-    basis_on_device: bool = _setting(True, resume=False)
-    compute_precision: str = _setting("float32")
-    lanczos_tol: float = _setting(1e-3)
-    seed: int = _setting(0)
+    snapshot_every: int = _setting(25, "N, optimizer steps between snapshots.")
+    basis_every: int = _setting(200, "M, optimizer steps between basis steps (a multiple of N).")
+    k: int = _setting(1, "vectors per basis step.")
+    max_basis: int = _setting(15, "at most this many basis vectors.")
+    order: str = _setting("trapezoid", """``"first"``, ``"second"``, ``"trapezoid"`` (default) or ``"exact"``: the
+        POLCA of the store's ``polca`` variable (``polca_first`` is always stored too).""")
+    basis: str | Callable = _setting("hessian", """``"hessian"`` (eigenvectors of the projected Hessian of the mean
+        loss on the Hessian data, Algorithm 1 of the paper), ``"random"`` (orthonormal) or a callable
+        ``(module, step, basis [K, d]) -> [k, d]`` whose rows are orthonormalised against the basis.""")
+    parameters: tuple[str, ...] | None = _setting(None, """names or shell patterns of the parameters to decompose
+        (``None``: all that require gradients); kept as a tuple.""")
+    engine: str = _setting("auto", """``"auto"`` (the cheaper, by costs measured on the model at the start),
+        ``"forward"`` or ``"reverse"``: how the directional derivatives are computed.""", resume=False)
+    memory_cap: int = _setting(1 << 30, """bytes one chunk of derivative work (per-sample Jacobian rows
+        included), of the eigensolver's products and of the orthonormalisation may use on the model's
+        device; it also bounds how many random directions (up to 16, two at least) the engine calibration
+        holds there.""", resume=False)
+    basis_on_device: bool = _setting(True, """keep the basis and the eigensolver's Krylov vectors on the
+        model's device (fastest); ``False``: in host memory (pinned with CUDA), streamed to the device in
+        chunks of at most ``memory_cap`` bytes, for models whose basis does not fit there.""", resume=False)
+    compute_precision: str = _setting("float32", """``"float32"`` (default), ``"tf32"`` (CUDA matmuls in TF32;
+        a no-op without CUDA) or ``"bf16"`` (bfloat16 autocast, CUDA or CPU): the arithmetic of the
+        directional derivatives ``g`` and ``c``; losses, HVPs and ``delta`` stay float32.""")
+    lanczos_tol: float = _setting(1e-3, "relative residual at which the eigensolver stops, in (0, 1).")
+    seed: int = _setting(0, "seed of the eigensolver's start vectors and of random bases.")
 
     def __post_init__(self) -> None:
         for name in ("snapshot_every", "basis_every", "k", "max_basis"):
@@ -186,3 +171,8 @@ class POLCAConfig:
     def resumable_changes(cls) -> tuple[str, ...]:
         """Fields a resumed run may set otherwise than the stored run."""
         return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata["resume"])
+
+
+POLCAConfig.__doc__ = with_entries(
+    POLCAConfig.__doc__, "Attributes", {f.name: f.metadata["doc"] for f in dataclasses.fields(POLCAConfig)}
+)

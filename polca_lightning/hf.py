@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 try:
@@ -32,10 +31,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         'polca_lightning.hf needs transformers (and accelerate): pip install "polca-lightning[transformers]"'
     ) from err
 
-from polca_lightning.session import (
-    POLCASession, SessionAttributes, as_batches, callable_or_none, session_arguments,
-)
-from polca_lightning.store import WEIGHTS_COMPRESSORS
+from polca_lightning.session import POLCASession, SessionAttributes, as_batches
+from polca_lightning.settings import Settings, Unpack, callable_or_none, takes_settings
 
 __all__ = ["POLCATrainerCallback", "tensorboard_log_dir", "trainer_collator"]
 
@@ -76,13 +73,14 @@ def tensorboard_log_dir(args: Any) -> Path:
     return runs / "polca"
 
 
+@takes_settings
 class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
     """:class:`~polca_lightning.POLCACallback` for Hugging Face's ``transformers.Trainer``.
 
-    The same store, analysis and report after training, with the same arguments (those of
-    ``POLCACallback`` document them) and two more for datasets. Snapshots and basis steps
-    come on optimizer steps (``on_step_end``: with ``gradient_accumulation_steps`` the
-    micro-batches of one step count once). The default token loss,
+    The same store, analysis and report after training, with the same arguments
+    (:mod:`polca_lightning.settings` defines them once) and two more for datasets. Snapshots
+    and basis steps come on optimizer steps (``on_step_end``: with
+    ``gradient_accumulation_steps`` the micro-batches of one step count once). The default token loss,
     :func:`~polca_lightning.causal_lm_token_loss`, reads the ``Trainer``'s batches: dicts
     with ``input_ids``, ``labels`` (``-100`` excluded) and ``attention_mask``. The report
     after training goes to the W&B run the ``Trainer`` opened (``report_to="wandb"``), to
@@ -101,13 +99,9 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
     DeepSpeed are refused.
 
     Args:
-        store, probe_data, hessian_data, token_loss, token_labels, snapshot_every, basis_every,
-            k, max_basis, order, basis, parameters, mode, storage_options, weights_compressors,
-            engine, memory_cap, basis_on_device, compute_precision, lanczos_tol, seed, analyze,
-            analysis_kwargs, decode, decode_target, lca_directions, ablate, progress: as for
-            :class:`~polca_lightning.POLCACallback`. ``probe_data`` and ``hessian_data`` may
-            also be datasets of examples (a torch ``Dataset`` or a 🤗 ``datasets.Dataset``),
-            batched in order when training begins.
+        probe_data, hessian_data: DataLoaders or iterables of batches, or datasets of examples
+            (a torch ``Dataset`` or a 🤗 ``datasets.Dataset``), batched in order when training
+            begins.
         data_collator: collates the examples of a dataset (default: the ``Trainer``'s data
             collator, :func:`trainer_collator`).
         batch_size: examples per batch of a dataset (default: ``per_device_eval_batch_size``).
@@ -127,43 +121,10 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
         ...                   train_dataset=train_dataset, callbacks=[polca])
     """
 
-    def __init__(
-        self,
-        store: str | os.PathLike,
-        probe_data: Iterable,
-        hessian_data: Iterable | None = None,
-        *,
-        token_loss: Callable | None = None,
-        token_labels: Callable[[Any], Mapping[str, Tensor]] | None = None,
-        data_collator: Callable | None = None,
-        batch_size: int | None = None,
-        snapshot_every: int = 25,
-        basis_every: int = 200,
-        k: int = 1,
-        max_basis: int = 15,
-        order: str = "trapezoid",
-        basis: str | Callable = "hessian",
-        parameters: list[str] | None = None,
-        mode: str = "w-",
-        storage_options: dict | None = None,
-        weights_compressors: Any = WEIGHTS_COMPRESSORS,
-        engine: str = "auto",
-        memory_cap: int = 1 << 30,
-        basis_on_device: bool = True,
-        compute_precision: str = "float32",
-        lanczos_tol: float = 1e-3,
-        seed: int = 0,
-        analyze: bool = True,
-        analysis_kwargs: dict | None = None,
-        decode: Callable[[int, int], str] | None = None,
-        decode_target: Callable[[int], str] | None = None,
-        lca_directions: int | None = None,
-        ablate: bool = True,
-        progress: bool = True,
-    ):
+    def __init__(self, store: str | os.PathLike, probe_data: Iterable, hessian_data: Iterable | None = None, *,
+                 data_collator: Callable | None = None, batch_size: int | None = None, **settings: Unpack[Settings]):
         self.session = POLCASession(store, owner="POLCATrainerCallback",
-                                    resume_hint="resume_from_checkpoint= to Trainer.train",
-                                    **session_arguments(locals()))
+                                    resume_hint="resume_from_checkpoint= to Trainer.train", **settings)
         self.data_collator = callable_or_none("data_collator", data_collator, "list of examples -> batch")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")

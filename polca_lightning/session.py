@@ -12,7 +12,8 @@ session's state travels in the loop's checkpoint.
 
 In every process of a run, in this order:
 
-1. ``POLCASession(store, **settings)`` checks every setting;
+1. ``POLCASession(store, **settings)`` checks every setting (:mod:`polca_lightning.settings`
+   defines them);
 2. :meth:`~POLCASession.connect` picks the collectives (a ``torch.distributed`` group when
    the run has more than one process); :meth:`~POLCASession.check_store` checks on rank 0
    that the store can be written in its mode, and every rank raises if not;
@@ -27,9 +28,7 @@ In every process of a run, in this order:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import inspect
 import logging
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -42,27 +41,16 @@ from polca_lightning.config import POLCAConfig
 from polca_lightning.core.functional import ParameterSpace
 from polca_lightning.core.losses import resolve_token_loss
 from polca_lightning.core.polca import needs_curvature
+from polca_lightning.settings import Settings, Unpack, check_settings, takes_settings
 from polca_lightning.store import (
-    ENGINE_CALIBRATION, WEIGHTS_COMPRESSORS, NullWriter, StoreError, StoreWriter, TokenIndex, check_store_path,
-    check_weights_compressors, open_store,
+    ENGINE_CALIBRATION, NullWriter, StoreError, StoreWriter, TokenIndex, check_store_path, open_store,
 )
 from polca_lightning.store.location import resolve_store
 from polca_lightning.tracker import Collective, POLCATracker, TorchDistributed
 
-__all__ = ["POLCASession", "SessionAttributes", "as_batches", "callable_or_none", "session_arguments"]
+__all__ = ["POLCASession", "SessionAttributes", "as_batches"]
 
 log = logging.getLogger("polca_lightning")
-
-
-def callable_or_none(name: str, value: Any, expected: str) -> Callable | None:
-    """``value`` if it is ``None`` or callable.
-
-    Raises:
-        TypeError: anything else, naming ``name`` and the ``expected`` signature.
-    """
-    if value is not None and not callable(value):
-        raise TypeError(f"{name}: expected a callable {expected}, got {value!r}")
-    return value
 
 
 def as_batches(name: str, data: Any) -> list:
@@ -82,71 +70,37 @@ def as_batches(name: str, data: Any) -> list:
     return batches
 
 
+@takes_settings
 class POLCASession:
     """The settings, tracker, store, schedule, resume and after-training work of one run.
 
     Args:
         store: path or URL of the Zarr store.
-        owner: the callback's name, in messages (``"POLCACallback"``).
+        owner: the entry point's name, in messages (``"POLCACallback"``).
         resume_hint: how the loop resumes from a checkpoint, in the message that refuses
             a store with snapshots when training did not resume (``"ckpt_path= to Trainer.fit"``).
-        token_loss, token_labels, mode, storage_options, weights_compressors, analyze,
-            analysis_kwargs, decode, decode_target, lca_directions, ablate, progress: as
-            :class:`~polca_lightning.POLCACallback` documents them.
-        **config: the fields of :class:`~polca_lightning.config.POLCAConfig`
-            (``snapshot_every``, ``basis_every``, ``k``, ...).
 
     Attributes:
         config: the run's :class:`~polca_lightning.config.POLCAConfig`.
         store, storage_options: where the store is (a ``Path``, or a URL) and its filesystem's options.
+        token_loss, token_labels, mode, weights_compressors, analyze, analysis_kwargs, decode,
+            decode_target, lca_directions, ablate, progress: the settings, checked
+            (``lca_directions`` a number).
         tracker, writer: from :meth:`start` on.
 
     Raises:
         ValueError, TypeError: a bad setting, naming it, what was expected and what came.
     """
 
-    def __init__(
-        self,
-        store: str | os.PathLike,
-        *,
-        owner: str = "POLCACallback",
-        resume_hint: str = "ckpt_path= to Trainer.fit",
-        token_loss: Callable | None = None,
-        token_labels: Callable[[Any], Mapping[str, Tensor]] | None = None,
-        mode: str = "w-",
-        storage_options: dict | None = None,
-        weights_compressors: Any = WEIGHTS_COMPRESSORS,
-        analyze: bool = True,
-        analysis_kwargs: dict | None = None,
-        decode: Callable[[int, int], str] | None = None,
-        decode_target: Callable[[int], str] | None = None,
-        lca_directions: int | None = None,
-        ablate: bool = True,
-        progress: bool = True,
-        **config: Any,
-    ):
+    def __init__(self, store: str | os.PathLike, *, owner: str = "POLCACallback",
+                 resume_hint: str = "ckpt_path= to Trainer.fit", **settings: Unpack[Settings]):
         self.owner, self.resume_hint = owner, resume_hint
-        self.config = POLCAConfig(**config)  # checks every setting of the decomposition
-        location = resolve_store(store, storage_options)  # a URL fsspec cannot open fails here
+        self.config, checked = check_settings(settings, owner=owner)
+        vars(self).update(checked)  # every other setting, checked, as an attribute of the same name
+        location = resolve_store(store, self.storage_options)  # a URL fsspec cannot open fails here
         self.store, self.storage_options = location.target, location.storage_options  # Path, or a URL
-        self.weights_compressors = check_weights_compressors(weights_compressors)
-        if mode not in ("w-", "a", "w"):
-            raise ValueError(f"mode: expected 'w-' (new store), 'a' (resume) or 'w' (overwrite), got {mode!r}")
-        self.mode = mode
-        self.token_loss = callable_or_none("token_loss", token_loss, "(module, batch) -> (loss, mask)")
-        self.token_labels = callable_or_none("token_labels", token_labels, "batch -> {name: tensor}")
-        self.decode = callable_or_none("decode", decode, "(sequence_index, position) -> str")
-        self.decode_target = callable_or_none("decode_target", decode_target, "token_id -> str")
-        if analysis_kwargs is not None and not isinstance(analysis_kwargs, Mapping):
-            raise TypeError(f"analysis_kwargs: expected a dict of analyze() settings, got {type(analysis_kwargs).__name__}")
-        self.analysis_kwargs = dict(analysis_kwargs or {})
-        if lca_directions is not None and (isinstance(lca_directions, bool) or not isinstance(lca_directions, int)
-                                           or lca_directions < 0):
-            raise ValueError(f"lca_directions: expected a non-negative int or None, got {lca_directions!r}")
-        self.lca_directions = self.config.max_basis if lca_directions is None else lca_directions
-        if not isinstance(ablate, bool):
-            raise TypeError(f"ablate: expected True or False, got {ablate!r}")
-        self.analyze, self.ablate, self.progress = bool(analyze), ablate, bool(progress)
+        if self.lca_directions is None:
+            self.lca_directions = self.config.max_basis
         self.collective: Collective = Collective()
         self.tracker: POLCATracker | None = None
         self.writer: StoreWriter | NullWriter | None = None
@@ -432,25 +386,6 @@ class POLCASession:
         return report_after_fit(self.store, loggers=list(loggers or []), sinks=sinks, step=step, decode=self.decode,
                                 decode_target=self.decode_target, analysis_kwargs=self.analysis_kwargs,
                                 progress=self.progress, storage_options=self.storage_options)
-
-
-def session_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The session's settings among a callback's arguments (the ``locals()`` of its
-    ``__init__``): every keyword of :class:`POLCASession` after ``store`` and every field
-    of :class:`~polca_lightning.config.POLCAConfig`, so that a callback passes them all
-    without naming each twice.
-
-    Raises:
-        KeyError: a setting the callback does not take (its signature lacks one).
-    """
-    return {name: arguments[name] for name in _SESSION_ARGUMENTS}
-
-
-_SESSION_ARGUMENTS = tuple(
-    [name for name, p in inspect.signature(POLCASession.__init__).parameters.items()
-     if p.kind is p.KEYWORD_ONLY and name not in ("owner", "resume_hint")]
-    + [f.name for f in dataclasses.fields(POLCAConfig)]
-)
 
 
 class SessionAttributes:

@@ -179,19 +179,3 @@ def test_two_processes_under_torchrun_write_the_single_process_store(tmp_path):
     assert b.attrs["complete"] and b["step"].values.tolist() == [0, 2, 4, 6, 8] and b.sizes["basis"] == 2
     # rounding: DDP's gradient all-reduce and the sharded probe and HVP sums add in another order
     _same(a, b, rtol=1e-5, floor=1e-5)
-
-
-def test_the_two_callbacks_take_the_same_arguments_with_the_same_defaults():
-    """POLCATrainerCallback's signature is POLCACallback's plus the two arguments for datasets:
-    the two cannot drift apart."""
-    import inspect
-
-    from polca_lightning import POLCACallback
-    from polca_lightning.hf import POLCATrainerCallback
-
-    lightning = inspect.signature(POLCACallback.__init__).parameters
-    hf = dict(inspect.signature(POLCATrainerCallback.__init__).parameters)
-    assert [hf.pop(name).default for name in ("data_collator", "batch_size")] == [None, None]
-    assert list(hf) == list(lightning)
-    for name, p in lightning.items():
-        assert (hf[name].kind, hf[name].default) == (p.kind, p.default), name

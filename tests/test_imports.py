@@ -192,14 +192,14 @@ def test_the_package_needs_transformers_only_for_the_hugging_face_callback():
         "[]", 'polca_lightning.hf needs transformers (and accelerate): pip install "polca-lightning[transformers]"']
 
 
-def test_the_top_level_holds_the_callbacks_the_config_the_session_and_the_subpackages():
+def test_the_top_level_holds_the_callbacks_the_config_the_settings_the_session_and_the_subpackages():
     import importlib
 
     import pytest
 
     top = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
-    assert top == {"__init__", "__main__", "ablation", "callback", "cli", "config", "hf", "lca", "session", "toy",
-                   "tracker", "analysis", "core", "report", "store"}
+    assert top == {"__init__", "__main__", "_docs", "ablation", "callback", "cli", "config", "hf", "lca", "session",
+                   "settings", "toy", "tracker", "analysis", "core", "report", "store"}
     for old in ("engine", "losses", "functional", "hessian", "polca", "_moved"):  # now only under core/
         with pytest.raises(ModuleNotFoundError):
             importlib.import_module(f"polca_lightning.{old}")
