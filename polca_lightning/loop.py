@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from torch import nn
 
 from polca_lightning.session import POLCASession, as_batches
+from polca_lightning.settings import Settings, Unpack, takes_settings
 
 __all__ = ["track", "POLCALoop"]
 
@@ -100,7 +101,7 @@ class WandbTarget:
 class POLCALoop:
     """POLCA of a hand-written training loop: the context manager :func:`track` returns.
 
-    Args and Raises: as for :func:`track`.
+    Args and Raises: as for :func:`track` (``settings``: its settings, every one of them).
 
     Attributes:
         session: the :class:`~polca_lightning.session.POLCASession` it drives.
@@ -111,7 +112,7 @@ class POLCALoop:
 
     def __init__(self, model: nn.Module, store: str | os.PathLike, probe_data: Iterable,
                  hessian_data: Iterable | None = None, *, resume_step: int | None = None,
-                 wandb_run: Any = None, **settings: Any):
+                 wandb_run: Any = None, settings: Mapping[str, Any]):
         self.session = POLCASession(store, owner="track", resume_hint="resume_step= (the step the loop resumes "
                                     "from) to track", **settings)
         self.model = unwrapped("model", model)
@@ -182,8 +183,9 @@ class POLCALoop:
         return False
 
 
+@takes_settings
 def track(model: nn.Module, store: str | os.PathLike, probe_data: Iterable, hessian_data: Iterable | None = None,
-          *, resume_step: int | None = None, wandb_run: Any = None, **settings: Any) -> POLCALoop:
+          *, resume_step: int | None = None, wandb_run: Any = None, **settings: Unpack[Settings]) -> POLCALoop:
     """POLCA of a training loop written by hand: a context manager whose ``step()`` is called
     after every optimizer step.
 
@@ -201,10 +203,6 @@ def track(model: nn.Module, store: str | os.PathLike, probe_data: Iterable, hess
     Args:
         model: the model being trained (or its ``DistributedDataParallel`` wrapper); its
             parameters are read, never changed.
-        store: path of the Zarr store, or a URL that fsspec opens.
-        probe_data: DataLoader or iterable of batches: the held-out tokens to decompose.
-        hessian_data: DataLoader or iterable of batches whose mean loss defines the Hessian
-            (needed for ``basis="hessian"``).
         resume_step: with ``mode="a"``: the optimizer step the loop resumes from (that of
             the checkpoint it loaded; the model holds its weights). The store is cut to its
             snapshots up to that step and continues; a snapshot or basis step due at that
@@ -213,9 +211,6 @@ def track(model: nn.Module, store: str | os.PathLike, probe_data: Iterable, hess
             that never stopped.
         wandb_run: the W&B run to report to (what ``wandb.init`` returned); default: the
             one open when the block is entered, if any; ``False``: none (a folder).
-        **settings: the settings of :class:`~polca_lightning.POLCACallback` (``token_loss``,
-            ``token_labels``, ``snapshot_every``, ``basis_every``, ``k``, ``max_basis``, ``order``,
-            ``basis``, ``mode``, ``engine``, ``analyze``, ...), which documents them.
 
     Returns:
         A :class:`POLCALoop`: enter it with ``with``; ``step()`` inside.
@@ -234,4 +229,4 @@ def track(model: nn.Module, store: str | os.PathLike, probe_data: Iterable, hess
         ...         polca.step()
     """
     return POLCALoop(model, store, probe_data, hessian_data, resume_step=resume_step, wandb_run=wandb_run,
-                     **settings)
+                     settings=settings)

@@ -20,6 +20,7 @@ from torch import nn
 from polca_lightning.checkpoints import list_checkpoints, load_weights, read_state_dict, step_of, weight_files
 from polca_lightning.loop import WandbTarget, on_device, unwrapped, world_size
 from polca_lightning.session import POLCASession, as_batches
+from polca_lightning.settings import Settings, Unpack, takes_settings
 
 __all__ = ["from_checkpoints", "Checkpoint", "checkpoint_series"]
 
@@ -127,10 +128,11 @@ class _Weights:
         self.loaded = checkpoint.source
 
 
+@takes_settings
 def from_checkpoints(model: nn.Module | Callable[[Any], nn.Module], checkpoints: Any, store: str | os.PathLike,
                      probe_data: Iterable, hessian_data: Iterable | None = None, *,
                      steps: Sequence[int] | None = None, basis_at: Sequence[int] | None = None,
-                     wandb_run: Any = None, **settings: Any):
+                     wandb_run: Any = None, **settings: Unpack[Settings]):
     """POLCA over an ordered series of saved weights: a snapshot at every checkpoint.
 
     The basis grows at the checkpoints of ``basis_at`` (default: those whose step is a
@@ -141,7 +143,9 @@ def from_checkpoints(model: nn.Module | Callable[[Any], nn.Module], checkpoints:
     in the process, else the folder ``<store>.report``. A progress bar counts the
     checkpoints. A killed run continues with ``mode="a"``: the store keeps the checkpoints
     it committed and goes on at the next one. Under ``torchrun`` the probe and Hessian
-    batches are split across the processes and rank 0 writes the store.
+    batches are split across the processes and rank 0 writes the store. The settings are
+    those of every entry point; ``snapshot_every`` is not used (every checkpoint is a
+    snapshot) but is recorded.
 
     Args:
         model: a module, into which each checkpoint's weights are loaded (their names may
@@ -153,18 +157,10 @@ def from_checkpoints(model: nn.Module | Callable[[Any], nn.Module], checkpoints:
             ``*.safetensors`` files whose names say a step), or a sequence in training order of
             Lightning ``.ckpt`` files, Hugging Face folders, ``state_dict`` files (``torch.save``,
             safetensors), or what the factory takes.
-        store: path of the Zarr store, or a URL that fsspec opens.
-        probe_data: DataLoader or iterable of batches: the tokens to decompose.
-        hessian_data: DataLoader or iterable of batches whose mean loss defines the Hessian
-            (needed for ``basis="hessian"``).
         steps: each checkpoint's optimizer step (default: read from its name, ``step=N``,
             ``checkpoint-N`` or a trailing number, as in ``step1000``).
         basis_at: the steps (of checkpoints) where the basis grows.
         wandb_run: the W&B run to report to; default: the one open, if any; ``False``: none.
-        **settings: the settings of :class:`~polca_lightning.POLCACallback` (``token_loss``,
-            ``token_labels``, ``basis_every``, ``k``, ``max_basis``, ``order``, ``basis``, ``mode``,
-            ``engine``, ``analyze``, ...); ``snapshot_every`` is not used (every checkpoint is a
-            snapshot) but is recorded.
 
     Returns:
         The store, opened (:func:`~polca_lightning.open_store`), on rank 0; ``None`` on the others.
