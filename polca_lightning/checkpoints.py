@@ -116,13 +116,17 @@ def _state_in(obj: Any, path: Path) -> Mapping[str, Tensor]:
                      f"{' with keys ' + str(list(obj)[:6]) if isinstance(obj, Mapping) else ''}")
 
 
-def read_state_dict(checkpoint: str | os.PathLike) -> dict[str, Tensor]:
+def read_state_dict(checkpoint: str | os.PathLike, model: nn.Module | None = None) -> dict[str, Tensor]:
     """The tensors a checkpoint holds, by name, on the CPU.
 
     Args:
         checkpoint: a Hugging Face folder, a Lightning ``.ckpt``, a ``torch.save`` file of a
             state dict (alone, or under ``"state_dict"``, ``"model"`` or ``"module"``), or a
             ``.safetensors`` file.
+        model: the model the tensors are for. A Hugging Face model reads a folder with its
+            class's ``from_pretrained`` (and its ``config``), which names and converts the
+            stored tensors as transformers does (a ``GPTNeoXForCausalLM`` stores its
+            ``lm_head`` as ``embed_out``).
 
     Raises:
         FileNotFoundError: nothing there, or a folder without weights.
@@ -135,6 +139,8 @@ def read_state_dict(checkpoint: str | os.PathLike) -> dict[str, Tensor]:
         if not files:
             raise FileNotFoundError(f"checkpoints: {str(path)!r} holds no model weights (model.safetensors, "
                                     "pytorch_model.bin, or their sharded .index.json)")
+        if model is not None and callable(getattr(type(model), "from_pretrained", None)) and hasattr(model, "config"):
+            return type(model).from_pretrained(path, config=model.config).state_dict()
         state: dict[str, Tensor] = {}
         for file in files:
             state.update(read_state_dict(file))

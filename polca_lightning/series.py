@@ -121,7 +121,7 @@ class _Weights:
             return
         where = f"the checkpoint of step {checkpoint.step} ({str(checkpoint.source)!r})"
         if self.factory is None:
-            state = read_state_dict(checkpoint.source)
+            state = read_state_dict(checkpoint.source, self.module)
         else:
             state = unwrapped("model", self._built(checkpoint)).state_dict()
         load_weights(self.module, state, where)
