@@ -61,3 +61,45 @@ def test_the_checkpoint_folders_of_a_trainer_run_give_its_callbacks_store(tmp_pa
     assert ds["step"].values.tolist() == [0, 2, 4, 6, 8]
     np.testing.assert_array_equal(ds["weights"].values, a["weights"].values)
     np.testing.assert_allclose(ds["loss"].values, a["loss"].values, rtol=1e-6)
+
+
+def test_the_polca_checkpoints_command_over_hugging_face_folders(tmp_path, capsys):
+    from polca_lightning.cli import main as polca
+
+    folder = tmp_path / "run"
+    model = tiny_neox()
+    for step in (0, 2, 4, 6, 8):  # a run's folders: the weights move between them
+        model.save_pretrained(folder / f"checkpoint-{step}")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    probe = _hf.batches(24, 12, seed=1)
+    torch.save(probe, tmp_path / "probe.pt")  # a list of batches
+    hessian = _hf.batches(16, 16, seed=2)[0]
+    torch.save(hessian, tmp_path / "hessian.pt")  # a dict of tensors, cut into batches of --batch-size
+    store = tmp_path / "polca.zarr"
+    assert polca(["checkpoints", str(store), str(folder), "--probe", str(tmp_path / "probe.pt"), "--hessian",
+                  str(tmp_path / "hessian.pt"), "--batch-size", "8", "--basis-every", "4", "--max-basis", "2",
+                  "--basis", "random", "--engine", "forward", "--quiet"]) == 0
+    assert "5 checkpoints (steps 0..8), 2 basis vectors; analysed" in capsys.readouterr().out
+    ds = open_store(store)
+    assert ds.attrs["complete"] and ds["step"].values.tolist() == [0, 2, 4, 6, 8]
+    assert ds["basis_step"].values.tolist() == [0, 4] and "cluster" in ds  # the analysis, written back
+    assert (tmp_path / "polca.zarr.report" / "index.md").exists()  # no W&B run: the report folder
+
+    # each snapshot holds the per-token losses of its checkpoint's own model (Hugging Face shifts the labels)
+    for i, step in enumerate((0, 2, 4, 6, 8)):
+        own = GPTNeoXForCausalLM.from_pretrained(folder / f"checkpoint-{step}", attn_implementation="eager").eval()
+        losses = []
+        with torch.no_grad():
+            for batch in probe:
+                logits = own(input_ids=batch["input_ids"]).logits[:, :-1]  # [B, P-1, vocab]: predicts 1..P-1
+                target = batch["labels"][:, 1:]
+                mask = target != -100
+                nll = -logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]  # [B, P-1]
+                losses.append(nll[mask])
+        np.testing.assert_allclose(ds["loss"].values[i], torch.cat(losses).numpy(), rtol=1e-5, atol=1e-6)
+
+    assert polca(["checkpoints", str(tmp_path / "x.zarr"), str(folder / "checkpoint-0" / "model.safetensors"),
+                  "--steps", "0", "--probe", str(tmp_path / "probe.pt"), "--quiet"]) == 2
+    assert "--model: needed for" in capsys.readouterr().err
