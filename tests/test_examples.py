@@ -294,3 +294,27 @@ def test_language_tiny_mode_reports_clusters_with_words_to_an_offline_wandb_run(
         members = ds["cluster"].values[row[col["vector"]]] == row[col["cluster"]]
         assert (ds["target"].values[members] == row[col["target"]]).sum() == row[col["count"]]
         assert row[col["text"]] in vocabulary and row[col["text"]] != "<unk>"
+
+
+def test_plain_loop_tiny_mode_reports_into_the_open_wandb_run(tmp_path, capsys):
+    import plain_loop
+
+    from polca_lightning import open_store
+
+    store = plain_loop.main(["--tiny", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    ds = open_store(store)
+    assert ds.attrs["complete"] and ds["step"].values.tolist() == list(range(0, 25, 4))
+    assert ds["basis_step"].values.tolist() == [0, 0, 8, 8] and set(ds["carry"].values) == {0, 1}
+    assert "cluster" in ds and "carry_homogeneity" in ds and "ablation_loss_change" in ds  # the work after training
+    assert f"24 steps; store {store}: 7 snapshots, 4 vectors" in out
+
+    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    images, tables = media_files(run_dir, "images"), media_files(run_dir, "table")
+    assert any(i.startswith("polca_report/coverage_plot_") for i in images)
+    assert any(t.startswith("polca_report/summary_") for t in tables)
+    history = wandb_history(Path(run_dir))
+    assert any("train/loss" in h for h in history)  # the loop's own
+    eigen = [h for h in history if "polca/eigenvalue" in h]  # POLCA's, against the loop's step
+    assert [h["global_step"] for h in eigen] == [0, 8]
+    np.testing.assert_allclose([h["polca/eigenvalue"] for h in eigen], ds["eigenvalue"].values[::2], rtol=1e-6)
