@@ -90,3 +90,44 @@ def test_crash_then_resume_at_the_checkpoints_step_equals_an_uninterrupted_run(t
     assert b["basis_step"].values.tolist() == [0, 4, 8, 12]
     # the reference measured its own engine costs, so it may compute some K another way
     same_stores(a, b, rtol=1e-5, floor=1e-6)
+
+
+def _two_processes(rank, store, init_file):
+    """One of two gloo processes: the plain loop on its half of each batch, the model in DDP."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = DistributedDataParallel(tiny_lm(seed=0, d_model=8, dtype=torch.float32))
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        with track(model, store, **{**SETTINGS, **DISTRIBUTED}) as polca:  # the wrapper: track takes the module in it
+            for step in range(8):
+                loss_of(model, {k: v[rank::2] for k, v in TRAIN[step % len(TRAIN)].items()}).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                polca.step()
+    finally:
+        dist.destroy_process_group()
+
+
+DISTRIBUTED = dict(basis="random", max_basis=2)
+
+
+def test_two_processes_write_the_single_process_store_from_rank_0(tmp_path):
+    """Each process trains on half of every batch (equal token counts: DDP's mean of the two
+    halves' means is the whole batch's), takes half the probe batches, and rank 0 writes."""
+    import torch.multiprocessing as mp
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two processes has
+    try:
+        single = plain_loop(tmp_path / "single.zarr", 8, **DISTRIBUTED)
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_two_processes, args=(tmp_path / "two.zarr", tmp_path / "init"), nprocs=2)
+    a, b = open_store(single.store).load(), open_store(tmp_path / "two.zarr").load()
+    assert b.attrs["complete"] and b["step"].values.tolist() == [0, 2, 4, 6, 8] and b.sizes["basis"] == 2
+    # rounding: DDP's gradient all-reduce adds in another order
+    same_stores(a, b, rtol=1e-5, floor=1e-5)
