@@ -131,3 +131,28 @@ def test_two_processes_write_the_single_process_store_from_rank_0(tmp_path):
     assert b.attrs["complete"] and b["step"].values.tolist() == [0, 2, 4, 6, 8] and b.sizes["basis"] == 2
     # rounding: DDP's gradient all-reduce adds in another order
     same_stores(a, b, rtol=1e-5, floor=1e-5)
+
+
+def test_bad_use_is_named_and_a_store_with_snapshots_needs_the_resume_step(tmp_path):
+    net, store = tiny_lm(d_model=8, dtype=torch.float32), tmp_path / "polca.zarr"
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got str"):
+        track("net", store, **SETTINGS)
+    with pytest.raises(ValueError, match="mode: expected 'a' to resume the store at step 4, got 'w-'"):
+        track(net, store, resume_step=4, **SETTINGS)
+    with pytest.raises(ValueError, match="resume step: expected a non-negative int, got -1"):
+        track(net, store, mode="a", resume_step=-1, **SETTINGS)
+    polca = track(net, store, **SETTINGS)
+    with pytest.raises(RuntimeError, match=r"step\(\) is called inside the `with track\(...\)` block"):
+        polca.step()
+    assert not store.exists()  # nothing is written before the block
+
+    settings = {**SETTINGS, "basis": "random"}
+    plain_loop(store, 2, **settings)
+    with pytest.raises(RuntimeError, match=r"holds 2 snapshots .* pass resume_step= \(the step the loop resumes "
+                                           r"from\) to track to continue it"):
+        with track(net, store, mode="a", **settings):
+            pass
+    with pytest.raises(ValueError, match="step: expected an int of at least 2"):
+        with track(net, store, mode="a", resume_step=2, **settings) as polca:
+            polca.step(1)
+    assert open_store(store)["step"].values.tolist() == [0, 2]  # the exception closed it with what it holds

@@ -138,7 +138,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         raise CLIError(str(error)) from None
     if args.model:
         model = load_object(args.model, "--model")
-    elif isinstance(series[0].source, Path) and weight_files(series[0].source):
+    elif weight_files(series[0].source):  # a Hugging Face folder
         model = _hf_model(series[0].source)
     else:
         raise CLIError(f"--model: needed for {str(series[0].source)!r}, which is not a Hugging Face folder (a "
