@@ -13,7 +13,7 @@ from typing import Any, Iterable
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
 
-from polca_lightning.session import POLCASession, SessionAttributes, as_batches
+from polca_lightning.session import POLCASession, SessionAttributes
 from polca_lightning.settings import Settings, Unpack, takes_settings
 
 __all__ = ["POLCACallback"]
@@ -55,9 +55,7 @@ class POLCACallback(SessionAttributes, Callback):
                  **settings: Unpack[Settings]):
         self.session = POLCASession(store, owner="POLCACallback", resume_hint="ckpt_path= to Trainer.fit",
                                     **settings)
-        self.probe_batches = as_batches("probe_data", probe_data)
-        wants_hessian = self.session.needs_hessian or hessian_data is not None
-        self.hessian_batches = as_batches("hessian_data", hessian_data) if wants_hessian else []
+        self.probe_batches, self.hessian_batches = self.session.batches(probe_data, hessian_data)
 
     # ------------------------------------------------------------- settings
     @property

@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from torch.utils.data import DataLoader, Dataset
 
 try:
     from transformers import TrainerCallback, default_data_collator
@@ -31,18 +30,11 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         'polca_lightning.hf needs transformers (and accelerate): pip install "polca-lightning[transformers]"'
     ) from err
 
-from polca_lightning.session import POLCASession, SessionAttributes, as_batches
-from polca_lightning.settings import Settings, Unpack, callable_or_none, takes_settings
+from polca_lightning.data import as_batches, holds_examples
+from polca_lightning.session import POLCASession, SessionAttributes
+from polca_lightning.settings import Settings, Unpack, takes_settings
 
 __all__ = ["POLCATrainerCallback", "tensorboard_log_dir", "trainer_collator"]
-
-
-def _is_dataset(data: Any) -> bool:
-    """A dataset of examples (batched here) rather than batches: a torch ``Dataset`` or a
-    🤗 ``datasets.Dataset`` (anything with ``column_names``); a DataLoader or a list is batches."""
-    if isinstance(data, DataLoader):
-        return False
-    return isinstance(data, Dataset) or hasattr(data, "column_names")
 
 
 def trainer_collator(train_dataloader: Any) -> Callable:
@@ -98,18 +90,15 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
     (``torchrun``): rank 0 writes the one store, as with ``POLCACallback``; FSDP and
     DeepSpeed are refused.
 
-    Args:
-        probe_data, hessian_data: DataLoaders or iterables of batches, or datasets of examples
-            (a torch ``Dataset`` or a 🤗 ``datasets.Dataset``), batched in order when training
-            begins.
-        data_collator: collates the examples of a dataset (default: the ``Trainer``'s data
-            collator, :func:`trainer_collator`).
-        batch_size: examples per batch of a dataset (default: ``per_device_eval_batch_size``).
+    Data given as examples (a dataset, or a list or tuple of examples, as
+    ``Trainer(train_dataset=...)`` takes them) are collated when training begins, in order,
+    by the ``Trainer``'s data collator (:func:`trainer_collator`) unless ``data_collator`` is
+    given, ``per_device_eval_batch_size`` at a time unless ``batch_size`` is given.
 
     Attributes:
         session, config, store, tracker, writer: as for :class:`~polca_lightning.POLCACallback`.
         probe_batches, hessian_batches: the batches, from ``on_train_begin`` on where the
-            data are datasets.
+            data are examples.
 
     Raises:
         ValueError, TypeError: a bad argument, naming it, what was expected and what came.
@@ -121,17 +110,13 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
         ...                   train_dataset=train_dataset, callbacks=[polca])
     """
 
-    def __init__(self, store: str | os.PathLike, probe_data: Iterable, hessian_data: Iterable | None = None, *,
-                 data_collator: Callable | None = None, batch_size: int | None = None, **settings: Unpack[Settings]):
+    def __init__(self, store: str | os.PathLike, probe_data: Iterable, hessian_data: Iterable | None = None,
+                 **settings: Unpack[Settings]):
         self.session = POLCASession(store, owner="POLCATrainerCallback",
                                     resume_hint="resume_from_checkpoint= to Trainer.train", **settings)
-        self.data_collator = callable_or_none("data_collator", data_collator, "list of examples -> batch")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
-        self.batch_size = batch_size
         wants_hessian = self.session.needs_hessian or hessian_data is not None
         self._sources = {"probe_data": probe_data, "hessian_data": hessian_data if wants_hessian else None}
-        # batches now (bad data fail here); datasets when training begins, with the Trainer's collator
+        # batches now (bad data fail here); examples when training begins, with the Trainer's collator
         self.probe_batches = self._batches_now("probe_data")
         self.hessian_batches = self._batches_now("hessian_data") if wants_hessian else []
         self._wandb_run = None  # a WandbRun on the run the Trainer opened (rank 0)
@@ -139,18 +124,17 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
 
     def _batches_now(self, name: str) -> list | None:
         data = self._sources[name]
-        if not _is_dataset(data):
+        if not holds_examples(name, data):
             return as_batches(name, data)
         if hasattr(data, "__len__") and len(data) == 0:
             raise ValueError(f"{name}: expected at least one example, got an empty dataset")
         return None
 
     def _batches(self, name: str, args: Any, train_dataloader: Any) -> list:
-        data = self._sources[name]
-        collate = self.data_collator or trainer_collator(train_dataloader)
-        loader = DataLoader(data, batch_size=self.batch_size or args.per_device_eval_batch_size,
-                            shuffle=False, collate_fn=collate)
-        return as_batches(name, loader)
+        session = self.session
+        return as_batches(name, self._sources[name],
+                          collate=session.data_collator or trainer_collator(train_dataloader),
+                          batch_size=session.batch_size or args.per_device_eval_batch_size)
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
@@ -183,9 +167,9 @@ class POLCATrainerCallback(SessionAttributes, TrainerCallback, ExportableState):
         session = self.session
         session.connect(args.world_size)
         session.check_store()  # rank 0 checks, every rank raises
-        if _is_dataset(self._sources["probe_data"]):
+        if holds_examples("probe_data", self._sources["probe_data"]):
             self.probe_batches = self._batches("probe_data", args, train_dataloader)
-        if _is_dataset(self._sources["hessian_data"]):
+        if holds_examples("hessian_data", self._sources["hessian_data"]):
             self.hessian_batches = self._batches("hessian_data", args, train_dataloader)
         saved = self._saved_state(state.stateful_callbacks) if state.global_step > 0 else None  # resumed
         session.resume_state = saved

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 from torch import nn
 
-from polca_lightning.session import POLCASession, as_batches
+from polca_lightning.session import POLCASession
 from polca_lightning.settings import Settings, Unpack, takes_settings
 
 __all__ = ["track", "POLCALoop"]
@@ -116,9 +116,7 @@ class POLCALoop:
         self.session = POLCASession(store, owner="track", resume_hint="resume_step= (the step the loop resumes "
                                     "from) to track", **settings)
         self.model = unwrapped("model", model)
-        self.probe_batches = as_batches("probe_data", probe_data)
-        wants_hessian = self.session.needs_hessian or hessian_data is not None
-        self.hessian_batches = as_batches("hessian_data", hessian_data) if wants_hessian else []
+        self.probe_batches, self.hessian_batches = self.session.batches(probe_data, hessian_data)
         if resume_step is not None:
             self.session.resume_at(resume_step)  # checks the step, and that the mode is 'a'
         self.global_step = resume_step or 0

@@ -19,7 +19,7 @@ from torch import nn
 
 from polca_lightning.checkpoints import list_checkpoints, load_weights, read_state_dict, step_of, weight_files
 from polca_lightning.loop import WandbTarget, on_device, unwrapped, world_size
-from polca_lightning.session import POLCASession, as_batches
+from polca_lightning.session import POLCASession
 from polca_lightning.settings import Settings, Unpack, takes_settings
 
 __all__ = ["from_checkpoints", "Checkpoint", "checkpoint_series"]
@@ -178,8 +178,7 @@ def from_checkpoints(model: nn.Module | Callable[[Any], nn.Module], checkpoints:
     """
     series = checkpoint_series(checkpoints, steps)
     session = POLCASession(store, owner="from_checkpoints", resume_hint="mode='a' to from_checkpoints", **settings)
-    probe = as_batches("probe_data", probe_data)
-    hessian = as_batches("hessian_data", hessian_data) if session.needs_hessian or hessian_data is not None else []
+    probe, hessian = session.batches(probe_data, hessian_data)
     grows = basis_schedule(series, basis_at, session.config.basis_every)
     weights = _Weights(model, series[0])
     target = WandbTarget(wandb_run)

@@ -31,16 +31,17 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from polca_lightning.config import POLCAConfig
 from polca_lightning.core.functional import ParameterSpace
 from polca_lightning.core.losses import resolve_token_loss
 from polca_lightning.core.polca import needs_curvature
+from polca_lightning.data import as_batches
 from polca_lightning.settings import Settings, Unpack, check_settings, takes_settings
 from polca_lightning.store import (
     ENGINE_CALIBRATION, NullWriter, StoreError, StoreWriter, TokenIndex, check_store_path, open_store,
@@ -48,26 +49,9 @@ from polca_lightning.store import (
 from polca_lightning.store.location import resolve_store
 from polca_lightning.tracker import Collective, POLCATracker, TorchDistributed
 
-__all__ = ["POLCASession", "SessionAttributes", "as_batches"]
+__all__ = ["POLCASession", "SessionAttributes"]
 
 log = logging.getLogger("polca_lightning")
-
-
-def as_batches(name: str, data: Any) -> list:
-    """The batches of a DataLoader or an iterable of batches, as a list.
-
-    Raises:
-        ValueError: ``None``, or no batch at all.
-        TypeError: a tensor, a mapping, a string or something not iterable.
-    """
-    if data is None:
-        raise ValueError(f"{name}: expected a DataLoader or an iterable of batches, got None")
-    if isinstance(data, (Tensor, Mapping, str)) or not isinstance(data, Iterable):
-        raise TypeError(f"{name}: expected a DataLoader or an iterable of batches, got {type(data).__name__}")
-    batches = list(data)
-    if not batches:
-        raise ValueError(f"{name}: expected at least one batch, got none (is the dataset empty?)")
-    return batches
 
 
 @takes_settings
@@ -83,9 +67,9 @@ class POLCASession:
     Attributes:
         config: the run's :class:`~polca_lightning.config.POLCAConfig`.
         store, storage_options: where the store is (a ``Path``, or a URL) and its filesystem's options.
-        token_loss, token_labels, mode, weights_compressors, analyze, analysis_kwargs, decode,
-            decode_target, lca_directions, ablate, progress: the settings, checked
-            (``lca_directions`` a number).
+        token_loss, token_labels, batch_size, data_collator, mode, weights_compressors, analyze,
+            analysis_kwargs, decode, decode_target, lca_directions, ablate, progress: the
+            settings, checked (``lca_directions`` a number).
         tracker, writer: from :meth:`start` on.
 
     Raises:
@@ -111,6 +95,19 @@ class POLCASession:
     def needs_hessian(self) -> bool:
         """Whether the basis needs Hessian data (``basis="hessian"``)."""
         return self.config.basis == "hessian"
+
+    def batches(self, probe_data: Any, hessian_data: Any) -> tuple[list, list]:
+        """The probe and Hessian batches, read with :func:`~polca_lightning.data.as_batches`
+        (examples collated ``batch_size`` at a time by ``data_collator``); no Hessian batches
+        where the basis needs none and none are given.
+
+        Raises:
+            ValueError, TypeError: data that are not batches or examples, naming the argument.
+        """
+        batching = dict(collate=self.data_collator, batch_size=self.batch_size)
+        probe = as_batches("probe_data", probe_data, **batching)
+        wants_hessian = self.needs_hessian or hessian_data is not None
+        return probe, as_batches("hessian_data", hessian_data, **batching) if wants_hessian else []
 
     # ----------------------------------------------------------- processes
     def connect(self, world_size: int) -> None:

@@ -19,6 +19,7 @@ decorated with :func:`takes_settings`, which gives it
 :class:`~polca_lightning.session.POLCASession` checks the values (:func:`check_settings`), so an
 entry point that builds a session passes ``**settings`` on and is done. A new entry point::
 
+    from polca_lightning.data import as_batches
     from polca_lightning.session import POLCASession
     from polca_lightning.settings import Settings, Unpack, takes_settings
 
@@ -30,6 +31,8 @@ entry point that builds a session passes ``**settings`` on and is done. A new en
             model: the module being trained.
         \"\"\"
         session = POLCASession(store, owner="track", resume_hint="step= to track", **settings)
+        probe = as_batches("probe_data", probe_data, collate=session.data_collator,
+                           batch_size=session.batch_size)
         ...
 
 A new setting is one more line of :class:`Settings` (or one more field of ``POLCAConfig``,
@@ -111,10 +114,16 @@ def _dict_or_none(name: str, value: Any) -> dict:
     return dict(value or {})
 
 
-def _count_or_none(name: str, value: Any) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"{name}: expected a non-negative int or None, got {value!r}")
-    return value
+def _int_or_none(low: int) -> Callable[[str, Any], int | None]:
+    """The check of an int of at least ``low`` (0 or 1), or ``None``."""
+    expected = "a positive int" if low == 1 else "a non-negative int"
+
+    def check(name: str, value: Any) -> int | None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name}: expected {expected} or None, got {value!r}")
+        return value
+
+    return check
 
 
 def _strict_bool(name: str, value: Any) -> bool:
@@ -138,6 +147,15 @@ class Settings(TypedDict, total=False):
     token_labels: Annotated[Callable[[Any], Mapping[str, Tensor]] | None, Setting(None, """
         ``batch -> {name: tensor[batch, positions]}``; each name becomes a token coordinate of the
         store.""", _callable("batch -> {name: tensor}"))]
+    batch_size: Annotated[int | None, Setting(None, """
+        examples per batch where ``probe_data`` or ``hessian_data`` holds examples (a dataset, or a
+        list or tuple of examples); ``None``: 8 (:data:`polca_lightning.data.EXAMPLES_PER_BATCH`), and
+        in ``POLCATrainerCallback`` the ``Trainer``'s ``per_device_eval_batch_size``.""", _int_or_none(1))]
+    data_collator: Annotated[Callable[[list], Any] | None, Setting(None, """
+        ``list of examples -> batch``, where ``probe_data`` or ``hessian_data`` holds examples;
+        ``None``: :func:`polca_lightning.data.collate_examples` (``torch.utils.data.default_collate``),
+        and in ``POLCATrainerCallback`` the ``Trainer``'s data collator
+        (:func:`polca_lightning.hf.trainer_collator`).""", _callable("list of examples -> batch"))]
     snapshot_every: Annotated[int, CONFIG]
     basis_every: Annotated[int, CONFIG]
     k: Annotated[int, CONFIG]
@@ -175,7 +193,7 @@ class Settings(TypedDict, total=False):
         targets.""", _callable("token_id -> str"))]
     lca_directions: Annotated[int | None, Setting(None, """
         with ``analyze``, compute the LCA baseline after training along this many parameters, the
-        largest in magnitude at the end (``None``: ``max_basis``; 0: none).""", _count_or_none)]
+        largest in magnitude at the end (``None``: ``max_basis``; 0: none).""", _int_or_none(0))]
     ablate: Annotated[bool, Setting(True, """
         with ``analyze``, undo the final model's movement along each basis vector and store every
         probe token's loss change (:func:`polca_lightning.ablation.ablate_directions`; one pass
@@ -208,9 +226,12 @@ SETTINGS: dict[str, Setting] = _table()
 ARGUMENTS = {
     "store": """path of the Zarr store (a directory), or a URL that fsspec opens (``s3://bucket/run.zarr``,
         ``gs://...``; see :func:`polca_lightning.open_store`).""",
-    "probe_data": "DataLoader or iterable of batches: the held-out tokens to decompose.",
-    "hessian_data": """DataLoader or iterable of batches: the training sample whose mean loss defines the
-        Hessian (needed for ``basis="hessian"``).""",
+    "probe_data": """the held-out tokens to decompose: a DataLoader or an iterable of batches, or examples
+        (a dataset, or a list or tuple of examples: mappings such as ``{"input_ids": tensor[P], ...}``,
+        tuples of tensors without a batch dimension), collated ``batch_size`` at a time by
+        ``data_collator`` (:mod:`polca_lightning.data`).""",
+    "hessian_data": """the training sample whose mean loss defines the Hessian (needed for
+        ``basis="hessian"``), in the same forms as ``probe_data``.""",
 }
 
 

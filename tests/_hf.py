@@ -51,6 +51,31 @@ def tiny_gpt2(seed: int = 0):
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
+def tiny_llama(seed: int = 0):
+    """Llama with one layer of width 16 over the addition vocabulary; eager attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=ADDITION_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False)
+    return LlamaForCausalLM._from_config(config, attn_implementation="eager")
+
+
+def own_losses(model, rows: list[dict]) -> list[float]:
+    """The loss of each labelled position of each example, from the model's own forward pass
+    (labels -100 but at that position; Hugging Face shifts them), in the store's token order."""
+    model = model.eval()
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            for p in (row["labels"] != -100).nonzero().flatten().tolist():
+                only = torch.full_like(row["labels"], -100)
+                only[p] = row["labels"][p]
+                out.append(model(input_ids=row["input_ids"][None], labels=only[None]).loss.item())
+    return out
+
+
 def carry_and_place(batch):
     return {"carry": batch["carry"], "place": batch["place"]}
 
@@ -79,10 +104,11 @@ def arguments(out, steps: int, batch: int = 16, **kw) -> TrainingArguments:
     )
 
 
-def train(out, steps: int, callbacks: list, *, batch: int = 16, seed: int = 0, resume=None, **kw) -> Trainer:
-    """Train the tiny GPT-2 (initialised with ``seed``) on the first ``steps`` batches of the
-    training examples with plain SGD; returns the Trainer."""
-    model = tiny_gpt2(seed)
+def train(out, steps: int, callbacks: list, *, batch: int = 16, seed: int = 0, resume=None, model=None,
+          **kw) -> Trainer:
+    """Train the tiny GPT-2 (initialised with ``seed``), or ``model``, on the first ``steps``
+    batches of the training examples with plain SGD; returns the Trainer."""
+    model = tiny_gpt2(seed) if model is None else model
     trainer = Trainer(model=model, args=arguments(out, steps, batch, **kw), train_dataset=Examples(TRAIN, seed=0),
                       data_collator=default_data_collator, callbacks=callbacks,
                       optimizers=(torch.optim.SGD(model.parameters(), lr=LR), None))

@@ -47,16 +47,8 @@ def test_store_is_complete_holds_the_models_own_losses_and_the_report_reaches_te
     assert "cluster" in ds  # the analysis was written back
 
     # the last snapshot's per-token losses are the trained model's own (Hugging Face shifts the labels)
-    model = trainer.model.eval()
     probe = _hf.Examples(24, seed=1, labels=True).rows
-    own = []
-    with torch.no_grad():
-        for row in probe:
-            for p in np.flatnonzero(row["labels"].numpy() != -100):
-                only = torch.full_like(row["labels"], -100)
-                only[p] = row["labels"][p]
-                own.append(model(input_ids=row["input_ids"][None], labels=only[None]).loss.item())
-    np.testing.assert_allclose(ds["loss"].values[-1], own, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ds["loss"].values[-1], _hf.own_losses(trainer.model, probe), rtol=1e-5, atol=1e-6)
     assert (ds["carry"].values == np.concatenate([r["carry"][r["labels"] != -100] for r in probe])).all()
 
     # the report is in the Trainer's TensorBoard log dir, beside the Trainer's own scalars
@@ -179,3 +171,32 @@ def test_two_processes_under_torchrun_write_the_single_process_store(tmp_path):
     assert b.attrs["complete"] and b["step"].values.tolist() == [0, 2, 4, 6, 8] and b.sizes["basis"] == 2
     # rounding: DDP's gradient all-reduce and the sharded probe and HVP sums add in another order
     _same(a, b, rtol=1e-5, floor=1e-5)
+
+
+def test_a_list_of_example_dicts_is_collated_with_the_trainers_collator_in_a_tiny_llama(tmp_path):
+    """The examples as Trainer(train_dataset=...) takes them: a list of dicts of 1-D tensors."""
+    probe, hessian = _hf.Examples(12, seed=1, labels=True).rows, _hf.Examples(8, seed=2).rows
+    cb = _hf.polca(tmp_path / "polca.zarr", probe_data=probe, hessian_data=hessian, k=1, max_basis=1)
+    assert cb.probe_batches is None  # collated when training begins, by the Trainer's collator
+    trainer = _hf.train(tmp_path / "out", 4, [cb], model=_hf.tiny_llama(0))
+    assert [len(b["input_ids"]) for b in cb.probe_batches] == [8, 4]  # per_device_eval_batch_size at a time
+    ds = open_store(cb.store)
+    assert ds.attrs["complete"] and ds["step"].values.tolist() == [0, 2, 4]
+    np.testing.assert_allclose(ds["loss"].values[-1], _hf.own_losses(trainer.model, probe), rtol=1e-5, atol=1e-6)
+    assert (ds["carry"].values == np.concatenate([r["carry"][r["labels"] != -100] for r in probe])).all()
+
+
+def test_data_that_are_not_batches_are_refused_before_training_naming_the_argument(tmp_path):
+    rows = _hf.Examples(8, seed=1).rows
+    with pytest.raises(ValueError, match=r"^probe_data\[0\]\['input_ids'\] has 1 dimension; a batch is "
+                                         r"\[batch, positions\].*the examples as a list"):
+        _hf.polca(tmp_path / "a.zarr", probe_data=iter(rows))  # a generator yields examples, not batches
+    ragged = rows[:4] + [{k: v[:-1] for k, v in row.items()} for row in rows[4:]]
+    cb = _hf.polca(tmp_path / "b.zarr", probe_data=ragged, batch_size=8)
+    model = _hf.tiny_gpt2(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"probe_data\[4\]\['input_ids'\] has shape \[11\] but probe_data\[0\]"
+                                         r"\['input_ids'\] \[12\]: .* pad them"):
+        _hf.train(tmp_path / "out", 2, [cb], model=model)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before training
+    assert not (tmp_path / "b.zarr").exists()

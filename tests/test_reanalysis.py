@@ -313,3 +313,33 @@ def test_both_hidden_fractions_side_by_side_when_the_analysis_has_the_papers_tau
     ticks = [t.get_text() for t in appendix_g_figure(both, "carry").axes[0].get_xticklabels()]
     assert all(t.count("|") == 1 for t in ticks)
     assert len(appendix_g_table(merged).columns) == len(table.columns) - 2
+
+
+# ------------------------------------------------------------------ a re-analysis that does not write
+@pytest.mark.parametrize("flags", [["--min-samples", "5"], ["--group-by", "target"]], ids=lambda f: f[0])
+def test_a_reanalysis_without_writing_gives_the_tables_of_one_that_writes(restricted, flags, capsys):
+    """Settings that change the number of clusters: the new results must not meet the
+    store's previous analysis (``cluster_id`` of another length) in one dataset."""
+    before = open_analysed_store(restricted)
+    changes = {"min_samples": 5} if flags[0] == "--min-samples" else {"group_by": "target"}
+    kept = analyze_store(restricted, write=False, **changes)
+    assert kept.sizes["cluster_id"] != before.sizes["cluster_id"]  # the case: another number of clusters
+    assert main(["analyze", str(restricted), *flags, "--quiet", "--no-write"]) == 0
+    not_written = capsys.readouterr().out
+    untouched = open_analysed_store(restricted)  # the store still holds its previous analysis
+    assert untouched.sizes["cluster_id"] == before.sizes["cluster_id"]
+    assert AnalysisSettings.from_store(untouched) == AnalysisSettings.from_store(before)
+
+    assert main(["analyze", str(restricted), *flags, "--quiet"]) == 0
+    written = capsys.readouterr().out
+    assert written.replace(f"analysis written into {restricted}\n", "") == not_written
+    ds = open_analysed_store(restricted)
+    assert ds.sizes["cluster_id"] == kept.sizes["cluster_id"]
+    for table in (summary_table, appendix_g_table):
+        a, b = table(kept), table(ds)
+        assert a.columns == b.columns and a.rows == b.rows, table.__name__
+    # every result variable of the two, and no stale one of the previous analysis
+    results = {name for name, var in ds.variables.items() if "analysis_timings" in var.attrs}
+    assert results == {name for name, var in kept.variables.items() if "analysis_timings" in var.attrs}
+    for name in results:
+        np.testing.assert_array_equal(kept[name].values, ds[name].values, err_msg=name)

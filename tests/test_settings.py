@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The documented defaults (docs/callback.md), written out here as the contract.
 DEFAULTS = {
-    "token_loss": None, "token_labels": None, "snapshot_every": 25, "basis_every": 200, "k": 1,
+    "token_loss": None, "token_labels": None, "batch_size": None, "data_collator": None, "snapshot_every": 25, "basis_every": 200, "k": 1,
     "max_basis": 15, "order": "trapezoid", "basis": "hessian", "parameters": None, "mode": "w-",
     "storage_options": None, "weights_compressors": WEIGHTS_COMPRESSORS, "engine": "auto",
     "memory_cap": 1 << 30, "basis_on_device": True, "compute_precision": "float32", "lanczos_tol": 1e-3,
@@ -100,6 +100,8 @@ BAD = [
     ({"ablate": "yes"}, TypeError, "ablate: expected True or False, got 'yes'"),
     ({"analysis_kwargs": 3}, TypeError, "analysis_kwargs: expected a dict of analyze() settings, got int"),
     ({"token_loss": "causal"}, TypeError, "token_loss: expected a callable (module, batch) -> (loss, mask)"),
+    ({"batch_size": 0}, ValueError, "batch_size: expected a positive int or None, got 0"),
+    ({"data_collator": "pad"}, TypeError, "data_collator: expected a callable list of examples -> batch"),
     ({"weights_compressors": "zstd"}, TypeError, "weights_compressors: expected zarr 3 compressors"),
 ]
 

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--wandb-dir", metavar="DIR", help="where W&B writes its run folder (default: beside the store)")
     o.add_argument("--report", metavar="DIR", help="write the PNG/CSV report folder here "
                                                    "(default without --wandb-project: STORE.report)")
-    o.add_argument("--no-write", action="store_true", help="do not write the results into the store")
+    o.add_argument("--no-write", action="store_true",
+                   help="leave the store as it is: report what writing the results would give")
     _common(p)
 
     p = sub.add_parser("report", help="draw the report folder (PNG figures, CSV tables) of a store",

@@ -10,9 +10,9 @@ Usage::
 
 It runs :func:`polca_lightning.from_checkpoints`. CHECKPOINT is a folder of checkpoints, or
 the checkpoints in training order (Hugging Face folders, Lightning ``.ckpt`` files,
-``state_dict`` files). DATA is a file ``torch.save`` wrote (a list of batches, or a dict of
-tensors ``[examples, ...]`` cut into batches of ``--batch-size``), or ``module:function`` /
-``path/to/file.py:function`` returning the batches. FACTORY (``module:function`` or
+``state_dict`` files). DATA is a file ``torch.save`` wrote (a list of batches or of examples,
+or a dict of tensors ``[examples, ...]``, collated or cut ``--batch-size`` at a time), or
+``module:function`` / ``path/to/file.py:function`` returning the data. FACTORY (``module:function`` or
 ``file.py:function``) is called with each checkpoint and returns the model at it; without it,
 Hugging Face folders are read with ``AutoModelForCausalLM`` (eager attention).
 """
@@ -47,7 +47,7 @@ def add_parser(sub, store_argument) -> None:
                         "--batch-size batches) or module:function returning them")
     d.add_argument("--hessian", metavar="DATA", help="Hessian batches, as --probe (needed for --basis hessian)")
     d.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help="examples per batch of a dict of tensors (default 8)")
+                   help="examples per batch of a dict of tensors or a list of examples (default 8)")
     d.add_argument("--model", metavar="FACTORY",
                    help="module:function or file.py:function called with each checkpoint, returning the model "
                         "at it (default for Hugging Face folders: AutoModelForCausalLM, eager attention)")
@@ -160,7 +160,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
             basis_every=args.basis_every, snapshot_every=1, k=args.k,  # snapshot_every: every checkpoint is one
             max_basis=args.max_basis, order=args.order, basis=args.basis, engine=args.engine, seed=args.seed,
             mode="a" if args.resume else "w" if args.overwrite else "w-", storage_options=args.store.storage_options,
-            analyze=not args.no_analyze, progress=not args.quiet,
+            analyze=not args.no_analyze, progress=not args.quiet, batch_size=args.batch_size,
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise CLIError(str(error)) from None

@@ -109,7 +109,8 @@ def analyze_store(path, *, write: bool = True, progress: bool = False, storage_o
     Args:
         path: the store.
         write: write the results into the store (replacing an earlier analysis);
-            with ``False`` the store is left untouched.
+            with ``False`` the store is left untouched and the Dataset returned holds the
+            new results in place of the earlier analysis', as writing would give it.
         progress: progress bar over clusterings.
         storage_options: options of a URL store's filesystem (see :func:`polca_lightning.open_store`).
         settings: an :class:`~polca_lightning.analysis.AnalysisSettings` to start from
@@ -145,8 +146,10 @@ def analyze_store(path, *, write: bool = True, progress: bool = False, storage_o
     base = starting_settings(store, settings=settings, defaults=defaults)
     res = analyze(store, settings_with(base, analysis_kwargs), progress=progress)
     variables = result_variables(res, store)
-    if not write:
-        return _with_scalars(store.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in variables.items()}))
+    if not write:  # what writing gives: the previous analysis' results all replaced or dropped
+        previous = [name for name, var in store.variables.items() if RESULT_MARK in var.attrs]
+        fresh = store.drop_vars(previous).assign({k: xr.Variable(d, v, a) for k, (d, v, a) in variables.items()})
+        return _with_scalars(fresh)
     _drop_stale_results(path, set(variables))
     write_analysis(path, variables)
     log.info("POLCA: analysis written to %s (%d variables)", path, len(variables))
