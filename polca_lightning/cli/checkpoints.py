@@ -117,14 +117,12 @@ def load_data(spec: str, flag: str, batch_size: int) -> list:
 
 
 def _hf_model(first: Any):
-    """The Hugging Face model of the first checkpoint, with eager attention (forward-mode AD
-    does not go through the fused kernels)."""
+    """The Hugging Face model of the first checkpoint (:func:`polca_lightning.hf.pretrained_causal_lm`)."""
     try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise CLIError('the checkpoints are Hugging Face folders: pip install "polca-lightning[transformers]", '
-                       "or pass --model") from None
-    return AutoModelForCausalLM.from_pretrained(first, attn_implementation="eager")
+        from polca_lightning.hf import pretrained_causal_lm
+    except ImportError as error:
+        raise CLIError(f"the checkpoints are Hugging Face folders: {error}; or pass --model") from None
+    return pretrained_causal_lm(first)
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
