@@ -1,6 +1,8 @@
 """track(): POLCA in a plain PyTorch loop. Its store equals the Lightning callback's on the same
 run; a crash then a resume at a checkpoint's step equals an uninterrupted run; bad use is named."""
 
+import shutil
+
 import lightning as L
 import pytest
 import torch
@@ -23,10 +25,10 @@ def loss_of(net, batch):
     return loss[mask].mean()
 
 
-def plain_loop(store, steps, *, net=None, optimizer=None, start=0, crash_at=None, checkpoint=None, **kw):
+def plain_loop(store, steps, *, net=None, optimizer=None, start=0, crash_at=None, checkpoints=(), **kw):
     """Train the tiny transformer with SGD on TRAIN from step ``start`` to ``steps`` inside
-    ``track``; ``checkpoint``: ``(step, path)`` saves the model and optimizer after that
-    optimizer step; ``crash_at``: raise after that optimizer step, before its ``polca.step()``."""
+    ``track``; ``checkpoints``: ``{step: path}``, the model and optimizer saved after those
+    optimizer steps; ``crash_at``: raise after that optimizer step, before its ``polca.step()``."""
     net = net if net is not None else tiny_lm(seed=0, d_model=8, dtype=torch.float32)
     optimizer = optimizer or torch.optim.SGD(net.parameters(), lr=LR)
     with track(net, store, **{**SETTINGS, **kw}) as polca:
@@ -34,8 +36,8 @@ def plain_loop(store, steps, *, net=None, optimizer=None, start=0, crash_at=None
             loss_of(net, TRAIN[(step - 1) % len(TRAIN)]).backward()
             optimizer.step()
             optimizer.zero_grad()
-            if checkpoint and step == checkpoint[0]:
-                torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint[1])
+            if step in checkpoints:
+                torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, checkpoints[step])
             if step == crash_at:
                 raise RuntimeError("simulated crash")
             polca.step()
@@ -59,37 +61,37 @@ def test_the_plain_loop_store_equals_the_lightning_callbacks_on_the_same_run(tmp
     same_stores(a, b, rtol=1e-5, floor=1e-6)
 
 
-@pytest.mark.parametrize("crash_at, resume", [(13, 10), (12, 12)], ids=["store-past-the-checkpoint",
-                                                                         "snapshot-due-at-the-checkpoint"])
-def test_crash_then_resume_at_the_checkpoints_step_equals_an_uninterrupted_run(tmp_path, crash_at, resume):
-    """Crash at 13 with a checkpoint at 10: the store (up to 12) is cut back to 10. Crash at 12
-    after the optimizer step but before ``polca.step()``, checkpoint of that step: the store
-    lacks the snapshot and basis step due at 12, taken on entering the resumed block."""
+def test_crash_then_resume_at_a_checkpoints_step_equals_an_uninterrupted_run(tmp_path):
+    """A crash at step 12, after the optimizer step, before ``polca.step()``; checkpoints saved
+    at 8 and 12. Resumed at 8, the store (up to 10) is cut back to 8; resumed at 12, it lacks
+    the snapshot and the basis step due at 12, taken on entering the block."""
     # engine "auto": the resumed run reads the engine costs from the store
     settings = dict(engine="auto", max_basis=4, basis="random")
     reference = plain_loop(tmp_path / "reference.zarr", 14, **settings)
 
-    path = tmp_path / "checkpoint.pt"
+    paths = {8: tmp_path / "step8.pt", 12: tmp_path / "step12.pt"}
     with pytest.raises(RuntimeError, match="simulated crash"):
-        plain_loop(tmp_path / "run.zarr", 14, crash_at=crash_at, checkpoint=(resume, path), **settings)
+        plain_loop(tmp_path / "run.zarr", 14, crash_at=12, checkpoints=paths, **settings)
     left = open_store(tmp_path / "run.zarr")
-    assert not left.attrs["complete"] and left["step"].values.tolist()[-1] == (12 if crash_at == 13 else 10)
+    assert not left.attrs["complete"] and left["step"].values.tolist() == [0, 2, 4, 6, 8, 10]
     calibration = left.attrs["engine_calibration"]
+    shutil.copytree(tmp_path / "run.zarr", tmp_path / "run_at_8.zarr")
 
-    saved = torch.load(path)
-    net = tiny_lm(seed=5, d_model=8, dtype=torch.float32)  # other weights: the checkpoint's replace them
-    net.load_state_dict(saved["model"])
-    optimizer = torch.optim.SGD(net.parameters(), lr=LR)
-    optimizer.load_state_dict(saved["optimizer"])
-    resumed = plain_loop(tmp_path / "run.zarr", 14, net=net, optimizer=optimizer, start=resume, mode="a",
-                         resume_step=resume, **settings)
-    # the resumed run makes the crashed run's engine choices: it reads their measured costs back
-    assert calibration and resumed.tracker.dd.calibration == calibration
-    a, b = open_store(reference.store).load(), open_store(resumed.store).load()
-    assert b.attrs["complete"] and b["step"].values.tolist() == list(range(0, 15, 2))
-    assert b["basis_step"].values.tolist() == [0, 4, 8, 12]
-    # the reference measured its own engine costs, so it may compute some K another way
-    same_stores(a, b, rtol=1e-5, floor=1e-6)
+    for resume, store in ((8, tmp_path / "run_at_8.zarr"), (12, tmp_path / "run.zarr")):
+        saved = torch.load(paths[resume])
+        net = tiny_lm(seed=5, d_model=8, dtype=torch.float32)  # other weights: the checkpoint's replace them
+        net.load_state_dict(saved["model"])
+        optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+        optimizer.load_state_dict(saved["optimizer"])
+        resumed = plain_loop(store, 14, net=net, optimizer=optimizer, start=resume, mode="a", resume_step=resume,
+                             **settings)
+        # the resumed run makes the crashed run's engine choices: it reads their measured costs back
+        assert calibration and resumed.tracker.dd.calibration == calibration
+        a, b = open_store(reference.store).load(), open_store(resumed.store).load()
+        assert b.attrs["complete"] and b["step"].values.tolist() == list(range(0, 15, 2))
+        assert b["basis_step"].values.tolist() == [0, 4, 8, 12]
+        # the reference measured its own engine costs, so it may compute some K another way
+        same_stores(a, b, rtol=1e-5, floor=1e-6)
 
 
 def _two_processes(rank, store, init_file):
