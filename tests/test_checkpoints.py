@@ -2,8 +2,9 @@
 snapshot steps, and over the Hugging Face folders of a tiny GPT-NeoX trained by the Trainer, it
 gives the store the run's callback wrote; a killed run continues at the next checkpoint."""
 
+import json
+
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -44,6 +45,43 @@ def test_steps_are_read_from_names_and_a_folder_lists_its_checkpoints_in_step_or
                                        "epoch=1-step=6.ckpt", "epoch=1-step=8.ckpt"]
 
 
+class Unpicklable:
+    """A class of the test's own: ``torch.load(weights_only=True)`` refuses it."""
+
+
+def test_every_format_gives_the_same_tensors(tmp_path):
+    """A state dict saved alone, under "model" (hand-written loops), under "state_dict" with a
+    LightningModule's prefix, as safetensors, and as a Hugging Face folder of two shards: each
+    puts the same weights into another model."""
+    from safetensors.torch import save_file
+
+    source = tiny_lm(seed=0, d_model=8, dtype=torch.float32)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    torch.save(state, tmp_path / "alone.pt")
+    torch.save({"model": state, "iter_num": 7}, tmp_path / "loop.pt")
+    torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}, "global_step": 7}, tmp_path / "l.ckpt")
+    save_file(state, tmp_path / "weights.safetensors")
+    (tmp_path / "hf").mkdir()
+    names = sorted(state)
+    halves = {"model-1.safetensors": names[: len(names) // 2], "model-2.safetensors": names[len(names) // 2:]}
+    for shard, keys in halves.items():
+        save_file({k: state[k] for k in keys}, tmp_path / "hf" / shard)
+    index = {"weight_map": {k: shard for shard, keys in halves.items() for k in keys}}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name in ("alone.pt", "loop.pt", "l.ckpt", "weights.safetensors", "hf"):
+        target = tiny_lm(seed=1, d_model=8, dtype=torch.float32)
+        load_weights(target, read_state_dict(tmp_path / name), name)
+        for (key, p), q in zip(target.named_parameters(), source.parameters()):
+            assert torch.equal(p, q), (name, key)
+
+    torch.save({"model": state, "extra": Unpicklable()}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="holds objects besides tensors"):
+        read_state_dict(tmp_path / "pickled.pt")
+    torch.save({"iter_num": 7}, tmp_path / "empty.pt")
+    with pytest.raises(ValueError, match="holds no state dict"):
+        read_state_dict(tmp_path / "empty.pt")
+
+
 def test_the_checkpoints_of_a_lightning_run_give_its_callbacks_store(lightning_run, tmp_path):
     # the inner network (its names lack the LightningModule's "net."), with other weights: each checkpoint's replace them
     ds = from_checkpoints(tiny_lm(seed=5, d_model=8, dtype=torch.float32), lightning_run / "ckpt",
@@ -54,7 +92,7 @@ def test_the_checkpoints_of_a_lightning_run_give_its_callbacks_store(lightning_r
     same_stores(a, b, rtol=1e-5, floor=1e-6)
 
 
-def test_a_killed_run_continues_at_the_next_checkpoint(lightning_run, tmp_path):
+def test_a_killed_run_continues_at_the_next_checkpoint(lightning_run, tmp_path, capsys):
     paths = list_checkpoints(lightning_run / "ckpt")
 
     def killed_at_step_6(path):  # a factory: the model at a checkpoint
@@ -72,7 +110,10 @@ def test_a_killed_run_continues_at_the_next_checkpoint(lightning_run, tmp_path):
     with pytest.raises(ValueError, match="not the first of this series"):
         from_checkpoints(tiny_lm(d_model=8, dtype=torch.float32), paths[1:], store, mode="a", **SETTINGS)
 
-    ds = from_checkpoints(tiny_lm(seed=3, d_model=8, dtype=torch.float32), paths, store, mode="a", **SETTINGS)
+    capsys.readouterr()
+    ds = from_checkpoints(tiny_lm(seed=3, d_model=8, dtype=torch.float32), paths, store, mode="a",
+                          steps=[0, 2, 4, 6, 8], **{**SETTINGS, "progress": True})
+    assert "POLCA checkpoints" in capsys.readouterr().err  # the bar, from the 3 checkpoints the store kept
     same_stores(open_store(lightning_run / "callback.zarr").load(), ds.load(), rtol=1e-5, floor=1e-6)
 
 
