@@ -143,7 +143,11 @@ def test_bad_use_is_named_and_a_store_with_snapshots_needs_the_resume_step(tmp_p
         track(net, store, resume_step=4, **SETTINGS)
     with pytest.raises(ValueError, match="resume step: expected a non-negative int, got -1"):
         track(net, store, mode="a", resume_step=-1, **SETTINGS)
-    polca = track(net, store, **SETTINGS)
+    examples = [{k: v[i] for k, v in batch.items()} for batch in SETTINGS["probe_data"] for i in range(12)]
+    polca = track(net, store, **{**SETTINGS, "probe_data": examples, "batch_size": 6})  # examples: collated
+    assert [b["input_ids"].shape for b in polca.probe_batches] == [(6, 12)] * 4
+    with pytest.raises(ValueError, match=r"probe_data\[0\]\['input_ids'\] has 1 dimension"):
+        track(net, store, **{**SETTINGS, "probe_data": [examples[0]] + SETTINGS["probe_data"]})
     with pytest.raises(RuntimeError, match=r"step\(\) is called inside the `with track\(...\)` block"):
         polca.step()
     assert not store.exists()  # nothing is written before the block
