@@ -2,7 +2,9 @@
 
 Add :class:`POLCACallback` to a Lightning ``Trainer``, or
 :class:`polca_lightning.hf.POLCATrainerCallback` to Hugging Face's ``transformers.Trainer``
-(the ``transformers`` extra; not imported here); reload the store with :func:`open_store`.
+(the ``transformers`` extra; not imported here), or wrap a training loop written by hand in
+``with`` :func:`track` ``(...)``, or run :func:`from_checkpoints` over the checkpoints a
+run saved; reload the store with :func:`open_store`.
 
 The package logs to the ``polca_lightning`` logger at INFO (each basis step, the engine
 costs, where the report went), shown on stderr as Lightning shows its own when the
@@ -26,12 +28,16 @@ from polca_lightning.core.functional import ParameterSpace
 from polca_lightning.core.hessian import EigenResult, projected_hessian_eigs
 from polca_lightning.core.losses import causal_lm_token_loss, classifier_token_loss, masked_lm_token_loss
 from polca_lightning.core.polca import ORDERS, coverage, polca_interval
+from polca_lightning.loop import track
+from polca_lightning.series import from_checkpoints
 from polca_lightning.store import StoreError, TokenIndex, open_store
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "POLCACallback",
+    "track",
+    "from_checkpoints",
     "POLCAConfig",
     "open_store",
     "StoreError",

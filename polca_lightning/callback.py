@@ -13,7 +13,6 @@ from typing import Any, Iterable
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
 
-from polca_lightning.data import as_batches
 from polca_lightning.session import POLCASession, SessionAttributes
 from polca_lightning.settings import Settings, Unpack, takes_settings
 
@@ -56,10 +55,7 @@ class POLCACallback(SessionAttributes, Callback):
                  **settings: Unpack[Settings]):
         self.session = POLCASession(store, owner="POLCACallback", resume_hint="ckpt_path= to Trainer.fit",
                                     **settings)
-        batching = dict(collate=self.session.data_collator, batch_size=self.session.batch_size)
-        self.probe_batches = as_batches("probe_data", probe_data, **batching)
-        wants_hessian = self.session.needs_hessian or hessian_data is not None
-        self.hessian_batches = as_batches("hessian_data", hessian_data, **batching) if wants_hessian else []
+        self.probe_batches, self.hessian_batches = self.session.batches(probe_data, hessian_data)
 
     # ------------------------------------------------------------- settings
     @property

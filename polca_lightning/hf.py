@@ -34,7 +34,7 @@ from polca_lightning.data import as_batches, holds_examples
 from polca_lightning.session import POLCASession, SessionAttributes
 from polca_lightning.settings import Settings, Unpack, takes_settings
 
-__all__ = ["POLCATrainerCallback", "tensorboard_log_dir", "trainer_collator"]
+__all__ = ["POLCATrainerCallback", "pretrained_causal_lm", "tensorboard_log_dir", "trainer_collator"]
 
 
 def trainer_collator(train_dataloader: Any) -> Callable:
@@ -45,6 +45,15 @@ def trainer_collator(train_dataloader: Any) -> Callable:
     if type(collate).__name__ == "RemoveColumnsCollator":
         collate = collate.data_collator
     return collate if collate is not None else default_data_collator
+
+
+def pretrained_causal_lm(folder: str | os.PathLike):
+    """The causal language model saved in a Hugging Face folder (``save_pretrained``, a
+    ``Trainer`` checkpoint), with eager attention: forward-mode AD does not go through the
+    fused attention kernels. What ``polca checkpoints`` reads Hugging Face folders with."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
 
 
 def tensorboard_log_dir(args: Any) -> Path:

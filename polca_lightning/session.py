@@ -33,6 +33,7 @@ import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,8 +41,11 @@ from polca_lightning.config import POLCAConfig
 from polca_lightning.core.functional import ParameterSpace
 from polca_lightning.core.losses import resolve_token_loss
 from polca_lightning.core.polca import needs_curvature
+from polca_lightning.data import as_batches
 from polca_lightning.settings import Settings, Unpack, check_settings, takes_settings
-from polca_lightning.store import NullWriter, StoreWriter, TokenIndex, check_store_path
+from polca_lightning.store import (
+    ENGINE_CALIBRATION, NullWriter, StoreError, StoreWriter, TokenIndex, check_store_path, open_store,
+)
 from polca_lightning.store.location import resolve_store
 from polca_lightning.tracker import Collective, POLCATracker, TorchDistributed
 
@@ -91,6 +95,19 @@ class POLCASession:
     def needs_hessian(self) -> bool:
         """Whether the basis needs Hessian data (``basis="hessian"``)."""
         return self.config.basis == "hessian"
+
+    def batches(self, probe_data: Any, hessian_data: Any) -> tuple[list, list]:
+        """The probe and Hessian batches, read with :func:`~polca_lightning.data.as_batches`
+        (examples collated ``batch_size`` at a time by ``data_collator``); no Hessian batches
+        where the basis needs none and none are given.
+
+        Raises:
+            ValueError, TypeError: data that are not batches or examples, naming the argument.
+        """
+        batching = dict(collate=self.data_collator, batch_size=self.batch_size)
+        probe = as_batches("probe_data", probe_data, **batching)
+        wants_hessian = self.needs_hessian or hessian_data is not None
+        return probe, as_batches("hessian_data", hessian_data, **batching) if wants_hessian else []
 
     # ----------------------------------------------------------- processes
     def connect(self, world_size: int) -> None:
@@ -147,6 +164,21 @@ class POLCASession:
         """Resume from a checkpoint's :meth:`state_dict` at the next :meth:`start`."""
         self.resume_state = dict(state)
 
+    def resume_at(self, step: int) -> None:
+        """Resume at the next :meth:`start` from the store alone, for a loop at optimizer
+        ``step`` that keeps no state of the session: the store is cut to its snapshots at
+        steps up to ``step`` and the basis vectors found at them, and the engine costs the
+        store recorded are used again (:meth:`begin` then takes what the store lacks at ``step``).
+
+        Raises:
+            ValueError: ``step`` is not a non-negative int, or the mode is not ``'a'``.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"resume step: expected a non-negative int, got {step!r}")
+        if self.mode != "a":
+            raise ValueError(f"mode: expected 'a' to resume the store at step {step}, got {self.mode!r}")
+        self.resume_state = {"at_step": step}
+
     # ------------------------------------------------------------ lifecycle
     def start(self, module: nn.Module, probe: Sequence[Any], hessian: Sequence[Any], *,
               training_precision: str, log_metrics: Callable[[dict, int], None] | None = None) -> POLCATracker:
@@ -189,13 +221,16 @@ class POLCASession:
             if log_metrics is not None and self.rank == 0:
                 log_metrics(metrics, step)
 
+        state = self.resume_state or {}
+        calibration = self._stored_calibration() if "at_step" in state else state.get("engine_calibration")
         self.tracker = POLCATracker(
             module, token_loss, space, probe, hessian, self.config, open_writer=open_writer,
-            collective=self.collective, token_labels=self.token_labels,
-            calibration=(self.resume_state or {}).get("engine_calibration"),
+            collective=self.collective, token_labels=self.token_labels, calibration=calibration,
             log_metrics=on_rank_zero_log, progress=self.progress,
         )
         self.writer = self.tracker.writer
+        if self.tracker.calibration:  # a resume at a step reads them back (resume_at)
+            self.writer.set_attributes({ENGINE_CALIBRATION: self.tracker.calibration})
         device = dict(module.named_parameters())[space.names[0]].device
         self._resume(device)
         return self.tracker
@@ -219,6 +254,17 @@ class POLCASession:
         }
         return {**self.config.to_dict(), **facts}
 
+    def _stored_calibration(self) -> dict | None:
+        """The engine costs the store recorded (:meth:`resume_at`), read on rank 0, on every rank."""
+        def read() -> dict | None:
+            try:
+                return open_store(self.store, storage_options=self.storage_options, analysis=False).attrs.get(
+                    ENGINE_CALIBRATION)
+            except (FileNotFoundError, StoreError):  # no store yet: it starts here
+                return None
+
+        return self.collective.gather([self.on_rank_zero(read)])[0][0]
+
     def _resume(self, device: torch.device) -> None:
         state = self.resume_state
         committed = self.writer.committed  # (0, 0) from a NullWriter: rank 0's is broadcast
@@ -232,6 +278,8 @@ class POLCASession:
                     f"from a checkpoint; pass {self.resume_hint} to continue it, or mode='w' to start over"
                 )
             return
+        if "at_step" in state:
+            state = self._state_at(state["at_step"], device)
         n_snapshots, n_basis = state["n_snapshots"], state["n_basis"]
         if committed[0] < n_snapshots or committed[1] < n_basis:
             raise RuntimeError(
@@ -243,24 +291,50 @@ class POLCASession:
         self.last_step = state["last_step"]
         log.info("POLCA: resumed %s at snapshot %d with %d basis vectors", self.store, n_snapshots, n_basis)
 
-    def begin(self, step: int) -> None:
-        """Training starts at ``step``: the first snapshot, unless the store resumed with some."""
-        if self.tracker.n_snapshots == 0:
-            self._step(step)
+    def _state_at(self, step: int, device: torch.device) -> dict:
+        """The :meth:`state_dict` of a run at ``step``, from the store's committed steps and
+        basis steps (rank 0's, on every rank): its snapshots up to ``step`` and the vectors found at them."""
+        counts = torch.tensor([0, 0, -1], device=device)
+        if self.writer.writes:
+            steps, basis_steps = np.asarray(self.writer.read_steps()), np.asarray(self.writer.read_basis()[2])
+            n_snapshots = int((steps <= step).sum())  # steps increase: a prefix
+            last = int(steps[n_snapshots - 1]) if n_snapshots else -1
+            counts = torch.tensor([n_snapshots, int((basis_steps <= last).sum()), last], device=device)
+        n_snapshots, n_basis, last = (int(x) for x in self.collective.broadcast(counts).tolist())
+        return {"n_snapshots": n_snapshots, "n_basis": n_basis, "last_step": last}
+
+    def begin(self, step: int, *, grow_basis: bool | None = None) -> None:
+        """Training starts at ``step``: the first snapshot, unless the store resumed with some;
+        after a resume, what the store lacks at ``step``: its snapshot if ``step`` is on the
+        schedule and past the last one, or its basis step (``grow_basis``: whether ``step`` is
+        one; default: on the schedule)."""
+        t = self.tracker
+        if t.n_snapshots == 0 or (step > self.last_step and step % self.config.snapshot_every == 0):
+            self.snapshot(step, grow_basis=grow_basis)
+        elif step == self.last_step and self._is_basis_step(step, grow_basis) and step not in t.basis_steps:
+            self._grow(step)  # the store kept the snapshot but not the vectors found there
 
     def optimizer_step(self, step: int) -> None:
         """After the optimizer step that made the run's step count ``step``: a snapshot every
         ``snapshot_every`` steps, a basis step every ``basis_every``. A step seen before (the
         micro-batches of one accumulated step) is skipped."""
         if step != self.last_step and step % self.config.snapshot_every == 0:
-            self._step(step)
+            self.snapshot(step)
 
-    def _step(self, step: int) -> None:
+    def snapshot(self, step: int, *, grow_basis: bool | None = None) -> None:
+        """A snapshot at ``step`` of the model's parameters as they are, then a basis step if
+        ``grow_basis`` (default: every ``basis_every`` steps)."""
         self.last_step = step
         self.tracker.snapshot(step)
-        if step % self.config.basis_every == 0:
-            with torch.enable_grad():  # a loop may call its hooks under no_grad
-                self.tracker.grow_basis(step)
+        if self._is_basis_step(step, grow_basis):
+            self._grow(step)
+
+    def _is_basis_step(self, step: int, grow_basis: bool | None) -> bool:
+        return step % self.config.basis_every == 0 if grow_basis is None else bool(grow_basis)
+
+    def _grow(self, step: int) -> None:
+        with torch.enable_grad():  # a loop may call its hooks under no_grad
+            self.tracker.grow_basis(step)
 
     def finish(self) -> None:
         """Training ended: close the store, complete; no process goes on before rank 0 has

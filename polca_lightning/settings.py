@@ -19,7 +19,6 @@ decorated with :func:`takes_settings`, which gives it
 :class:`~polca_lightning.session.POLCASession` checks the values (:func:`check_settings`), so an
 entry point that builds a session passes ``**settings`` on and is done. A new entry point::
 
-    from polca_lightning.data import as_batches
     from polca_lightning.session import POLCASession
     from polca_lightning.settings import Settings, Unpack, takes_settings
 
@@ -31,8 +30,7 @@ entry point that builds a session passes ``**settings`` on and is done. A new en
             model: the module being trained.
         \"\"\"
         session = POLCASession(store, owner="track", resume_hint="step= to track", **settings)
-        probe = as_batches("probe_data", probe_data, collate=session.data_collator,
-                           batch_size=session.batch_size)
+        probe, hessian = session.batches(probe_data, hessian_data)  # examples collated, batches checked
         ...
 
 A new setting is one more line of :class:`Settings` (or one more field of ``POLCAConfig``,

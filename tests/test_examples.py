@@ -343,3 +343,26 @@ def test_arithmetic_killed_and_started_again_ends_with_the_uninterrupted_store(t
         np.testing.assert_allclose(b[name].values, values, rtol=1e-5, atol=1e-6 * scale + 1e-9, err_msg=name)
     # and a complete run is reused, not run again
     assert arithmetic.main(flags + ["--out", str(out)]) == results
+
+def test_plain_loop_tiny_mode_reports_into_the_open_wandb_run(tmp_path, capsys):
+    import plain_loop
+
+    from polca_lightning import open_store
+
+    store = plain_loop.main(["--tiny", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    ds = open_store(store)
+    assert ds.attrs["complete"] and ds["step"].values.tolist() == list(range(0, 25, 4))
+    assert ds["basis_step"].values.tolist() == [0, 0, 8, 8] and set(ds["carry"].values) == {0, 1}
+    assert "cluster" in ds and "carry_homogeneity" in ds and "ablation_loss_change" in ds  # the work after training
+    assert f"24 steps; store {store}: 7 snapshots, 4 vectors" in out
+
+    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    images, tables = media_files(run_dir, "images"), media_files(run_dir, "table")
+    assert any(i.startswith("polca_report/coverage_plot_") for i in images)
+    assert any(t.startswith("polca_report/summary_") for t in tables)
+    history = wandb_history(Path(run_dir))
+    assert any("train/loss" in h for h in history)  # the loop's own
+    eigen = [h for h in history if "polca/eigenvalue" in h]  # POLCA's, against the loop's step
+    assert [h["global_step"] for h in eigen] == [0, 8]
+    np.testing.assert_allclose([h["polca/eigenvalue"] for h in eigen], ds["eigenvalue"].values[::2], rtol=1e-6)

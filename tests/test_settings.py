@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from _tiny import batches
-from polca_lightning import POLCACallback, POLCAConfig
+from _tiny import batches, tiny_lm
+from polca_lightning import POLCACallback, POLCAConfig, from_checkpoints, track
 from polca_lightning.session import POLCASession
 from polca_lightning.settings import ARGUMENTS, SETTINGS, Settings, check_settings, takes_settings
 from polca_lightning.store import WEIGHTS_COMPRESSORS
@@ -28,8 +28,9 @@ DEFAULTS = {
 
 
 def entry_points():
-    """Every entry point that takes the settings; the Hugging Face one where transformers is installed."""
-    entries = [POLCACallback, POLCASession]
+    """Every entry point that takes the settings and returns what holds them (``from_checkpoints``
+    runs: see :func:`signatures`); the Hugging Face one where transformers is installed."""
+    entries = [POLCACallback, POLCASession, track]
     try:
         from polca_lightning.hf import POLCATrainerCallback
     except ImportError:
@@ -37,11 +38,17 @@ def entry_points():
     return entries + [POLCATrainerCallback]
 
 
+def signatures():
+    """Every entry point that takes the settings."""
+    return entry_points() + [from_checkpoints]
+
+
 def make(entry, tmp_path, **settings):
     """``entry`` built with ``settings`` on a store in ``tmp_path`` and tiny data."""
     if entry is POLCASession:
         return entry(tmp_path / "polca.zarr", **settings)
-    return entry(tmp_path / "polca.zarr", batches(8, 8, seed=1), batches(8, 8, seed=2), **settings)
+    data = (tmp_path / "polca.zarr", batches(8, 8, seed=1), batches(8, 8, seed=2))
+    return entry(tiny_lm(), *data, **settings) if entry is track else entry(*data, **settings)
 
 
 def test_the_settings_are_the_documented_ones_and_the_config_fields_among_them():
@@ -52,7 +59,7 @@ def test_the_settings_are_the_documented_ones_and_the_config_fields_among_them()
     assert {name for name, s in SETTINGS.items() if s.in_config} == set(fields)
 
 
-@pytest.mark.parametrize("entry", entry_points(), ids=lambda e: e.__name__)
+@pytest.mark.parametrize("entry", signatures(), ids=lambda e: e.__name__)
 def test_every_entry_point_shows_every_setting_with_its_default(entry):
     parameters = inspect.signature(entry).parameters
     for name, default in DEFAULTS.items():
@@ -60,10 +67,10 @@ def test_every_entry_point_shows_every_setting_with_its_default(entry):
         assert (p.kind, p.default) == (inspect.Parameter.KEYWORD_ONLY, default), name
         assert p.annotation is not inspect.Parameter.empty, name
     assert "settings" not in parameters  # the real parameters, not **settings
-    assert list(parameters)[0] == "store"
+    assert list(parameters)[{track: 1, from_checkpoints: 2}.get(entry, 0)] == "store"
 
 
-@pytest.mark.parametrize("entry", entry_points(), ids=lambda e: e.__name__)
+@pytest.mark.parametrize("entry", signatures(), ids=lambda e: e.__name__)
 def test_help_documents_every_parameter(entry):
     # help()'s text, its margin of " | " and its line breaks taken out
     text = " ".join(word for word in pydoc.render_doc(entry, renderer=pydoc.plaintext).split() if word != "|")

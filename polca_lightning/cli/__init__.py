@@ -1,4 +1,4 @@
-"""The ``polca`` command: inspect, analyse and report a POLCA store.
+"""The ``polca`` command: inspect, analyse and report a POLCA store, or write one from checkpoints.
 
 Usage::
 
@@ -12,6 +12,7 @@ Usage::
     polca ablate STORE [--vectors N ...] [--method polca|polca_first] [--labels L ...] [--csv PATH]
     polca signal STORE --label L [--where COORD=V,V ...] [--method polca|polca_first]
                        [--folds N] [--seed N] [--csv PATH]
+    polca checkpoints STORE CHECKPOINT [CHECKPOINT ...] --probe DATA [--hessian DATA] [--model FACTORY] ...
 
 ``analyze`` re-runs the analysis with other settings, writes the results into the store
 (unless ``--no-write``), then reports. It starts from the settings of the analysis the
@@ -38,6 +39,8 @@ filesystem reads its environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY
 ``signal`` is the signal check of a binary token label (``polca_lightning.analysis.signal_check``):
 per vector, the AUC of its final projected loss and the cross-validated accuracy of a linear
 classifier on its trajectory, beside all vectors together, the exact loss and the majority rate.
+``checkpoints`` writes a new store from an ordered series of saved weights
+(:func:`polca_lightning.from_checkpoints`; its flags in ``polca_lightning.cli.checkpoints``).
 
 Exit codes: 0 success; 2 a usage error, a missing path, a directory that is not a POLCA
 store, a store still being written (``analyze``/``report`` without ``--force``), or an
@@ -53,6 +56,7 @@ import sys
 import numpy as np
 
 from polca_lightning.cli.analyze import cmd_analyze, run_analysis
+from polca_lightning.cli.checkpoints import add_parser as add_checkpoints_parser, cmd_checkpoints
 from polca_lightning.cli.common import (
     CLIError, open_store_or_fail, require_complete, resolve_location, restriction_argument, steps_or, storage_option,
     storage_options_from, where_values,
@@ -76,7 +80,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Inspect, analyse and report POLCA stores written by POLCACallback.")
+        prog=PROG, description="Inspect, analyse and report POLCA stores, or write one from a series of checkpoints.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -161,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, metavar="N", help="cross-validation folds (default 5)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the folds (default 0)")
     p.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
+
+    add_checkpoints_parser(sub, _store_argument)
     return parser
 
 
@@ -327,7 +333,7 @@ def cmd_signal(args) -> int:
 
 
 COMMANDS = {"info": cmd_info, "analyze": cmd_analyze, "report": cmd_report, "ablate": cmd_ablate,
-            "signal": cmd_signal}
+            "signal": cmd_signal, "checkpoints": cmd_checkpoints}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -321,6 +321,6 @@ def report_after_fit(store_path, trainer=None, *, loggers=None, sinks=None, step
     if out is not None:
         log.info("POLCA: report written to %s", out)
     if fallback:
-        warnings.warn(f"POLCA: the trainer has no W&B or TensorBoard logger; the report is in {out} "
+        warnings.warn(f"POLCA: the run has no W&B or TensorBoard logger; the report is in {out} "
                       "(index.md lists its files)", UserWarning, stacklevel=2)
     return out

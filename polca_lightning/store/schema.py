@@ -39,7 +39,9 @@ Floats not computed yet are NaN, integers -1. Group attributes: ``parameters`` (
 ``[name, shape]`` in ``param`` order), ``order``, ``config``, ``max_basis``,
 ``with_curvature``, ``store_weights``, ``token_labels``, ``polca_lightning_version``,
 ``polca_lightning_format`` (marks a POLCA store), ``committed_snapshots`` and
-``committed_basis`` (how much is complete), ``complete`` (the run closed the store).
+``committed_basis`` (how much is complete), ``complete`` (the run closed the store),
+``engine_calibration`` (the engine costs measured at the start with ``engine="auto"``,
+which a run resumed from the store alone uses again).
 
 Crash safety: arrays grow before data lands in them, so after a kill they may be longer
 than what was written. The committed lengths are written only after the data they
@@ -81,6 +83,8 @@ __all__ = ["FORMAT_KEY", "FORMAT_VERSION", "TRAINING_DIMS", "TRAINING_SPECS", "R
 
 FORMAT_KEY = "polca_lightning_format"
 FORMAT_VERSION = 1
+#: group attribute: the engine costs measured at the start (``engine="auto"``)
+ENGINE_CALIBRATION = "engine_calibration"
 
 # Names of the dimensions, the training variables and the built-in token coordinates.
 #: Dimension: one entry per snapshot of the weights (grows during training).

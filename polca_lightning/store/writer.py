@@ -432,6 +432,12 @@ class StoreWriter:
         n_basis = _as_index(n_basis, "n_basis", high=self.max_basis)
         self._submit(lambda: self._commit(n_snapshots, n_basis))
 
+    def set_attributes(self, attributes: dict) -> None:
+        """Queue: add JSON-able ``attributes`` to the store's group attributes (beside the
+        run's settings; a resume does not compare them)."""
+        attributes = _jsonable(dict(attributes), "attributes")
+        self._submit(lambda: self._group.update_attributes(attributes))
+
     def flush(self) -> None:
         """Block until everything queued is on disk; re-raise a writer failure."""
         self._queue.flush()
@@ -522,7 +528,7 @@ class NullWriter:
         """Nothing is written."""
 
     write_directional_grad = write_curvature = write_basis = write_interval = write_snapshot
-    commit = truncate = flush = close = write_snapshot
+    commit = truncate = flush = close = set_attributes = write_snapshot
 
     def read_weights(self, snapshot: int) -> None:
         """Nothing was written: ``None``."""
