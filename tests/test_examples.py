@@ -344,6 +344,7 @@ def test_arithmetic_killed_and_started_again_ends_with_the_uninterrupted_store(t
     # and a complete run is reused, not run again
     assert arithmetic.main(flags + ["--out", str(out)]) == results
 
+
 def test_plain_loop_tiny_mode_reports_into_the_open_wandb_run(tmp_path, capsys):
     import plain_loop
 
