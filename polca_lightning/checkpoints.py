@@ -71,6 +71,10 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
 
     Raises:
         FileNotFoundError: ``folder`` is not a folder, or holds no checkpoint with a step.
+
+    Example:
+        >>> [p.name for p in list_checkpoints("out")]
+        ['checkpoint-0', 'checkpoint-500', 'checkpoint-1000']
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -192,6 +196,9 @@ def load_weights(module: nn.Module, state: Mapping[str, Tensor], where: str = "t
 
     Raises:
         ValueError: a parameter of the model is not in ``state``, or has another shape there.
+
+    Example:
+        >>> load_weights(model, read_state_dict("ckpt/epoch=0-step=100.ckpt", model))
     """
     names = [name for name, _ in module.named_parameters()]
     state = _matched(state, names, where)

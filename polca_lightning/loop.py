@@ -108,6 +108,12 @@ class POLCALoop:
         global_step: the optimizer steps done (the resume step at the start).
         probe_batches, hessian_batches: the batches of ``probe_data`` and ``hessian_data``.
         report_dir: the report folder, once written (a run without a W&B run).
+
+    Example:
+        >>> polca = track(model, "runs/polca.zarr", probe_data=probe, hessian_data=hessian)
+        >>> with polca:
+        ...     train(model, after_each_optimizer_step=polca.step)
+        >>> polca.global_step, polca.report_dir
     """
 
     def __init__(self, model: nn.Module, store: str | os.PathLike, probe_data: Iterable,
