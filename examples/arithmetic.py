@@ -324,7 +324,7 @@ def latest_checkpoint(folder: Path) -> tuple[Path, int] | None:
     found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
     for path in found:
         try:  # a kill while a checkpoint is written leaves a file that does not load
-            step = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+            step = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"]
         except Exception as err:  # noqa: BLE001 - any unreadable file: try the older one
             print(f"skipping {path}: it does not load ({type(err).__name__}: {err})")
             continue

@@ -50,13 +50,6 @@ BASIS_FLAGS = {
     "hessian": [],
     "random": ["--k", str(arithmetic.PAPER_CPU_TRIMS["max_basis"]), "--basis-every", "10000"],
 }
-#: appendix F (figures 6-7, read off the plots): the exact loss of the 10s and 100s places at
-#: step 1,000, without and with a carry, and of every place by 5,000 and 10,000
-APPENDIX_F = {"1000: 10s/100s no carry": 0.5, "1000: 10s/100s carry": 0.6, "5000: all": 0.1, "10000: all": 0.05}
-GROUPS = ("1000s", "100s no carry", "100s carry", "10s no carry", "10s carry", "1s")
-CHECK_STEPS = (1000, 2000, 5000, 10000)
-
-
 def run_dir(out: Path, basis: str, seed: int) -> Path:
     return out / f"{basis}_seed{seed}"
 

@@ -67,8 +67,8 @@ def movement(ds, random: torch.Tensor, basis: torch.Tensor) -> dict:
     return rows
 
 
-def token_gradients(fn: FunctionalTokenLoss, theta: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per loss-bearing token: its loss gradient ``[tokens, d]`` (one backward per token) and its loss."""
+def token_gradients(fn: FunctionalTokenLoss, theta: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per loss-bearing token: its loss gradient ``[tokens, d]`` (one backward per token)."""
     theta = theta.detach().requires_grad_(True)
     loss, mask, _ = fn(theta, batch)
     grads = []
@@ -76,7 +76,7 @@ def token_gradients(fn: FunctionalTokenLoss, theta: torch.Tensor, batch: dict) -
     for j in range(picked.numel()):
         (g,) = torch.autograd.grad(picked[j], theta, retain_graph=j + 1 < picked.numel())
         grads.append(g)
-    return torch.stack(grads), picked.detach()
+    return torch.stack(grads)
 
 
 def derivatives(ds, config: dict, random: torch.Tensor, basis: torch.Tensor, snapshots: list[int], problems: int,
@@ -93,7 +93,7 @@ def derivatives(ds, config: dict, random: torch.Tensor, basis: torch.Tensor, sna
         theta = torch.from_numpy(np.asarray(ds["weights"][s].values, dtype=np.float32))
         step = torch.from_numpy(np.asarray(ds["weights"][s + 1].values, dtype=np.float32)) - theta  # [d]
         with evaluation_mode(model):
-            grads, _ = token_gradients(fn, theta, batch)  # [tokens, d]
+            grads = token_gradients(fn, theta, batch)  # [tokens, d]
         norms = grads.norm(dim=1)  # [tokens]
         unit = norms / d ** 0.5
         g_random = grads @ random.T  # [tokens, r]
