@@ -21,7 +21,6 @@ if not _logging.getLogger().hasHandlers():  # the application configured no logg
     _log.propagate = False
 
 from polca_lightning.ablation import ablate_directions
-from polca_lightning.callback import POLCACallback
 from polca_lightning.config import POLCAConfig
 from polca_lightning.core.engine import DirectionalDerivatives, EngineError
 from polca_lightning.core.functional import ParameterSpace
@@ -33,6 +32,21 @@ from polca_lightning.series import from_checkpoints
 from polca_lightning.store import StoreError, TokenIndex, open_store
 
 __version__ = "0.1.0.dev0"
+
+
+def __getattr__(name: str):
+    """``POLCACallback`` on first use: Lightning's import (seconds, torch.compile's machinery
+    included) is paid by the programs that use the callback, not by the command line, the
+    plain loop, the checkpoint series or a script that only reads a store."""
+    if name == "POLCACallback":
+        from polca_lightning.callback import POLCACallback
+
+        return POLCACallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 __all__ = [
     "POLCACallback",

@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Any, Iterable, Mapping
 
+import torch
 from torch import nn
 
 from polca_lightning.session import POLCASession
@@ -48,11 +49,34 @@ def unwrapped(name: str, model: Any) -> nn.Module:
 
 
 def on_device(batches: list, module: nn.Module) -> list:
-    """``batches`` on the device of ``module``'s parameters."""
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
+    """``batches`` on the device of ``module``'s parameters (tensors in mappings, lists and
+    tuples, at any depth; what is not a tensor is kept as it is)."""
     device = next(module.parameters()).device
-    return [move_data_to_device(batch, device) for batch in batches]
+    return [to_device(batch, device) for batch in batches]
+
+
+def to_device(data: Any, device: torch.device) -> Any:
+    """``data``'s tensors on ``device``, its containers rebuilt with their own types.
+
+    Example:
+        >>> batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "meta": ("a", [torch.ones(1)])}
+        >>> moved = to_device(batch, torch.device("meta"))
+        >>> moved["input_ids"].device.type, moved["meta"][0], moved["meta"][1][0].device.type
+        ('meta', 'a', 'meta')
+    """
+    if isinstance(data, torch.Tensor):
+        return data.to(device)
+    if isinstance(data, Mapping):
+        items = {key: to_device(value, device) for key, value in data.items()}
+        try:
+            return type(data)(items)
+        except TypeError:  # a mapping type that is not built from a dict
+            return items
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # a named tuple
+        return type(data)(*(to_device(value, device) for value in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(to_device(value, device) for value in data)
+    return data
 
 
 class WandbTarget:

@@ -11,6 +11,7 @@ from polca_lightning.analysis import (
     cluster_trajectories,
     reduce_trajectories,
 )
+from polca_lightning.analysis.clustering import normalize_tokens
 
 
 def drops(t, onsets, amp=1.0, width=3.0):
@@ -107,6 +108,31 @@ def test_settings_resolution_and_validation():
         ClusterSettings(cluster_selection_method="kmeans")
     with pytest.raises(ValueError, match="min_cluster_size"):
         ClusterSettings(min_cluster_size=0)
+
+
+def test_per_token_normalisation_clusters_by_timing_whatever_the_sizes():
+    """Two groups that differ only in when they drop, each token's change of a size drawn
+    over three decades (the size of a projected loss along a random direction varies with
+    each token's gradient): as they are, the sizes decide the distances and HDBSCAN finds
+    fragments of small and large tokens; divided by each token's root mean square, the two
+    timing groups come back whole."""
+    rng = np.random.default_rng(0)
+    t = np.arange(100, dtype=float)
+    truth = np.repeat([0, 1], 150)
+    shapes = drops(t, np.where(truth == 0, 30, 70)) + rng.normal(0, 0.03, (300, 100))
+    traj = 10 ** rng.uniform(-3, 0, (300, 1)) * shapes
+    raw = cluster_trajectories(traj)
+    shaped = cluster_trajectories(traj, ClusterSettings(normalize="token"))
+    assert adjusted_rand(truth, raw) < 0.2
+    assert adjusted_rand(truth, shaped) > 0.95 and (shaped >= 0).all()
+    # the shape only: a token scaled by any positive factor lands where it was
+    again = cluster_trajectories(traj * np.where(truth == 0, 1e3, 1e-3)[:, None], ClusterSettings(normalize="token"))
+    assert adjusted_rand(shaped, again) == 1.0
+    # a token that never moved stays at 0 rather than dividing by 0
+    flat = normalize_tokens(np.vstack([traj[:2], np.zeros((1, 100))]))
+    assert np.isfinite(flat).all() and (flat[2] == 0).all() and np.allclose(np.sqrt((flat[:2] ** 2).mean(1)), 1)
+    with pytest.raises(ValueError, match=r"normalize must be one of \[None, 'token'\]"):
+        ClusterSettings(normalize="zscore")
 
 
 def test_medoids_match_brute_force():

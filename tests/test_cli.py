@@ -62,7 +62,7 @@ def test_info_on_a_finished_store(store, capsys):
 
 def test_analyze_rewrites_results_and_writes_folder_and_offline_wandb(store, tmp_path, capsys):
     code, out, err = run(capsys, "analyze", store, "--min-samples", "3", "--min-cluster-size", "5",
-                         "--methods", "polca", "loss", "--tau", "6", "--quiet",
+                         "--methods", "polca", "loss", "--tau", "6", "--normalize", "token", "--quiet",
                          "--wandb-project", "polca-cli", "--wandb-dir", tmp_path / "wb", "--report", tmp_path / "rep")
     assert code == 0, err
     assert "analysis written into" in out and "W&B run (offline)" in out
@@ -70,6 +70,7 @@ def test_analyze_rewrites_results_and_writes_folder_and_offline_wandb(store, tmp
     attrs = ds["cluster"].attrs
     assert attrs["analysis_min_samples"] == 3 and attrs["analysis_min_cluster_size"] == 5
     assert float(ds["tau"]) == 6.0 and attrs["analysis_methods"] == ["polca", "loss"]
+    assert attrs["analysis_normalize"] == "token" and "* normalize                token (was none)" in out
     assert "polca_first_cluster" not in ds  # the earlier analysis' other methods are gone
     assert (tmp_path / "rep" / "summary.csv").exists() and (tmp_path / "rep" / "coverage.png").exists()
     (run_dir,) = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*"))
@@ -125,6 +126,9 @@ def test_half_written_store(half_written, tmp_path, capsys):
 def test_analysis_error_and_usage_error(store, capsys):
     code, out, err = run(capsys, "analyze", store, "--group-by", "nothing", "--quiet")
     assert code == 2 and err.startswith("polca analyze: error: analysis failed:") and err.count("\n") == 1
+    for where in (["--report", "rep"], ["--wandb-project", "p"]):
+        code, out, err = run(capsys, "analyze", store, "--no-report", *where)
+        assert code == 2 and f"--no-report writes no report: leave out {where[0]}" in err and out == ""
     code, out, err = run(capsys, "frobnicate")
     assert code == 2 and "invalid choice" in err
     code, out, err = run(capsys, "--help")

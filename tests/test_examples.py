@@ -309,8 +309,7 @@ def test_arithmetic_killed_and_started_again_ends_with_the_uninterrupted_store(t
 
     from polca_lightning import open_store
 
-    flags = ["--tiny", "--steps", "48", "--checkpoint-every", "8", "--no-wandb", "--no-ablate", "--no-bars",
-             "--lca-directions", "0"]
+    flags = ["--tiny", "--checkpoint-every", "8", "--no-wandb", "--no-ablate", "--no-bars", "--lca-directions", "0"]
     arithmetic.main(flags + ["--out", str(tmp_path / "whole")])
 
     out = tmp_path / "killed"
@@ -326,7 +325,7 @@ def test_arithmetic_killed_and_started_again_ends_with_the_uninterrupted_store(t
     proc.wait()
     killed = open_store(out / "polca.zarr")
     assert not killed.attrs["complete"] and not (out / "results.json").exists()  # killed before the end
-    assert killed.sizes["snapshot"] < 13
+    assert killed.sizes["snapshot"] < 7  # of 0, 4, ..., 24
 
     results = arithmetic.main(flags + ["--out", str(out)])  # the same command again: it resumes
     summary = json.loads((out / "results.json").read_text())

@@ -100,9 +100,17 @@ def test_info_lines_reach_stderr_once_whether_or_not_the_application_configured_
     import sys
 
     say = "import logging; logging.getLogger('polca_lightning.tracker').info('POLCA: basis step at 40')"
-    bare = subprocess.run([sys.executable, "-c", f"import polca_lightning; {say}"],
-                          capture_output=True, text=True, check=True)
+    # and Lightning (seconds to import, torch.compile's machinery with it) waits for the callback:
+    # the command line, the plain loop, the checkpoint series and a reader of stores go without
+    heavy = "('lightning', 'torchmetrics', 'torch._dynamo')"
+    bare = subprocess.run(
+        [sys.executable, "-c", "import sys, polca_lightning, polca_lightning.cli, polca_lightning.loop, "
+                               "polca_lightning.series, polca_lightning.report; "
+                               f"print([m for m in {heavy} if m in sys.modules]); {say}; "
+                               f"polca_lightning.POLCACallback; print([m for m in {heavy} if m in sys.modules])"],
+        capture_output=True, text=True, check=True)
     assert bare.stderr.count("POLCA: basis step at 40") == 1
+    assert bare.stdout.splitlines() == ["[]", "['lightning', 'torchmetrics', 'torch._dynamo']"]
     configured = subprocess.run(
         [sys.executable, "-c", f"import logging; logging.basicConfig(format='app %(message)s'); "
                                f"import polca_lightning; {say}"], capture_output=True, text=True, check=True)

@@ -162,3 +162,19 @@ def test_bad_use_is_named_and_a_store_with_snapshots_needs_the_resume_step(tmp_p
         with track(net, store, mode="a", resume_step=2, **settings) as polca:
             polca.step(1)
     assert open_store(store)["step"].values.tolist() == [0, 2]  # the exception closed it with what it holds
+
+
+def test_batches_reach_the_models_device_in_their_own_containers():
+    from collections import UserDict, namedtuple
+
+    from polca_lightning.loop import to_device
+
+    Pair = namedtuple("Pair", "ids mask")
+    batch = UserDict({"input_ids": torch.zeros(2, 3, dtype=torch.long),
+                      "extra": [Pair(torch.ones(2), "kept"), (torch.ones(1, dtype=torch.float64),)]})
+    moved = to_device(batch, torch.device("meta"))
+    assert type(moved) is UserDict and type(moved["extra"]) is list and type(moved["extra"][0]) is Pair
+    assert moved["input_ids"].device.type == "meta" and moved["input_ids"].dtype == torch.long
+    assert moved["extra"][0].ids.device.type == "meta" and moved["extra"][0].mask == "kept"
+    assert moved["extra"][1][0].device.type == "meta" and moved["extra"][1][0].dtype == torch.float64
+    assert batch["input_ids"].device.type == "cpu"  # the input is left as it was

@@ -48,7 +48,7 @@ def test_from_store_rebuilds_the_settings_exactly():
     ds = make_synthetic_store(n_sequences=30, n_intervals=30, n_basis=3, lca=False, seed=0)
     settings = AnalysisSettings(methods=["polca", "loss"], tau="plateau", tau_fraction=0.1, delta="wide",
                                 min_samples=None, restrict=CARRY_RESTRICT, restrict_fraction=0.5, top_k=2,
-                                entropy_scores=False)
+                                entropy_scores=False, normalize="token")
     res = analyze(ds, settings)
     assert json.loads(res.attrs[SETTINGS_ATTR]) == settings.to_dict()
     assert AnalysisSettings.from_store(res) == settings
@@ -62,7 +62,7 @@ def test_from_store_falls_back_to_the_single_attributes_of_earlier_versions():
     ds = make_synthetic_store(n_sequences=30, n_intervals=30, n_basis=3, lca=False, seed=0)
     # the single attributes hold the methods and labels as resolved on the store: given here
     for settings in (AnalysisSettings(methods=["polca"], labels=["place", "carry"], tau="plateau", delta="wide", restrict=CARRY_RESTRICT,
-                                      min_samples=None, group_by="place"),
+                                      min_samples=None, group_by="place", normalize="token"),
                      AnalysisSettings(methods=["loss"], labels=["place", "carry"], tau=120.0, delta=40.0, min_cluster_size=5,
                                       restrict_fraction=0.5, entropy_scores=False)):
         res = analyze(ds, settings)
@@ -105,7 +105,7 @@ def test_reanalysis_keeps_the_restriction_and_changes_only_the_flags_given(restr
     assert {row[table.columns.index("restriction")] for row in table.rows if row[0] == "carry"} \
         == {"place in [1, 2], over 85%"}
 
-    assert main(["analyze", str(restricted), "--tau", "plateau", "--quiet"]) == 0
+    assert main(["analyze", str(restricted), "--tau", "plateau", "--quiet", "--no-report"]) == 0
     out = capsys.readouterr().out
     ds = open_analysed_store(restricted)
     new = ds["cluster"].attrs
@@ -118,7 +118,7 @@ def test_reanalysis_keeps_the_restriction_and_changes_only_the_flags_given(restr
         [line for line in out.splitlines() if line.startswith("* tau ")]
     assert "carry: restriction place in [1, 2], over 85%; chance from the cluster's mix of place" in out
 
-    assert main(["analyze", str(restricted), "--min-samples", "5", "--quiet"]) == 0
+    assert main(["analyze", str(restricted), "--min-samples", "5", "--quiet", "--no-report"]) == 0
     ds = open_analysed_store(restricted)
     assert ds["cluster"].attrs["analysis_restrict"] == attrs["analysis_restrict"]
     assert ds["cluster"].attrs["analysis_min_samples"] == 5 and ds["cluster"].attrs["analysis_tau_rule"] \
@@ -139,11 +139,11 @@ def test_reanalysis_keeps_the_restriction_and_changes_only_the_flags_given(restr
 
 
 def test_defaults_and_no_restrict_drop_the_restriction_and_say_none(restricted, capsys):
-    assert main(["analyze", str(restricted), "--no-restrict", "--quiet", "--no-write"]) == 0
+    assert main(["analyze", str(restricted), "--no-restrict", "--quiet", "--no-write", "--no-report"]) == 0
     out = capsys.readouterr().out
     assert "* restrict                 none (was carry: place in [1, 2])" in out
     assert "carry: restriction none; chance from the label's base rate" in out
-    assert main(["analyze", str(restricted), "--defaults", "--quiet"]) == 0
+    assert main(["analyze", str(restricted), "--defaults", "--quiet", "--no-report"]) == 0
     out = capsys.readouterr().out
     assert "the defaults (--defaults)" in out and "* min_samples" in out
     ds = open_analysed_store(restricted)
@@ -324,14 +324,15 @@ def test_a_reanalysis_without_writing_gives_the_tables_of_one_that_writes(restri
     changes = {"min_samples": 5} if flags[0] == "--min-samples" else {"group_by": "target"}
     kept = analyze_store(restricted, write=False, **changes)
     assert kept.sizes["cluster_id"] != before.sizes["cluster_id"]  # the case: another number of clusters
-    assert main(["analyze", str(restricted), *flags, "--quiet", "--no-write"]) == 0
+    assert main(["analyze", str(restricted), *flags, "--quiet", "--no-write", "--no-report"]) == 0
     not_written = capsys.readouterr().out
     untouched = open_analysed_store(restricted)  # the store still holds its previous analysis
     assert untouched.sizes["cluster_id"] == before.sizes["cluster_id"]
     assert AnalysisSettings.from_store(untouched) == AnalysisSettings.from_store(before)
 
-    assert main(["analyze", str(restricted), *flags, "--quiet"]) == 0
+    assert main(["analyze", str(restricted), *flags, "--quiet", "--no-report"]) == 0
     written = capsys.readouterr().out
+    assert not restricted.with_name(restricted.name + ".report").exists()  # --no-report: the tables only
     assert written.replace(f"analysis written into {restricted}\n", "") == not_written
     ds = open_analysed_store(restricted)
     assert ds.sizes["cluster_id"] == kept.sizes["cluster_id"]

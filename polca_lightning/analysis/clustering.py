@@ -25,6 +25,13 @@ Defaults and why (the paper's, min_cluster_size ≈ 3 % of the tokens and
   tokens, 200 intervals, noisy) the best F1 of a planted group fell to 0.59-0.88 with
   ``1/15`` against 0.77-1.0 with 10 (5 and 25 behave like 10). A small fixed
   neighbourhood keeps the density local. Pass ``min_samples=1/15`` for the paper's.
+- ``normalize=None``: trajectories keep their size, so a token whose loss moved a lot along
+  a vector lies far from one that hardly moved, whatever their timing. ``"token"`` divides
+  each token's trajectory by its root mean square over the snapshots first, so that tokens
+  cluster by the *shape* of their curve alone (when they moved, not how much); tokens that
+  never moved (root mean square 0) stay at 0. It is the clustering to try where a vector's
+  projected losses are tiny for most tokens (a random direction in millions of dimensions
+  sees about ``1/sqrt(d)`` of each token's change) and the magnitudes hide the timing.
 - ``cluster_selection_method="eom"`` (HDBSCAN's default). "leaf" keeps more scattered
   tokens as outliers but cut planted timing groups into fragments (58 of 80 members
   called noise in ``test_analysis_clustering``'s data); EOM kept every group whole and
@@ -42,7 +49,9 @@ import numpy as np
 __all__ = [
     "OUTLIER",
     "FILTERED",
+    "NORMALIZE",
     "ClusterSettings",
+    "normalize_tokens",
     "reduce_trajectories",
     "cluster_points",
     "cluster_trajectories",
@@ -51,6 +60,8 @@ __all__ = [
 
 OUTLIER = -1
 FILTERED = -2
+#: the per-token normalisations of ``ClusterSettings.normalize``
+NORMALIZE = (None, "token")
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,9 @@ class ClusterSettings:
         time_points: blocks of snapshots averaged before PCA (None: no downsampling).
         cluster_selection_method: ``"eom"`` or ``"leaf"``.
         n_jobs: threads for HDBSCAN's core distances.
+        normalize: ``None`` (trajectories as they are) or ``"token"`` (each token's
+            trajectory divided by its root mean square over the snapshots, before the
+            reduction: clusters of shape, not size).
     """
 
     min_cluster_size: float = 0.03
@@ -75,8 +89,11 @@ class ClusterSettings:
     time_points: int | None = 64
     cluster_selection_method: str = "eom"
     n_jobs: int = 2
+    normalize: str | None = None
 
     def __post_init__(self):
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {list(NORMALIZE)}, got {self.normalize!r}")
         if not (self.min_cluster_size > 0):
             raise ValueError(f"min_cluster_size must be > 0, got {self.min_cluster_size}")
         if self.min_samples is not None and not (self.min_samples > 0):
@@ -133,6 +150,21 @@ def reduce_trajectories(
     # principal axes from the small [time, time] covariance, not an SVD of [token, time]
     _, vecs = np.linalg.eigh(x.T @ x)  # ascending eigenvalues
     return x @ vecs[:, ::-1][:, :k]  # [token, k]
+
+
+def normalize_tokens(traj: np.ndarray) -> np.ndarray:
+    """Each row of ``traj [token, snapshot]`` divided by its root mean square (rows of
+    zeros stay zeros): the trajectories' shapes, without their sizes.
+
+    Example:
+        >>> normalize_tokens(np.array([[0.0, -2.0, -4.0], [0.0, -0.001, -0.002], [0.0, 0.0, 0.0]])).round(3)
+        array([[ 0.   , -0.775, -1.549],
+               [ 0.   , -0.775, -1.549],
+               [ 0.   ,  0.   ,  0.   ]])
+    """
+    x = np.asarray(traj, dtype=np.float64)
+    rms = np.sqrt(np.mean(x * x, axis=1, keepdims=True))
+    return np.divide(x, rms, out=np.zeros_like(x), where=rms > 0)
 
 
 def single_threaded_blas():
@@ -254,6 +286,8 @@ def _cluster_group(traj, sel, settings, labels, reduced, offset, return_reduced,
     t0 = time.perf_counter()
     # gather along the contiguous axis: a [snapshot, token] array passed as .T stays fast
     sub = traj.T[:, idx].T if traj.T.flags.c_contiguous else traj[idx]  # [k, snapshot]
+    if settings.normalize == "token":
+        sub = normalize_tokens(sub)
     x = reduce_trajectories(sub, time_points=settings.time_points, n_components=settings.n_components)
     t1 = time.perf_counter()
     lab = cluster_points(x, settings)

@@ -65,7 +65,7 @@ class AnalysisSettings:
             coordinate except ``sequence``, ``position``, ``target``).
         group_by: token coordinate to cluster within (e.g. ``"target"``), or None.
         min_cluster_size, min_samples, n_components, time_points,
-            cluster_selection_method: HDBSCAN and the reduction before it
+            cluster_selection_method, normalize: HDBSCAN and the reduction before it
             (:class:`~polca_lightning.analysis.clustering.ClusterSettings`; defaults and
             reasons in ``clustering.py``). Sizes below 1 are fractions of the tokens.
         delta: Δ of Eq. 9: a number of steps, or a rule: ``"paper"`` (default, or None):
@@ -110,6 +110,7 @@ class AnalysisSettings:
     n_components: int | None = 10
     time_points: int | None = 64
     cluster_selection_method: str = "eom"
+    normalize: str | None = None
     delta: float | str | None = "paper"
     tau: float | str | None = "plateau"
     tau_fraction: float = 0.05
@@ -151,7 +152,7 @@ class AnalysisSettings:
     def cluster(self) -> ClusterSettings:
         """The settings of each HDBSCAN clustering."""
         return ClusterSettings(self.min_cluster_size, self.min_samples, self.n_components, self.time_points,
-                               self.cluster_selection_method)
+                               self.cluster_selection_method, normalize=self.normalize)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (lists for tuples), e.g. for a W&B run's config."""
@@ -570,7 +571,8 @@ def _settings_attrs(settings: AnalysisSettings, inp: _Inputs) -> dict:
         "min_samples": -1 if settings.min_samples is None else settings.min_samples,
         "n_components": -1 if settings.n_components is None else settings.n_components,
         "time_points": -1 if settings.time_points is None else settings.time_points,
-        "cluster_selection_method": settings.cluster_selection_method, "onset_delta": inp.delta,
+        "cluster_selection_method": settings.cluster_selection_method, "normalize": settings.normalize or "",
+        "onset_delta": inp.delta,
         "delta_rule": inp.delta_rule, "tau": inp.tau, "tau_rule": inp.tau_rule, "tau_paper": inp.tau_paper,
         "restrict": json.dumps({k: [v[0], list(map(int, v[1]))] for k, v in (settings.restrict or {}).items()}),
         "restrict_fraction": settings.restrict_fraction, "recall_over": settings.recall_over,

@@ -130,6 +130,8 @@ def _from_single_attrs(ds, attrs: dict) -> dict[str, Any]:
     for name in ("cluster_selection_method", "restrict_fraction", "recall_over", "top_k"):
         if name in a:
             out[name] = a[name]
+    if a.get("normalize"):
+        out["normalize"] = a["normalize"]
     if "tau" in a or "tau_rule" in a:
         out["tau"] = _rule(a.get("tau_rule"), a.get("tau"), ("paper", "plateau"))
         match = re.search(r"fraction=([0-9.eE+-]+), smooth=(\w+)", str(a.get("tau_rule", "")))

@@ -3,11 +3,12 @@
 Usage::
 
     polca info STORE [--storage-option KEY=VALUE ...]
-    polca analyze STORE [--defaults] [--min-cluster-size F] [--min-samples F] [--tau STEP|plateau|paper]
+    polca analyze STORE [--defaults] [--min-cluster-size F] [--min-samples F] [--normalize none|token]
+                        [--tau STEP|plateau|paper]
                         [--delta STEPS|wide] [--restrict LABEL:COORD=V,V ... | --no-restrict]
                         [--restrict-fraction F] [--group-by COORD] [--methods M ...]
                         [--labels L ...] [--wandb-project NAME [--online]]
-                        [--report DIR] [--no-write] [--force] [--quiet]
+                        [--report DIR | --no-report] [--no-write] [--force] [--quiet]
     polca report STORE [--out DIR] [--force] [--quiet]
     polca ablate STORE [--vectors N ...] [--method polca|polca_first] [--labels L ...] [--csv PATH]
     polca signal STORE --label L [--where COORD=V,V ...] [--method polca|polca_first]
@@ -24,7 +25,7 @@ clusters, each label with its restriction (or "none") and what its chance level 
 from, and a warning where another label or the target fixes the label within the
 cluster. It reports to a new W&B run with ``--wandb-project``
 (offline unless ``--online``), to a PNG folder with ``--report DIR``, and to the folder
-``<store>.report`` when neither is given. ``report`` draws the folder from the results
+``<store>.report`` when neither is given; ``--no-report`` prints the tables only. ``report`` draws the folder from the results
 already in the store (it runs the analysis with default settings first if there are none).
 ``ablate`` prints the causal check written after fit (``POLCACallback(ablate=True)``): each
 cluster's loss change when the final model's movement along its vector is undone.
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HDBSCAN minimum cluster size: a fraction of the tokens if < 1, else a count (default 0.03)")
     g.add_argument("--min-samples", type=float, metavar="F",
                    help="HDBSCAN min_samples: fraction if < 1, else a count (default 10)")
+    g.add_argument("--normalize", choices=("none", "token"),
+                   help="'token': cluster each token's trajectory divided by its root mean square (its shape, "
+                        "not its size); 'none' (default): as they are")
     g.add_argument("--tau", type=steps_or("paper", "plateau"), metavar="STEP|plateau|paper",
                    help="τ of the hidden-breakthrough rule: a step, 'plateau' (the default: where the mean loss "
                         "flattens) or 'paper' (10%% of the run, the paper's 1000 of 10,000 steps; its hidden "
@@ -125,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--wandb-dir", metavar="DIR", help="where W&B writes its run folder (default: beside the store)")
     o.add_argument("--report", metavar="DIR", help="write the PNG/CSV report folder here "
                                                    "(default without --wandb-project: STORE.report)")
+    o.add_argument("--no-report", action="store_true",
+                   help="print the settings and tables only: no report folder, no W&B run")
     o.add_argument("--no-write", action="store_true",
                    help="leave the store as it is: report what writing the results would give")
     _common(p)

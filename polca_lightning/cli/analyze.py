@@ -22,6 +22,8 @@ def analysis_changes(args) -> dict:
         value = getattr(args, name)
         if value is not None:
             values[name] = value
+    if getattr(args, "normalize", None) is not None:
+        values["normalize"] = None if args.normalize == "none" else args.normalize
     if args.restrict:
         values["restrict"] = dict(args.restrict)
     if getattr(args, "no_restrict", False):
@@ -66,6 +68,8 @@ def cmd_analyze(args) -> int:
     from polca_lightning.report.folder import write_report_folder
     from polca_lightning.report.pipeline import default_report_dir
 
+    if args.no_report and (args.report or args.wandb_project):
+        raise CLIError(f"--no-report writes no report: leave out {'--report' if args.report else '--wandb-project'}")
     changes = analysis_changes(args)  # bad settings fail before the store is read
     ds = open_store_or_fail(args.store)
     require_complete(ds, args.store, args.force)
@@ -80,6 +84,8 @@ def cmd_analyze(args) -> int:
     print(f"analysis settings: {start}, with the flags given{marks}")
     print("\n".join(describe_settings(used, previous, resolved=analysis_attrs(ds))))
     _print_summary(ds)
+    if args.no_report:
+        return 0
     if args.wandb_project:
         _log_wandb(args, ds, used)
     if args.report or not args.wandb_project:
