@@ -15,7 +15,15 @@ measures both on a store that has weight snapshots and a basis (``make paper``'s
    problems: each token's full gradient norm, the root mean square of ``g`` over the random
    directions beside ``|grad l_x| / sqrt(d)``, and ``|g|`` along each basis vector in the
    same units;
-3. **what one direction's allocation tells of a token's learning**: over the interval that
+3. **one shape for every token**: a token's projected loss along ``b`` is ``sum_i g_i(x, b)
+   delta_i(b)``; where its gradient's component ``g(x, b)`` changes slowly, that is about
+   ``g(x, b) (<b, theta_t - theta_0>)``: the movement along ``b``, the same curve for every
+   token, scaled by a token's own factor. Per vector, from the store's ``polca``: the share
+   of the trajectories' energy (each token's trajectory divided by its root mean square,
+   as ``normalize="token"`` clusters them) on their first singular vector, and the share
+   of tokens whose trajectory correlates with it at ``|r| > 0.9``; the exact loss's
+   trajectories beside them. Near 1: one shape up to sign and size, no timing to cluster;
+4. **what one direction's allocation tells of a token's learning**: over the interval that
    starts at each of those snapshots, every token's full first-order loss change
    ``<grad l_x, delta theta>`` against its allocation ``g delta`` along each direction: their
    correlation across tokens and the share of tokens whose two have the same sign.
@@ -65,6 +73,29 @@ def movement(ds, random: torch.Tensor, basis: torch.Tensor) -> dict:
         rows["basis"].append(((basis.double() @ step).abs() / (norm / d ** 0.5)).tolist())
         previous = current
     return rows
+
+
+def shapes(ds) -> dict:
+    """Per basis vector and for the exact loss: the energy share of the first singular vector
+    of the per-token normalised trajectories, and the share of tokens at |r| > 0.9 with it."""
+    from polca_lightning.analysis.clustering import normalize_tokens
+
+    def one(traj: np.ndarray) -> tuple[float, float]:  # traj [token, time]
+        traj = traj[np.isfinite(traj).all(1)]
+        x = normalize_tokens(traj)
+        _, sv, vt = np.linalg.svd(x, full_matrices=False)
+        share = float(sv[0] ** 2 / (sv ** 2).sum())
+        centred = traj - traj.mean(1, keepdims=True)
+        shape = vt[0] - vt[0].mean()
+        r = centred @ shape / (np.linalg.norm(centred, axis=1) * np.linalg.norm(shape) + 1e-300)
+        return share, float(np.mean(np.abs(r) > 0.9))
+
+    polca = np.asarray(ds["polca"].values, dtype=np.float64)  # [interval, basis, token]
+    cumulative = np.cumsum(polca, axis=0)
+    per_vector = [one(cumulative[:, b, :].T) for b in range(cumulative.shape[1])]
+    loss = np.asarray(ds["loss"].values, dtype=np.float64)  # [snapshot, token]
+    return {"vector_share": [v[0] for v in per_vector], "vector_aligned": [v[1] for v in per_vector],
+            "loss_share": one((loss[1:] - loss[:1]).T)[0], "loss_aligned": one((loss[1:] - loss[:1]).T)[1]}
 
 
 def token_gradients(fn: FunctionalTokenLoss, theta: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -137,11 +168,13 @@ def main(argv=None) -> None:
     d = basis.shape[1]
     random = random_directions(args.random, d, seed=12345)
     moved = movement(ds, random, basis)
+    shaped = shapes(ds)
     snapshots = [s for s in args.snapshots if s + 1 < ds.sizes["snapshot"]]
     d_model, layers, heads, d_mlp = args.model
     model = TinyCausalLM(10, 14, d_model, layers, heads, d_mlp=d_mlp)
     derived = derivatives(ds, config, random, basis, snapshots, args.problems, model)
-    result = {"run": str(args.run), "d": d, "random_directions": args.random, "movement": moved, "derivatives": derived}
+    result = {"run": str(args.run), "d": d, "random_directions": args.random, "movement": moved, "shapes": shaped,
+              "derivatives": derived}
     norm = np.array(moved["norm"])
     rand = np.array(moved["random_rms"])
     per_basis = np.array(moved["basis"])  # [interval, K]
@@ -150,6 +183,11 @@ def main(argv=None) -> None:
           f"{np.median(rand):.2f} × |Δθ|/sqrt(d) (theory: 1)")
     print("  per basis vector, median over intervals of |δ(b)| in units of |Δθ|/sqrt(d): "
           + ", ".join(f"{v:.1f}" for v in np.median(per_basis, 0)))
+    print("one shape for every token? energy share of the first singular vector of the normalised trajectories "
+          "/ share of tokens at |r| > 0.9 with it:")
+    print("  per vector: " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(shaped["vector_share"],
+                                                                          shaped["vector_aligned"]))
+          + f"; exact loss {shaped['loss_share']:.2f}/{shaped['loss_aligned']:.2f}")
     print("directional derivatives, in units of each token's |∇ℓ_x|/sqrt(d) (median over tokens):")
     for i, s in enumerate(derived["snapshot_step"]):
         print(f"  step {s:>5}: |∇ℓ_x| median {derived['grad_norm_median'][i]:.3g}; random RMS "
