@@ -124,12 +124,31 @@ def measure(path: Path) -> dict:
     train.attrs.update(ds.attrs)
     config = json.loads(ds.attrs["config"]) if isinstance(ds.attrs.get("config"), str) else ds.attrs.get("config", {})
     settings = json.loads(ds["cluster"].attrs.get("analysis_settings", "{}")) if "cluster" in ds else {}
+    hdbscan = {k: settings[k] for k in ("min_cluster_size", "min_samples") if k in settings}
     res = analyze(train, methods=["polca", "polca_first", "loss"], labels=["carry", "place"],
-                  restrict=arithmetic.APPENDIX_G_CARRY, entropy_scores=False,
-                  **{k: settings[k] for k in ("min_cluster_size", "min_samples") if k in settings})
+                  restrict=arithmetic.APPENDIX_G_CARRY, entropy_scores=False, **hdbscan)
+    # the same clustering of each token's trajectory divided by its root mean square: shapes, not sizes
+    shaped = analyze(train, methods=["polca", "polca_first"], labels=["carry", "place"],
+                     restrict=arithmetic.APPENDIX_G_CARRY, entropy_scores=False, normalize="token", **hdbscan)
     return {"run": path.name, "basis": config.get("basis"), "seed": config.get("seed"), "results": results,
             "purity": neighbour_purity(train, res), "loss_by_group": loss_by_group(ds), "vectors": vectors(ds),
-            "scale": directional_scale(ds)}
+            "scale": directional_scale(ds), "normalized": best_carry(train, shaped)}
+
+
+def best_carry(ds, res) -> dict:
+    """Per trajectory type, the best 10s/100s carry cluster of an analysis ``res`` of the store
+    ``ds``: homogeneity, chance, recall, F1, its vector and size."""
+    import xarray as xr
+
+    from polca_lightning.report import appendix_g_table
+    from polca_lightning.report.pipeline import result_variables
+
+    merged = ds.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in result_variables(res, ds).items()})
+    table = appendix_g_table(merged)
+    col = {name: i for i, name in enumerate(table.columns)}
+    return {row[col["trajectory_type"]]: {k: row[col[k]] for k in ("homogeneity", "chance", "recall", "f1", "unit",
+                                                                     "size")}
+            for row in table.rows if row[col["label"]] == "carry" and row[col["value"]] == 1 and row[col["rank"]] == 0}
 
 
 def main(argv=None) -> None:

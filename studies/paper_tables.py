@@ -71,6 +71,20 @@ def over_seeds(figures: list[dict], basis: str) -> list[str]:
     return lines
 
 
+def normalized_rows(figures: list[dict]) -> list[str]:
+    """Per run, the best carry cluster as analysed and with each token's trajectory normalised."""
+    lines = ["| run | POLCA | POLCA, normalised per token | first-order | first-order, normalised per token |",
+             "|---|---|---|---|---|"]
+    for f in figures:
+        cells = []
+        for t in ("polca", "polca_first"):
+            for c in ((f["results"].get("carry") or {}).get(t) or {}, (f.get("normalized") or {}).get(t) or {}):
+                cells.append(f"{_num(c.get('homogeneity'))} ({_num(c.get('chance'))})"
+                             if c.get("homogeneity") is not None else "no eligible cluster")
+        lines.append(f"| {f['run']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def signal_rows(figures: list[dict]) -> list[str]:
     lines = ["| run | majority | exact loss | POLCA, all vectors | first-order, all vectors | best vector (AUC) "
              "| purity: exact loss | purity: first-order | purity: POLCA | carry rate clustered |",
@@ -209,6 +223,9 @@ def write_tables(out: Path, bases, seeds, measure) -> str:
     lines += ["Signal check (10s/100s tokens, label carry: cross-validated accuracy of a linear classifier) and "
               "neighbourhood purity (share of carries among the 10 nearest neighbours of the 10s/100s carry tokens, "
               "best vector):", "", *signal_rows(figures), "",
+              "Best carry cluster (homogeneity, chance) with HDBSCAN on the trajectories as they are and on each "
+              "token's trajectory divided by its root mean square (`normalize=\"token\"`: shapes, not sizes):", "",
+              *normalized_rows(figures), "",
               "Mean exact loss per (place, carry) group:", "", *loss_rows(figures), "",
               "The vectors that allocate the most loss decrease to 10s/100s carries beyond the other 10s/100s tokens "
               "(POLCA summed over training, mean per token):", "", *vector_rows(figures), "",

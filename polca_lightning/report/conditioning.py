@@ -48,9 +48,11 @@ __all__ = [
 
 
 def scored_labels(ds) -> list[str]:
-    """The labels the analysis scored (``analysis_labels``), else the store's token labels."""
-    if "cluster" in ds.variables and "analysis_labels" in ds["cluster"].attrs:
-        return [str(v) for v in ds["cluster"].attrs["analysis_labels"]]
+    """The labels the analysis scored (``analysis_labels``, on a store's result variables or
+    on the attributes of what ``analyze`` returned), else the store's token labels."""
+    attrs = _attrs(ds)
+    if "analysis_labels" in attrs:
+        return [str(v) for v in attrs["analysis_labels"]]
     return [str(v) for v in ds.attrs.get("token_labels", [])]
 
 
