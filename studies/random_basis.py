@@ -98,16 +98,20 @@ def shapes(ds) -> dict:
             "loss_share": one((loss[1:] - loss[:1]).T)[0], "loss_aligned": one((loss[1:] - loss[:1]).T)[1]}
 
 
-def token_gradients(fn: FunctionalTokenLoss, theta: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Per loss-bearing token: its loss gradient ``[tokens, d]`` (one backward per token)."""
+def token_projections(fn: FunctionalTokenLoss, theta: torch.Tensor, batch: dict, directions: dict) -> dict:
+    """Per loss-bearing token (one backward each, never all gradients at once: 200 tokens of
+    the paper's model would be 7.6 GB): its gradient's norm and its products with each row of
+    every ``directions[name]`` (``[r, d]``), as ``{"norm": [tokens], name: [tokens, r]}``."""
     theta = theta.detach().requires_grad_(True)
     loss, mask, _ = fn(theta, batch)
-    grads = []
     picked = loss[mask]
+    out = {"norm": [], **{name: [] for name in directions}}
     for j in range(picked.numel()):
         (g,) = torch.autograd.grad(picked[j], theta, retain_graph=j + 1 < picked.numel())
-        grads.append(g)
-    return torch.stack(grads)
+        out["norm"].append(g.norm())
+        for name, rows in directions.items():
+            out[name].append(rows @ g)
+    return {name: torch.stack(values) for name, values in out.items()}
 
 
 def derivatives(ds, config: dict, random: torch.Tensor, basis: torch.Tensor, snapshots: list[int], problems: int,
@@ -124,19 +128,18 @@ def derivatives(ds, config: dict, random: torch.Tensor, basis: torch.Tensor, sna
         theta = torch.from_numpy(np.asarray(ds["weights"][s].values, dtype=np.float32))
         step = torch.from_numpy(np.asarray(ds["weights"][s + 1].values, dtype=np.float32)) - theta  # [d]
         with evaluation_mode(model):
-            grads = token_gradients(fn, theta, batch)  # [tokens, d]
-        norms = grads.norm(dim=1)  # [tokens]
+            proj = token_projections(fn, theta, batch, {"random": random, "basis": basis, "step": step[None, :]})
+        norms = proj["norm"]  # [tokens]
         unit = norms / d ** 0.5
-        g_random = grads @ random.T  # [tokens, r]
-        g_basis = grads @ basis.T  # [tokens, K]
+        g_random, g_basis = proj["random"], proj["basis"]  # [tokens, r], [tokens, K]
         out["snapshot_step"].append(int(ds["step"][s]))
-        out["tokens"].append(int(grads.shape[0]))
+        out["tokens"].append(int(norms.shape[0]))
         out["grad_norm_median"].append(norms.median().item())
         out["random_rms"].append((g_random.pow(2).mean(1).sqrt() / unit).median().item())
         out["basis_median"].append((g_basis.abs() / unit[:, None]).median(0).values.tolist())
         # the interval that starts here: each token's full first-order change against its
         # allocation along each direction (g δ), across tokens
-        full = (grads @ step).double().numpy()  # [tokens]
+        full = proj["step"][:, 0].double().numpy()  # [tokens]
         for name, g, dirs in (("random", g_random, random), ("basis", g_basis, basis)):
             alloc = (g * (dirs @ step)[None, :]).double().numpy()  # [tokens, directions]
             out[f"{name}_corr"].append([_corr(full, a) for a in alloc.T])
