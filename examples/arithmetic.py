@@ -363,7 +363,7 @@ def write_results(store: Path, timings: dict | None = None, resumed_at: int | No
     flattens by default) and under the paper's (``hidden_fraction_paper``, 10 % of the
     run); both τs (``tau``); the causal check of the best POLCA carry vector.
     """
-    from polca_lightning.report import appendix_g_figure, appendix_g_table, open_analysed_store
+    from polca_lightning.report import appendix_g_figure, open_analysed_store
 
     ds = open_analysed_store(store)
     config = json.loads(ds.attrs["config"]) if isinstance(ds.attrs.get("config"), str) else ds.attrs.get("config", {})
@@ -380,16 +380,10 @@ def write_results(store: Path, timings: dict | None = None, resumed_at: int | No
         out["tau"] = {"value": float(ds["tau"]), "rule": ds["cluster"].attrs.get("analysis_tau_rule"),
                       "paper": float(ds["tau_paper"]) if "tau_paper" in ds else None}
     if "carry_homogeneity" in ds:
-        table = appendix_g_table(ds)
-        col = {name: i for i, name in enumerate(table.columns)}
         types = ds["trajectory_type"].values.tolist()
         hidden = {name: dict(zip(types, ds[name].values.tolist()))
                   for name in ("hidden_fraction", "hidden_fraction_paper") if name in ds}
-        keys = [k for k in ("homogeneity", "chance", "recall", "f1", "unit", "size") if k in col]
-        for row in table.rows:
-            if row[col["label"]] == "carry" and row[col["value"]] == 1 and row[col["rank"]] == 0:
-                t = row[col["trajectory_type"]]
-                out["carry"][t] = {k: row[col[k]] for k in keys} | {"share": row[col["size"]] / ds.sizes["token"]}
+        out["carry"] = best_carry_clusters(ds)
         for name, fractions in hidden.items():
             for t, fraction in fractions.items():
                 out["carry"].setdefault(t, {})[name] = None if np.isnan(fraction) else fraction
@@ -401,6 +395,19 @@ def write_results(store: Path, timings: dict | None = None, resumed_at: int | No
     path = Path(store).parent / "results.json"
     path.write_text(json.dumps(out, indent=1))
     return out
+
+
+def best_carry_clusters(ds) -> dict:
+    """Per trajectory type, the best 10s/100s carry cluster of the analysis ``ds`` holds
+    (appendix G's rank 0 for carry = 1): homogeneity, chance, recall, F1, its vector, size
+    and share of all probe tokens."""
+    from polca_lightning.report import appendix_g_table
+
+    table = appendix_g_table(ds)
+    col = {name: i for i, name in enumerate(table.columns)}
+    keys = [k for k in ("homogeneity", "chance", "recall", "f1", "unit", "size") if k in col]
+    return {row[col["trajectory_type"]]: {k: row[col[k]] for k in keys} | {"share": row[col["size"]] / ds.sizes["token"]}
+            for row in table.rows if row[col["label"]] == "carry" and row[col["value"]] == 1 and row[col["rank"]] == 0}
 
 
 #: the bar a carry cluster must clear to count as the paper's finding: homogeneity, recall,

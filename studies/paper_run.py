@@ -136,19 +136,13 @@ def measure(path: Path) -> dict:
 
 
 def best_carry(ds, res) -> dict:
-    """Per trajectory type, the best 10s/100s carry cluster of an analysis ``res`` of the store
-    ``ds``: homogeneity, chance, recall, F1, its vector and size."""
+    """The best 10s/100s carry cluster per trajectory type of an analysis ``res`` of the store ``ds``."""
     import xarray as xr
 
-    from polca_lightning.report import appendix_g_table
     from polca_lightning.report.pipeline import result_variables
 
-    merged = ds.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in result_variables(res, ds).items()})
-    table = appendix_g_table(merged)
-    col = {name: i for i, name in enumerate(table.columns)}
-    return {row[col["trajectory_type"]]: {k: row[col[k]] for k in ("homogeneity", "chance", "recall", "f1", "unit",
-                                                                     "size")}
-            for row in table.rows if row[col["label"]] == "carry" and row[col["value"]] == 1 and row[col["rank"]] == 0}
+    return arithmetic.best_carry_clusters(
+        ds.assign({k: xr.Variable(d, v, a) for k, (d, v, a) in result_variables(res, ds).items()}))
 
 
 def main(argv=None) -> None:

@@ -94,8 +94,9 @@ def shapes(ds) -> dict:
     cumulative = np.cumsum(polca, axis=0)
     per_vector = [one(cumulative[:, b, :].T) for b in range(cumulative.shape[1])]
     loss = np.asarray(ds["loss"].values, dtype=np.float64)  # [snapshot, token]
+    loss_share, loss_aligned = one((loss[1:] - loss[:1]).T)
     return {"vector_share": [v[0] for v in per_vector], "vector_aligned": [v[1] for v in per_vector],
-            "loss_share": one((loss[1:] - loss[:1]).T)[0], "loss_aligned": one((loss[1:] - loss[:1]).T)[1]}
+            "loss_share": loss_share, "loss_aligned": loss_aligned}
 
 
 def token_projections(fn: FunctionalTokenLoss, theta: torch.Tensor, batch: dict, directions: dict) -> dict:
