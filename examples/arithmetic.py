@@ -274,10 +274,7 @@ def run(args, out: Path) -> dict:
 
         logger = WandbLogger(project=args.wandb_project, save_dir=str(out), offline=not args.online,
                              config={**vars(args), "seed": args.seed})
-    vocab, context = (ADDITION_VOCAB, 12) if args.format == "symbols" else (10, 14)
-    model = TinyCausalLM(vocab, context, args.d_model, args.n_layers, args.n_heads,
-                         d_mlp=2048 if args.paper else None, lr=args.lr, warmup=args.warmup,
-                         betas=(0.9, args.beta2))
+    model = build_model(args)
     clock = TimeLeft(args.time_left_every)  # also the run's time over every process that resumed it
     callbacks = [callback, clock]
     if args.checkpoint_every:  # the last two: a kill while one is written leaves the other
@@ -299,6 +296,13 @@ def run(args, out: Path) -> dict:
         wandb.finish()
     return write_results(store, {"fit": totals["seconds"], **totals["timings"]},
                          resumed_at=None if resume is None else start_step)
+
+
+def build_model(args) -> TinyCausalLM:
+    """The model of ``args`` (its initial weights from the global seed)."""
+    vocab, context = (ADDITION_VOCAB, 12) if args.format == "symbols" else (10, 14)
+    return TinyCausalLM(vocab, context, args.d_model, args.n_layers, args.n_heads,
+                        d_mlp=2048 if args.paper else None, lr=args.lr, warmup=args.warmup, betas=(0.9, args.beta2))
 
 
 class FromStep:

@@ -3,9 +3,11 @@ folder, and the parameters a checkpoint holds, put into a model.
 
 Formats: Lightning ``.ckpt`` files (their ``state_dict``), Hugging Face ``save_pretrained``
 and ``Trainer`` ``checkpoint-N`` folders (``model.safetensors``, ``pytorch_model.bin``,
-sharded or not), and ``state_dict`` files (``torch.save``, also as ``{"model": state_dict}``
-as many loops save them, or ``.safetensors``). ``torch.load`` runs with ``weights_only=True``:
-a file that needs more than tensors to unpickle is refused, with what to do instead.
+sharded or not), ``state_dict`` files (``torch.save``, also as ``{"model": state_dict}``
+as many loops save them, or ``.safetensors``), and the weight snapshots a POLCA store keeps
+(:func:`store_snapshots`: a finished run's trajectory, to be read along another basis).
+``torch.load`` runs with ``weights_only=True``: a file that needs more than tensors to
+unpickle is refused, with what to do instead.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["step_of", "list_checkpoints", "weight_files", "read_state_dict", "load_weights", "WEIGHT_SUFFIXES"]
+__all__ = ["step_of", "list_checkpoints", "weight_files", "read_state_dict", "load_weights", "WEIGHT_SUFFIXES",
+           "StoredSnapshot", "store_snapshots", "is_store"]
 
 #: file endings of a checkpoint file
 WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
@@ -28,6 +33,66 @@ _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 #: where a name says its step, tried in order: Lightning's ``epoch=0-step=120``, Hugging Face's
 #: ``checkpoint-120``, and a trailing integer (``step120``, ``model_120``)
 _STEP_PATTERNS = (re.compile(r"step=(\d+)"), re.compile(r"checkpoint-(\d+)"), re.compile(r"(\d+)$"))
+
+
+@dataclass(frozen=True)
+class StoredSnapshot:
+    """Snapshot ``index`` (of optimizer step ``step``) of the weights a POLCA store keeps."""
+
+    store: str
+    index: int
+    step: int
+
+    def state(self) -> dict[str, Tensor]:
+        """The snapshot's parameters, by the names of the module the store was written over."""
+        names, shapes, weights = _stored_weights(self.store)
+        flat = torch.from_numpy(np.asarray(weights[self.index]))
+        pieces = torch.split(flat, [int(np.prod(shape, dtype=np.int64)) for shape in shapes])
+        return {name: piece.reshape(shape).clone() for name, piece, shape in zip(names, pieces, shapes)}
+
+
+def is_store(path: Any) -> bool:
+    """Whether ``path`` is a local POLCA store (a zarr group with weight snapshots or without)."""
+    return isinstance(path, (str, os.PathLike)) and (Path(path) / "zarr.json").is_file() \
+        and (Path(path) / "step").is_dir()
+
+
+def _stored_weights(store: str) -> tuple[list[str], list[tuple[int, ...]], Any]:
+    import zarr
+
+    group = zarr.open_group(store, mode="r")
+    if "weights" not in group:
+        raise ValueError(f"checkpoints: the store {store!r} holds no weight snapshots (it was written with "
+                         "store_weights=False): it cannot serve as checkpoints")
+    parameters = group.attrs["parameters"]
+    return [name for name, _ in parameters], [tuple(shape) for _, shape in parameters], group["weights"]
+
+
+def store_snapshots(store: str | os.PathLike) -> list[StoredSnapshot]:
+    """The weight snapshots of a POLCA store, in order: a run's trajectory as checkpoints.
+
+    Every snapshot the store committed is one, with its step. Reading them along another
+    basis (``from_checkpoints(model, store, new_store, basis="random", ...)``) gives what
+    the run would have written with that basis: POLCA reads training, it does not change it.
+    The store must keep weights (``store_weights=True``, the default) of every trainable
+    parameter of the model they are put into.
+
+    Raises:
+        FileNotFoundError: no POLCA store at ``store``.
+        ValueError: a store without weight snapshots, or with none committed.
+    """
+    store = os.fspath(store)
+    if not is_store(store):
+        raise FileNotFoundError(f"checkpoints: no POLCA store at {store!r}")
+    import zarr
+
+    group = zarr.open_group(store, mode="r")
+    _stored_weights(store)  # refuses a store without weights
+    committed = int(group.attrs.get("committed_snapshots", 0))
+    steps = [int(s) for s in np.asarray(group["step"][:committed])]
+    if not steps:
+        raise ValueError(f"checkpoints: the store {store!r} has committed no snapshot")
+    return [StoredSnapshot(store, i, step) for i, step in enumerate(steps)]
 
 
 def step_of(checkpoint: Any) -> int | None:
@@ -41,6 +106,8 @@ def step_of(checkpoint: Any) -> int | None:
         >>> step_of("ckpt/epoch=1-step=120.ckpt"), step_of("out/checkpoint-40"), step_of("step1000")
         (120, 40, 1000)
     """
+    if isinstance(checkpoint, StoredSnapshot):
+        return checkpoint.step
     name = Path(os.fspath(checkpoint)).name if isinstance(checkpoint, (str, os.PathLike)) else str(checkpoint)
     for suffix in WEIGHT_SUFFIXES:
         name = name.removesuffix(suffix)
@@ -120,13 +187,13 @@ def _state_in(obj: Any, path: Path) -> Mapping[str, Tensor]:
                      f"{' with keys ' + str(list(obj)[:6]) if isinstance(obj, Mapping) else ''}")
 
 
-def read_state_dict(checkpoint: str | os.PathLike, model: nn.Module | None = None) -> dict[str, Tensor]:
+def read_state_dict(checkpoint: str | os.PathLike | StoredSnapshot, model: nn.Module | None = None) -> dict[str, Tensor]:
     """The tensors a checkpoint holds, by name, on the CPU.
 
     Args:
         checkpoint: a Hugging Face folder, a Lightning ``.ckpt``, a ``torch.save`` file of a
-            state dict (alone, or under ``"state_dict"``, ``"model"`` or ``"module"``), or a
-            ``.safetensors`` file.
+            state dict (alone, or under ``"state_dict"``, ``"model"`` or ``"module"``), a
+            ``.safetensors`` file, or a POLCA store's weight snapshot (:func:`store_snapshots`).
         model: the model the tensors are for. A Hugging Face model reads a folder with its
             class's ``from_pretrained`` (and its ``config``), which names and converts the
             stored tensors as transformers does (a ``GPTNeoXForCausalLM`` stores its
@@ -137,6 +204,8 @@ def read_state_dict(checkpoint: str | os.PathLike, model: nn.Module | None = Non
         ValueError: a file without a state dict, or one that needs more than tensors to unpickle.
         ImportError: a ``.safetensors`` file without the ``safetensors`` package.
     """
+    if isinstance(checkpoint, StoredSnapshot):
+        return checkpoint.state()
     path = Path(checkpoint)
     if path.is_dir():
         files = weight_files(path)

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
-from polca_lightning.checkpoints import list_checkpoints, load_weights, read_state_dict, step_of, weight_files
+from polca_lightning.checkpoints import (is_store, list_checkpoints, load_weights, read_state_dict, step_of,
+                                        store_snapshots, weight_files)
 from polca_lightning.loop import WandbTarget, on_device, unwrapped, world_size
 from polca_lightning.session import POLCASession
 from polca_lightning.settings import Settings, Unpack, takes_settings
@@ -39,6 +40,7 @@ def checkpoint_series(checkpoints: Any, steps: Sequence[int] | None = None) -> l
 
     Args:
         checkpoints: a folder (its checkpoints, by step: :func:`~polca_lightning.checkpoints.list_checkpoints`),
+            a POLCA store (its weight snapshots: :func:`~polca_lightning.checkpoints.store_snapshots`),
             or a sequence of paths or of what a model factory takes (revision names).
         steps: the step of each checkpoint (default: read from each name,
             :func:`~polca_lightning.checkpoints.step_of`).
@@ -49,6 +51,9 @@ def checkpoint_series(checkpoints: Any, steps: Sequence[int] | None = None) -> l
         TypeError: ``checkpoints`` is neither a folder nor a sequence.
     """
     if isinstance(checkpoints, (str, os.PathLike)):
+        if is_store(checkpoints):  # a run's weight snapshots, with their steps
+            series = store_snapshots(checkpoints)
+            return checkpoint_series(series, [s.step for s in series] if steps is None else steps)
         if os.path.isdir(checkpoints) and not weight_files(checkpoints):  # a folder of checkpoints
             checkpoints = list_checkpoints(checkpoints)
         else:
@@ -154,7 +159,9 @@ def from_checkpoints(model: nn.Module | Callable[[Any], nn.Module], checkpoints:
             ``lambda revision: AutoModelForCausalLM.from_pretrained(name, revision=revision)``),
             whose parameters are taken. Read, never trained.
         checkpoints: a folder of checkpoints (``checkpoint-N`` folders, ``*.ckpt``, ``*.pt``,
-            ``*.safetensors`` files whose names say a step), or a sequence in training order of
+            ``*.safetensors`` files whose names say a step), a POLCA store (the weight
+            snapshots a run kept: the same trajectory along another basis, e.g. appendix H's
+            random one beside Algorithm 1's, without training again), or a sequence in training order of
             Lightning ``.ckpt`` files, Hugging Face folders, ``state_dict`` files (``torch.save``,
             safetensors), or what the factory takes.
         steps: each checkpoint's optimizer step (default: read from its name, ``step=N``,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +62,55 @@ def command(out: Path, basis: str, seed: int) -> list[str]:
 
 
 def run(args) -> None:
-    for basis in args.bases:
-        for seed in args.seeds:
-            flags = command(Path(args.out), basis, seed)
+    out = Path(args.out)
+    for seed in args.seeds:  # a seed's Hessian run first: its random-basis run reads the weights it keeps
+        for basis in sorted(args.bases):
+            flags = command(out, basis, seed)
+            trajectory = run_dir(out, "hessian", seed) / "results.json"
+            if basis == "random" and trajectory.exists() and not args.train_random:
+                print(f"== random basis, seed {seed}: along the weight snapshots of {trajectory.parent}", flush=True)
+                arithmetic.print_results(along_random_basis(out, seed))
+                continue
             print(f"== {basis} basis, seed {seed}: python examples/arithmetic.py {' '.join(flags)}", flush=True)
-            arithmetic.print_results(arithmetic.run(arithmetic.parse_args(flags), run_dir(Path(args.out), basis, seed)))
+            arithmetic.print_results(arithmetic.run(arithmetic.parse_args(flags), run_dir(out, basis, seed)))
+
+
+def along_random_basis(out: Path, seed: int) -> dict:
+    """The random-basis run of ``seed`` over the weight snapshots its Hessian run kept."""
+    return along_random_basis_of(run_dir(out, "hessian", seed), run_dir(out, "random", seed),
+                                 command(out, "random", seed))
+
+
+def along_random_basis_of(trained: Path, folder: Path, flags: list[str]) -> dict:
+    """The example's run of ``flags`` (a random basis) into ``folder``, over the weight
+    snapshots of the finished run in ``trained`` instead of training.
+
+    POLCA reads training without changing it, so a run's snapshots are the random-basis
+    run's too (``tests/test_checkpoints.py`` checks that a random-basis callback keeps the same
+    weights and writes the store this writes): the same trajectory along the other basis,
+    without training it again. Killed, it continues at the next snapshot; a finished one is
+    reused.
+    """
+    from polca_lightning import from_checkpoints
+
+    results = folder / "results.json"
+    if results.exists():
+        print(f"{folder}: reusing the complete run")
+        return json.loads(results.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    args = arithmetic.parse_args(flags)
+    weights, store = trained / "polca.zarr", folder / "polca.zarr"
+    arithmetic.L.seed_everything(args.seed, verbose=False)
+    _, probe, hessian = arithmetic.splits(args)
+    model = arithmetic.build_model(args)
+    start, cpu = time.perf_counter(), time.process_time()
+    arithmetic.addition_callback(  # the example's settings, over the stored snapshots instead of training
+        store, probe, hessian, args, callback_class=lambda **kw: from_checkpoints(model, weights, **kw),
+        order=args.order, basis="random", lca_directions=args.lca_directions, ablate=not args.no_ablate,
+        analysis_kwargs=arithmetic.analysis_settings(args), mode="a" if store.exists() else "w-",
+        progress=not args.no_bars, wandb_run=False)
+    timings = {"fit": time.perf_counter() - start, "cpu": time.process_time() - cpu, "weights_from": str(weights)}
+    return arithmetic.write_results(store, timings)
 
 
 # ------------------------------------------------------------------------------ measures
@@ -151,6 +196,9 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--bases", nargs="+", default=["hessian", "random"], choices=["hessian", "random"])
     p.add_argument("--out", default="runs/paper")
+    p.add_argument("--train-random", action="store_true",
+                   help="train the random-basis runs (default: read along the weight snapshots of the seed's "
+                        "finished Hessian run, the same training)")
     args = p.parse_args(argv)
     if args.what == "run":
         run(args)

@@ -5,6 +5,7 @@ gives the store the run's callback wrote; a killed run continues at the next che
 import json
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -13,11 +14,19 @@ from torch.utils.data import DataLoader
 from _stores import same_stores
 from _tiny import AdditionModule, batches, tiny_lm
 from polca_lightning import POLCACallback, from_checkpoints, open_store
-from polca_lightning.checkpoints import list_checkpoints, load_weights, read_state_dict, step_of
+from polca_lightning.checkpoints import list_checkpoints, load_weights, read_state_dict, step_of, store_snapshots
 
 SETTINGS = dict(probe_data=batches(24, 12, seed=1, labels=True), hessian_data=batches(16, 16, seed=2),
                 token_labels=lambda b: {"carry": b["carry"], "place": b["place"]}, snapshot_every=2,
                 basis_every=4, k=1, max_basis=3, engine="forward", analyze=False, progress=False)
+
+
+def train(root, store, callbacks=(), **settings):
+    """8 steps of the tiny addition model, its callback snapshotting every 2 into ``store``."""
+    callback = POLCACallback(root / store, **{**SETTINGS, **settings})
+    L.Trainer(default_root_dir=root, max_steps=8, callbacks=[callback, *callbacks], accelerator="cpu", devices=1,
+              logger=False, enable_progress_bar=False, enable_model_summary=False,
+              ).fit(AdditionModule(), DataLoader(batches(80, 16, seed=0), batch_size=None))
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +34,8 @@ def lightning_run(tmp_path_factory):
     """A Lightning run of 8 steps whose callback snapshots every 2 steps, a checkpoint saved at
     each snapshot step (step 0 by hand: Lightning saves none before training)."""
     root = tmp_path_factory.mktemp("lightning")
-    module = AdditionModule()
-    initial = {k: v.clone() for k, v in module.state_dict().items()}
-    callback = POLCACallback(root / "callback.zarr", **SETTINGS)
-    saving = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
-    L.Trainer(default_root_dir=root, max_steps=8, callbacks=[callback, saving], accelerator="cpu", devices=1,
-              logger=False, enable_progress_bar=False, enable_model_summary=False,
-              ).fit(module, DataLoader(batches(80, 16, seed=0), batch_size=None))
+    initial = {k: v.clone() for k, v in AdditionModule().state_dict().items()}  # the seeded initial weights
+    train(root, "callback.zarr", [ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)])
     torch.save(initial, root / "ckpt" / "step=0.pt")
     (root / "ckpt" / "last.ckpt").write_bytes((root / "ckpt" / "epoch=1-step=8.ckpt").read_bytes())  # no step: left out
     return root
@@ -90,6 +94,25 @@ def test_the_checkpoints_of_a_lightning_run_give_its_callbacks_store(lightning_r
     assert b.attrs["complete"] and b["step"].values.tolist() == [0, 2, 4, 6, 8]
     assert b["basis_step"].values.tolist() == [0, 4, 8]  # multiples of basis_every, as the callback's
     same_stores(a, b, rtol=1e-5, floor=1e-6)
+
+
+def test_a_stores_weight_snapshots_read_along_another_basis_give_that_basis_run(lightning_run, tmp_path):
+    """A store's weight snapshots are its run's checkpoints: along the same basis they give the
+    same store; along a random basis, the store of the same training with a random-basis
+    callback (POLCA does not change training: both runs keep the same weights)."""
+    callback = lightning_run / "callback.zarr"
+    assert [s.step for s in store_snapshots(callback)] == [0, 2, 4, 6, 8]
+    again = from_checkpoints(tiny_lm(seed=5, d_model=8, dtype=torch.float32), callback, tmp_path / "again.zarr",
+                             **SETTINGS)
+    same_stores(open_store(callback).load(), again.load(), rtol=1e-5, floor=1e-6)
+
+    train(tmp_path, "random.zarr", basis="random", k=3, basis_every=100)  # every vector at step 0
+    trained = open_store(tmp_path / "random.zarr").load()
+    np.testing.assert_array_equal(trained["weights"].values, open_store(callback)["weights"].values)
+    read = from_checkpoints(AdditionModule(), callback, tmp_path / "read.zarr",
+                            **{**SETTINGS, "basis": "random", "k": 3, "basis_every": 100}).load()
+    assert read["basis_step"].values.tolist() == [0, 0, 0]
+    same_stores(trained, read, rtol=1e-5, floor=1e-6)
 
 
 def test_a_killed_run_continues_at_the_next_checkpoint(lightning_run, tmp_path, capsys):

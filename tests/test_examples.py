@@ -366,3 +366,30 @@ def test_plain_loop_tiny_mode_reports_into_the_open_wandb_run(tmp_path, capsys):
     eigen = [h for h in history if "polca/eigenvalue" in h]  # POLCA's, against the loop's step
     assert [h["global_step"] for h in eigen] == [0, 8]
     np.testing.assert_allclose([h["polca/eigenvalue"] for h in eigen], ds["eigenvalue"].values[::2], rtol=1e-6)
+
+
+def test_paper_study_reads_the_random_basis_along_a_finished_runs_weights(tmp_path):
+    """``studies/paper_run.py``'s random-basis runs read the weight snapshots of the seed's
+    Hessian run instead of training again: at toy size, the store and the results they give
+    are those of training with the random basis (POLCA does not change training)."""
+    import arithmetic
+
+    sys.path.insert(0, str(EXAMPLES.parent / "studies"))
+    import paper_run
+
+    from polca_lightning import open_store
+
+    from _stores import same_stores
+
+    flags = ["--tiny", "--no-wandb", "--no-bars", "--lca-directions", "0"]
+    random = flags + ["--basis", "random", "--k", "4", "--basis-every", "1000"]
+    arithmetic.main(flags + ["--out", str(tmp_path / "hessian")])
+    trained = arithmetic.main(random + ["--out", str(tmp_path / "trained")])
+    read = paper_run.along_random_basis_of(tmp_path / "hessian", tmp_path / "read", random)
+    a, b = open_store(trained).load(), open_store(read["store"]).load()
+    assert b.attrs["complete"] and b["basis_step"].values.tolist() == [0, 0, 0, 0]
+    same_stores(a, b, rtol=1e-5, floor=1e-6)
+    expected = json.loads((tmp_path / "trained" / "results.json").read_text())
+    assert read["carry"] == expected["carry"] and read["signal"] == expected["signal"]
+    assert read["timings"]["weights_from"] == str(tmp_path / "hessian" / "polca.zarr")
+    assert paper_run.along_random_basis_of(tmp_path / "hessian", tmp_path / "read", random) == read  # reused

@@ -170,6 +170,33 @@ def test_torch_inputs_are_copied_and_converted(tmp_path):
     assert "weights" not in ds and "curvature" not in ds
 
 
+def test_a_stores_committed_weight_snapshots_are_checkpoints_of_its_parameters(tmp_path):
+    from polca_lightning.checkpoints import read_state_dict, step_of, store_snapshots
+
+    path = tmp_path / "run.zarr"
+    writer = make_writer(path)
+    ref = fill_run(writer, n_snapshots=3)
+    writer.write_snapshot(3, 99, np.ones(T), np.ones(D))  # written, never committed: not a checkpoint
+    writer.flush()
+    snapshots = store_snapshots(path)
+    assert [step_of(s) for s in snapshots] == [5, 15, 25]
+    for s in snapshots:
+        state = read_state_dict(s)
+        assert list(state) == ["layer.weight", "layer.bias"] and state["layer.weight"].shape == (3, 4)
+        flat = np.concatenate([state["layer.weight"].numpy().ravel(), state["layer.bias"].numpy()])
+        np.testing.assert_array_equal(flat, ref["weights"][s.index])
+    writer.close()
+
+    bare = make_writer(tmp_path / "bare.zarr", store_weights=False)
+    bare.write_snapshot(0, 0, np.ones(T))
+    bare.commit(1, 0)
+    bare.close()
+    with pytest.raises(ValueError, match="holds no weight snapshots"):
+        store_snapshots(tmp_path / "bare.zarr")
+    with pytest.raises(FileNotFoundError, match="no POLCA store"):
+        store_snapshots(tmp_path / "nothing.zarr")
+
+
 def test_uncommitted_data_is_invisible(tmp_path):
     path = tmp_path / "run.zarr"
     writer = make_writer(path)
