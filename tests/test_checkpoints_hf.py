@@ -100,6 +100,21 @@ def test_the_polca_checkpoints_command_over_hugging_face_folders(tmp_path, capsy
                 losses.append(nll[mask])
         np.testing.assert_allclose(ds["loss"].values[i], torch.cat(losses).numpy(), rtol=1e-5, atol=1e-6)
 
+    # the store's own weight snapshots, read again along the same (seeded) random basis: the same store
+    (tmp_path / "build.py").write_text(  # the architecture; its weights (the last checkpoint's) are replaced
+        "from transformers import GPTNeoXForCausalLM\n\ndef build(snapshot):\n"
+        f"    return GPTNeoXForCausalLM.from_pretrained({str(folder / 'checkpoint-8')!r}, attn_implementation='eager')\n")
+    again = tmp_path / "again.zarr"
+    assert polca(["checkpoints", str(again), str(store), "--model", f"{tmp_path / 'build.py'}:build", "--probe",
+                  str(tmp_path / "probe.pt"), "--batch-size", "8", "--basis-every", "4", "--max-basis", "2",
+                  "--basis", "random", "--engine", "forward", "--quiet", "--no-analyze"]) == 0
+    assert "5 checkpoints (steps 0..8), 2 basis vectors" in capsys.readouterr().out
+    for name in ("loss", "directional_grad", "polca", "weights"):
+        np.testing.assert_allclose(open_store(again)[name].values, ds[name].values, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert polca(["checkpoints", str(tmp_path / "y.zarr"), str(store), "--probe", str(tmp_path / "probe.pt"),
+                  "--quiet"]) == 2
+    assert "--model: needed for the weight snapshots" in capsys.readouterr().err
+
     assert polca(["checkpoints", str(tmp_path / "x.zarr"), str(folder / "checkpoint-0" / "model.safetensors"),
                   "--steps", "0", "--probe", str(tmp_path / "probe.pt"), "--quiet"]) == 2
     assert "--model: needed for" in capsys.readouterr().err

@@ -8,13 +8,14 @@ Usage::
                       [--order O] [--basis hessian|random] [--engine E] [--seed S]
                       [--resume | --overwrite] [--no-analyze] [--wandb-project NAME [--online]] [--quiet]
 
-It runs :func:`polca_lightning.from_checkpoints`. CHECKPOINT is a folder of checkpoints, or
-the checkpoints in training order (Hugging Face folders, Lightning ``.ckpt`` files,
-``state_dict`` files). DATA is a file ``torch.save`` wrote (a list of batches or of examples,
+It runs :func:`polca_lightning.from_checkpoints`. CHECKPOINT is a folder of checkpoints, a
+POLCA store (its weight snapshots: the run along another basis), or the checkpoints in
+training order (Hugging Face folders, Lightning ``.ckpt`` files, ``state_dict`` files). DATA is a file ``torch.save`` wrote (a list of batches or of examples,
 or a dict of tensors ``[examples, ...]``, collated or cut ``--batch-size`` at a time), or
 ``module:function`` / ``path/to/file.py:function`` returning the data. FACTORY (``module:function`` or
 ``file.py:function``) is called with each checkpoint and returns the model at it; without it,
-Hugging Face folders are read with ``AutoModelForCausalLM`` (eager attention).
+Hugging Face folders are read with ``AutoModelForCausalLM`` (eager attention). Over a store,
+FACTORY is called once, with the first snapshot, to build the model; the store's weights go in.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def add_parser(sub, store_argument) -> None:
     store_argument(p, "path of the store to write")
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="a folder of checkpoints (checkpoint-N folders, *.ckpt, *.pt, *.safetensors named with "
-                        "their step), or the checkpoints in training order")
+                        "their step), a POLCA store (its weight snapshots), or the checkpoints in training order")
     d = p.add_argument_group("model and data")
     d.add_argument("--probe", required=True, metavar="DATA",
                    help="probe batches: a torch.save file (a list of batches, or a dict of tensors cut into "
@@ -126,7 +127,7 @@ def _hf_model(first: Any):
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    from polca_lightning.checkpoints import weight_files
+    from polca_lightning.checkpoints import StoredSnapshot, weight_files
     from polca_lightning.series import checkpoint_series, from_checkpoints
 
     sources = args.checkpoints[0] if len(args.checkpoints) == 1 else [Path(c) for c in args.checkpoints]
@@ -134,10 +135,16 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         series = checkpoint_series(sources, args.steps)
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise CLIError(str(error)) from None
+    stored = isinstance(series[0].source, StoredSnapshot)  # a POLCA store's weight snapshots
     if args.model:
         model = load_object(args.model, "--model")
-    elif weight_files(series[0].source):  # a Hugging Face folder
+        if stored:  # built once: every snapshot's weights come from the store
+            model = model(series[0].source)
+    elif not stored and weight_files(series[0].source):  # a Hugging Face folder
         model = _hf_model(series[0].source)
+    elif stored:
+        raise CLIError(f"--model: needed for the weight snapshots of {args.checkpoints[0]!r} (a store does not say "
+                       "which model it is): a function that builds it")
     else:
         raise CLIError(f"--model: needed for {str(series[0].source)!r}, which is not a Hugging Face folder (a "
                        "checkpoint file does not say which model it is)")
