@@ -108,7 +108,7 @@ def along_random_basis_of(trained: Path, folder: Path, flags: list[str]) -> dict
         store, probe, hessian, args, callback_class=lambda **kw: from_checkpoints(model, weights, **kw),
         order=args.order, basis="random", lca_directions=args.lca_directions, ablate=not args.no_ablate,
         analysis_kwargs=arithmetic.analysis_settings(args), mode="a" if store.exists() else "w-",
-        progress=not args.no_bars, wandb_run=False)
+        progress=True, wandb_run=False)  # the bar over the snapshots, with its estimate of the time left
     timings = {"fit": time.perf_counter() - start, "cpu": time.process_time() - cpu, "weights_from": str(weights)}
     return arithmetic.write_results(store, timings)
 
