@@ -212,7 +212,9 @@ def write_tables(out: Path, bases, seeds, measure) -> str:
                              measure=lambda p: {"store": p, **measure(Path(p))})
     loss_figure(figures, out / "loss_by_place_carry.png")
     best = best_cluster_figure(out, figures, out / "best_carry_cluster.png")
-    fit = [f"{f['run']} {f['results']['timings'].get('fit', float('nan')) / 60:.0f} min" for f in figures]
+    fit = [f"{f['run']} {f['results']['timings'].get('fit', float('nan')) / 60:.0f} min"
+           + (" (over the Hessian run's weight snapshots, no training)" if "weights_from" in f["results"]["timings"]
+              else "") for f in figures]
     lines = [f"# The paper's run on 2 CPU cores: {len(figures)} run(s)", "",
              "Best 10s/100s carry cluster per trajectory type (appendix G, 85 % rule, outliers excluded): "
              "homogeneity (its chance level: the carry rate of the cluster's mix of places):", "",
@@ -229,7 +231,8 @@ def write_tables(out: Path, bases, seeds, measure) -> str:
               "Mean exact loss per (place, carry) group:", "", *loss_rows(figures), "",
               "The vectors that allocate the most loss decrease to 10s/100s carries beyond the other 10s/100s tokens "
               "(POLCA summed over training, mean per token):", "", *vector_rows(figures), "",
-              "Fit time (the training and everything POLCA does during it): " + ", ".join(fit) + "."]
+              "Wall time on 2 cores (the training and everything POLCA does during it, the analysis after): "
+              + ", ".join(fit) + "."]
     if best:
         lines += ["", f"best_carry_cluster.png: {best['run']}, vector {best['vector']}, cluster {best['cluster']} "
                       f"({best['size']} tokens)."]
