@@ -105,3 +105,33 @@ def test_device_check_dry_run_writes_every_step_ok(tmp_path):
     assert hidden["trajectory_types"] and set(hidden["hidden_fraction"]) == set(hidden["trajectory_types"])
     assert "hidden_fraction_paper" in hidden and "tau" in hidden
     assert "appendix G" in proc.stdout  # the example's own table, printed
+
+
+def test_paper_costs_time_model_counts_the_runs_snapshots_and_vectors(tmp_path):
+    """benchmarks/paper_costs.py's table: make paper's schedule (101 snapshots, 8 vectors) and the
+    paper's (501, 50), the eigensolves of a 1,250-problem Hessian sample at that sample's product
+    cost, and a finished run's measured parts beside the prediction."""
+    import json
+
+    sys.path.insert(0, str(SCALE.parent))
+    import paper_costs
+
+    costs = dict(d=9_475_594, batch_problems=200, train_step=0.3, loss_batch=1.0, forward_per_direction=4.0,
+                 reverse_base=3.0, reverse_per_direction=1.0, calibration=30.0, hvp=2.0, hvp_1250=10.0,
+                 eigensolve=100.0, eigensolve_hvps=50, write_snapshot=0.5, read_snapshot=0.3, clustering=5.0,
+                 clustering_tokens=5000)
+    rows = paper_costs.predictions(costs)
+    first, paper = rows[0], rows[-1]
+    assert (first["snapshots"], first["basis"], first["lca_directions"]) == (101, 8, 0)
+    assert (paper["snapshots"], paper["basis"], paper["lca_directions"]) == (501, 50, 50)
+    assert paper["seconds"]["eigensolves"] == pytest.approx(50 * 100.0 * 10.0 / 2.0)  # 5x the products' cost
+    assert first["seconds"]["eigensolves"] == pytest.approx(8 * 100.0)
+    assert first["seconds"]["train"] == pytest.approx(10_000 * (0.3 + 0.004))
+    lines = paper_costs.table(rows).splitlines()
+    assert len(lines) == 2 + len(paper_costs.SETTINGS) and lines[2].endswith("| 1.0 |")
+    (tmp_path / "results.json").write_text(json.dumps({"timings": {
+        "fit": 9000.0, "setup": 50.0, "snapshot": 1.0, "interval": 3000.0, "io": 100.0, "eigensolve": 800.0,
+        "backfill": 700.0}}))
+    text = paper_costs.measured(tmp_path, first)
+    assert "| eigensolves | 13 min | 13 min | 1.00 |" in text
+    assert "| total | 2.5 h |" in text
