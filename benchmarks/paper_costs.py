@@ -13,7 +13,10 @@ written to a store and read back, and one HDBSCAN clustering of 5,000 trajectori
 time model of ``benchmarks/device_check.py`` (``_device_costs.predict``) turns them into
 the seconds of a run by part: training, the snapshots' derivatives, the eigensolves, the
 backfill, the LCA baseline and the analysis; the eigensolves of a 1,250-problem Hessian
-sample are the 256-problem eigensolve's products at the 1,250-problem product's cost.
+sample are the 256-problem eigensolve's products at the 1,250-problem product's cost. At
+the initialisation Lanczos converges in a few products; with ``--run`` the eigensolve is
+timed again where the run made one (its weights at step 1,000, its earlier vectors
+projected out), and the predictions use that one.
 
 It prints, by part and in total, ``make paper`` (the trims of docs/paper.md), the paper's
 settings (a snapshot every 20 steps, 50 vectors from a 1,250-problem Hessian sample, LCA
@@ -57,8 +60,10 @@ SETTINGS = (
 PROBE, STEPS, BASIS_EVERY = 1250, 10_000, 200
 
 
-def unit_costs(workdir: Path) -> dict:
-    """The unit costs of the paper's model on this machine (seconds)."""
+def unit_costs(workdir: Path, run: Path | None = None, at_step: int = 1000) -> dict:
+    """The unit costs of the paper's model on this machine (seconds). With ``run``, the eigensolve
+    is also timed where the run made one (its weights at ``at_step``, its earlier vectors
+    projected out): Lanczos needs more products there than at the initialisation."""
     s = Setting(torch.device("cpu"), replace(DEVICE, paper_hessian=256), workdir)
     torch.manual_seed(0)
     model = paper_model(s)
@@ -100,6 +105,11 @@ def unit_costs(workdir: Path) -> dict:
         costs["hvp_1250"] = time.perf_counter() - t0
     print(f"  Hessian-vector product: {costs['hvp']:.2f} s (256 problems), {costs['hvp_1250']:.2f} s (1,250); "
           f"eigensolve {costs['eigensolve']:.1f} s ({costs['eigensolve_hvps']} products, 256 problems)", flush=True)
+    if run is not None:
+        costs |= trained_eigensolve(model, space, hessian, run / "polca.zarr", at_step)
+        print(f"  eigensolve at step {at_step} of {run}: {costs['eigensolve_trained']:.1f} s "
+              f"({costs['eigensolve_trained_hvps']} products, {costs['eigensolve_trained_projected']} vectors "
+              "projected out)", flush=True)
     io = _store_io(s, space, theta)
     costs |= {"write_snapshot": io["write_snapshot_s"], "read_snapshot": io["read_snapshot_s"]}
     cl = _clustering(PROBE * 4)
@@ -110,10 +120,34 @@ def unit_costs(workdir: Path) -> dict:
     return costs
 
 
+def trained_eigensolve(model, space, hessian, store: Path, at_step: int) -> dict:
+    """One eigensolve of the callback's (tolerance 1e-3) at a run's snapshot of ``at_step``, its
+    earlier vectors projected out, on the 256-problem Hessian sample."""
+    from polca_lightning import open_store
+    from polca_lightning.checkpoints import load_weights, read_state_dict, store_snapshots
+    from polca_lightning.core.hessian import projected_hessian_eigs
+
+    snapshot = next(s for s in store_snapshots(store) if s.step == at_step)
+    load_weights(model, read_state_dict(snapshot), f"the snapshot of step {at_step}")
+    ds = open_store(store, analysis=False)
+    earlier = ds["basis_step"].values < at_step
+    basis = torch.from_numpy(ds["basis_vectors"].values[earlier]).float()
+    theta = space.flatten(model)
+    fn = FunctionalTokenLoss(model, causal_lm_token_loss, space)
+    with evaluation_mode(model):
+        hvp = fn.mean_loss_hvp(theta, hessian)
+        start = time.perf_counter()
+        res = projected_hessian_eigs(hvp, theta.shape[0], 1, basis if len(basis) else None, tol=1e-3)
+    return {"eigensolve_trained": time.perf_counter() - start, "eigensolve_trained_hvps": res.n_hvp,
+            "eigensolve_trained_projected": int(earlier.sum())}
+
+
 def predictions(costs: dict) -> list[dict]:
     rows = []
     for name, every, vectors, hessian, lca in SETTINGS:
         c = dict(costs)
+        if "eigensolve_trained" in costs:  # the eigensolve as the run needs it, not at the initialisation
+            c["eigensolve"], c["eigensolve_hvps"] = costs["eigensolve_trained"], costs["eigensolve_trained_hvps"]
         if hessian != 256:  # as many products, each over the larger sample
             c["eigensolve"] = costs["eigensolve"] * costs["hvp_1250"] / costs["hvp"]
             c["hvp"] = costs["hvp_1250"]
@@ -166,7 +200,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"unit costs on {torch.get_num_threads()} threads:", flush=True)
-    costs = unit_costs(args.out.parent)
+    costs = unit_costs(args.out.parent, args.run)
     rows = predictions(costs)
     print("\npredicted seconds of the paper's run, 10,000 steps, 1,250 probe problems, by part:\n")
     print(table(rows))
