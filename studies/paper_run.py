@@ -177,7 +177,37 @@ def measure(path: Path) -> dict:
                      restrict=arithmetic.APPENDIX_G_CARRY, entropy_scores=False, normalize="token", **hdbscan)
     return {"run": path.name, "basis": config.get("basis"), "seed": config.get("seed"), "results": results,
             "purity": neighbour_purity(train, res), "loss_by_group": loss_by_group(ds), "vectors": vectors(ds),
-            "scale": directional_scale(ds), "normalized": best_carry(train, shaped)}
+            "scale": directional_scale(ds), "normalized": best_carry(train, shaped),
+            "unfiltered": {t: without_vector_filter(ds, t, hdbscan) for t in ("polca", "polca_first")}}
+
+
+def without_vector_filter(ds, name: str, hdbscan: dict) -> dict:
+    """The best 10s/100s carry cluster of ``name``'s trajectories with every vector clustered:
+    the §4.1 token filter (tokens whose projected loss decreases) without its vector filter
+    (vectors whose mean projected loss decreases). Where the filter drops a vector that
+    allocates carries apart from the rest, this says whether HDBSCAN would have found them."""
+    from polca_lightning.analysis import filter_trajectories, projected_loss
+    from polca_lightning.analysis.clustering import ClusterSettings, cluster_trajectories
+    from polca_lightning.analysis.scores import label_scores
+
+    place, carry = ds["place"].values, ds["carry"].values
+    traj = projected_loss(ds[name].transpose("interval", "basis", "token").values)  # [snapshot, basis, token]
+    kept, _ = filter_trajectories(traj)
+    settings = ClusterSettings(**hdbscan)
+    best: dict = {"dropped_vectors": np.flatnonzero(~kept).tolist()}
+    for b in range(traj.shape[1]):
+        final = traj[-1, b]
+        tokens = np.isfinite(traj[:, b]).all(0) & (final < -1e-5 * np.nanmax(np.abs(final)))
+        labels = cluster_trajectories(traj[:, b].T, settings, mask=tokens)
+        if not (labels >= 0).any():
+            continue
+        scores = label_scores(labels, carry, values=[1], restrict=np.isin(place, (1, 2)), group=place)
+        h = np.where(scores["eligible"][:, 0], scores["homogeneity"][:, 0], np.nan)
+        if np.isfinite(h).any() and np.nanmax(h) > best.get("homogeneity", -1.0):
+            c = int(np.nanargmax(h))
+            best.update(homogeneity=float(h[c]), chance=float(scores["chance"][c, 0]),
+                        recall=float(scores["recall"][c, 0]), vector=b, size=int((labels == c).sum()))
+    return best
 
 
 def best_carry(ds, res) -> dict:
