@@ -296,7 +296,21 @@ def test_language_tiny_mode_reports_clusters_with_words_to_an_offline_wandb_run(
         assert row[col["text"]] in vocabulary and row[col["text"]] != "<unk>"
 
 
-def test_arithmetic_killed_and_started_again_ends_with_the_uninterrupted_store(tmp_path):
+#: make paper's flags at toy size: checkpoints every 8 of the tiny preset's 24 steps
+RESUMABLE = ["--tiny", "--checkpoint-every", "8", "--no-wandb", "--no-ablate", "--no-bars", "--lca-directions", "0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The folder of a tiny run with ``RESUMABLE``'s flags (Algorithm 1's basis), never interrupted."""
+    import arithmetic
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    arithmetic.main(RESUMABLE + ["--out", str(out)])
+    return out
+
+
+def test_arithmetic_killed_and_started_again_ends_with_the_uninterrupted_store(tmp_path, uninterrupted):
     """``make paper``'s promise at toy size: a run killed (SIGKILL, mid-training) and started
     again with the same flags resumes from its last checkpoint and ends with the store of a run
     that was never interrupted, variable by variable."""
@@ -309,8 +323,7 @@ def test_arithmetic_killed_and_started_again_ends_with_the_uninterrupted_store(t
 
     from polca_lightning import open_store
 
-    flags = ["--tiny", "--checkpoint-every", "8", "--no-wandb", "--no-ablate", "--no-bars", "--lca-directions", "0"]
-    arithmetic.main(flags + ["--out", str(tmp_path / "whole")])
+    flags = RESUMABLE
 
     out = tmp_path / "killed"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -330,7 +343,7 @@ def test_arithmetic_killed_and_started_again_ends_with_the_uninterrupted_store(t
     results = arithmetic.main(flags + ["--out", str(out)])  # the same command again: it resumes
     summary = json.loads((out / "results.json").read_text())
     assert summary["resumed_at_step"] in (8, 16)  # the newer checkpoint, or the older if the kill tore it
-    a = open_store(tmp_path / "whole" / "polca.zarr").load()
+    a = open_store(uninterrupted / "polca.zarr").load()
     b = open_store(results).load()
     assert b.attrs["complete"] and a.sizes == b.sizes
     for name in a.variables:
@@ -368,7 +381,7 @@ def test_plain_loop_tiny_mode_reports_into_the_open_wandb_run(tmp_path, capsys):
     np.testing.assert_allclose([h["polca/eigenvalue"] for h in eigen], ds["eigenvalue"].values[::2], rtol=1e-6)
 
 
-def test_paper_study_reads_the_random_basis_along_a_finished_runs_weights(tmp_path):
+def test_paper_study_reads_the_random_basis_along_a_finished_runs_weights(tmp_path, uninterrupted):
     """``studies/paper_run.py``'s random-basis runs read the weight snapshots of the seed's
     Hessian run instead of training again: at toy size, the store and the results they give
     are those of training with the random basis (POLCA does not change training)."""
@@ -381,15 +394,13 @@ def test_paper_study_reads_the_random_basis_along_a_finished_runs_weights(tmp_pa
 
     from _stores import same_stores
 
-    flags = ["--tiny", "--no-wandb", "--no-bars", "--lca-directions", "0"]
-    random = flags + ["--basis", "random", "--k", "4", "--basis-every", "1000"]
-    arithmetic.main(flags + ["--out", str(tmp_path / "hessian")])
+    random = RESUMABLE + ["--basis", "random", "--k", "4", "--basis-every", "1000"]
     trained = arithmetic.main(random + ["--out", str(tmp_path / "trained")])
-    read = paper_run.along_random_basis_of(tmp_path / "hessian", tmp_path / "read", random)
+    read = paper_run.along_random_basis_of(uninterrupted, tmp_path / "read", random)
     a, b = open_store(trained).load(), open_store(read["store"]).load()
     assert b.attrs["complete"] and b["basis_step"].values.tolist() == [0, 0, 0, 0]
     same_stores(a, b, rtol=1e-5, floor=1e-6)
     expected = json.loads((tmp_path / "trained" / "results.json").read_text())
     assert read["carry"] == expected["carry"] and read["signal"] == expected["signal"]
-    assert read["timings"]["weights_from"] == str(tmp_path / "hessian" / "polca.zarr")
-    assert paper_run.along_random_basis_of(tmp_path / "hessian", tmp_path / "read", random) == read  # reused
+    assert read["timings"]["weights_from"] == str(uninterrupted / "polca.zarr")
+    assert paper_run.along_random_basis_of(uninterrupted, tmp_path / "read", random) == read  # reused
