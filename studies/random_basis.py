@@ -159,7 +159,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a finished run's folder (its polca.zarr)")
     p.add_argument("--random", type=int, default=16, help="random orthonormal directions")
-    p.add_argument("--snapshots", type=int, nargs="+", default=[0, 5, 10, 20, 50], help="snapshot indices")
+    p.add_argument("--snapshots", type=int, nargs="*", default=[0, 5, 10, 20, 50],
+                   help="snapshot indices of the directional derivatives (none: movement and shapes only)")
     p.add_argument("--problems", type=int, default=50, help="probe problems (4 tokens each)")
     p.add_argument("--out", help="write the figures here (JSON)")
     p.add_argument("--model", type=int, nargs=4, default=[512, 3, 4, 2048], metavar=("D", "LAYERS", "HEADS", "MLP"),
@@ -176,7 +177,7 @@ def main(argv=None) -> None:
     snapshots = [s for s in args.snapshots if s + 1 < ds.sizes["snapshot"]]
     d_model, layers, heads, d_mlp = args.model
     model = TinyCausalLM(10, 14, d_model, layers, heads, d_mlp=d_mlp)
-    derived = derivatives(ds, config, random, basis, snapshots, args.problems, model)
+    derived = derivatives(ds, config, random, basis, snapshots, args.problems, model) if snapshots else None
     result = {"run": str(args.run), "d": d, "random_directions": args.random, "movement": moved, "shapes": shaped,
               "derivatives": derived}
     norm = np.array(moved["norm"])
@@ -192,6 +193,10 @@ def main(argv=None) -> None:
     print("  per vector: " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(shaped["vector_share"],
                                                                           shaped["vector_aligned"]))
           + f"; exact loss {shaped['loss_share']:.2f}/{shaped['loss_aligned']:.2f}")
+    if derived is None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        return
     print("directional derivatives, in units of each token's |∇ℓ_x|/sqrt(d) (median over tokens):")
     for i, s in enumerate(derived["snapshot_step"]):
         print(f"  step {s:>5}: |∇ℓ_x| median {derived['grad_norm_median'][i]:.3g}; random RMS "
