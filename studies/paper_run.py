@@ -109,8 +109,10 @@ def along_random_basis_of(trained: Path, folder: Path, flags: list[str]) -> dict
         order=args.order, basis="random", lca_directions=args.lca_directions, ablate=not args.no_ablate,
         analysis_kwargs=arithmetic.analysis_settings(args), mode="a" if store.exists() else "w-",
         progress=True, wandb_run=False)  # the bar over the snapshots, with its estimate of the time left
-    timings = {"fit": time.perf_counter() - start, "cpu": time.process_time() - cpu, "weights_from": str(weights)}
-    return arithmetic.write_results(store, timings)
+    results = arithmetic.write_results(store, {"fit": time.perf_counter() - start, "cpu": time.process_time() - cpu})
+    results["weights_from"] = str(weights)  # the run whose snapshots these are
+    (folder / "results.json").write_text(json.dumps(results, indent=1))
+    return results
 
 
 # ------------------------------------------------------------------------------ measures

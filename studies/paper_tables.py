@@ -218,7 +218,7 @@ def write_tables(out: Path, bases, seeds, measure) -> str:
     loss_figure(figures, out / "loss_by_place_carry.png")
     best = best_cluster_figure(out, figures, out / "best_carry_cluster.png")
     fit = [f"{f['run']} {f['results']['timings'].get('fit', float('nan')) / 60:.0f} min"
-           + (" (over the Hessian run's weight snapshots, no training)" if "weights_from" in f["results"]["timings"]
+           + (" (over the Hessian run's weight snapshots, no training)" if "weights_from" in f["results"]
               else "") for f in figures]
     lines = [f"# The paper's run on 2 CPU cores: {len(figures)} run(s)", "",
              "Best 10s/100s carry cluster per trajectory type (appendix G, 85 % rule, outliers excluded): "

@@ -402,5 +402,6 @@ def test_paper_study_reads_the_random_basis_along_a_finished_runs_weights(tmp_pa
     same_stores(a, b, rtol=1e-5, floor=1e-6)
     expected = json.loads((tmp_path / "trained" / "results.json").read_text())
     assert read["carry"] == expected["carry"] and read["signal"] == expected["signal"]
-    assert read["timings"]["weights_from"] == str(uninterrupted / "polca.zarr")
+    assert read["weights_from"] == str(uninterrupted / "polca.zarr") and set(read["timings"]) == {"fit", "cpu"}
+    arithmetic.print_results(read)  # the study prints it
     assert paper_run.along_random_basis_of(uninterrupted, tmp_path / "read", random) == read  # reused
