@@ -128,15 +128,20 @@ def measure_costs(s: Setting) -> dict:
     return out
 
 
-def _hvp_and_eigensolve(model, space, theta, hessian, dev, repeat) -> dict:
+def _hvp_and_eigensolve(model, space, theta, hessian, dev, repeat, basis=None, eigensolve=True) -> dict:
+    """Seconds of one Hessian-vector product of the mean loss on ``hessian`` (the best of
+    ``repeat``) and, with ``eigensolve``, of one eigensolve at the callback's tolerance,
+    ``basis`` (``[k, d]`` rows) projected out."""
     fn = FunctionalTokenLoss(model, causal_lm_token_loss, space)
     with evaluation_mode(model):
         hvp = fn.mean_loss_hvp(theta, hessian)
         v = torch.randn(theta.shape[0], generator=torch.Generator().manual_seed(0)).to(theta)
         hvp(v)
         hvp_s = seconds(lambda: hvp(v), dev, repeat=repeat)
+        if not eigensolve:
+            return {"hvp_s": hvp_s}
         start = time.perf_counter()
-        res = projected_hessian_eigs(hvp, theta.shape[0], 1, tol=1e-3, device=dev)  # the callback's tolerance
+        res = projected_hessian_eigs(hvp, theta.shape[0], 1, basis, tol=1e-3, device=dev)  # the callback's tolerance
         sync(dev)
     return {"hvp_s": hvp_s, "eigensolve_s": time.perf_counter() - start, "eigensolve_hvps": res.n_hvp,
             "top_eigenvalue": float(res.eigenvalues[0])}

@@ -41,11 +41,11 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
 
 from _device_costs import (Schedule, _clustering, _hvp_and_eigensolve, _store_io, _training_step,  # noqa: E402
-                           paper_model, predict)
-from _device_steps import DEVICE, Setting, addition_batches  # noqa: E402
+                           paper_model, predict, random_directions)
+from _device_steps import DEVICE, Setting, addition_batches, seconds  # noqa: E402
 
 from polca_lightning.core.engine import DirectionalDerivatives  # noqa: E402
-from polca_lightning.core.functional import FunctionalTokenLoss, ParameterSpace, evaluation_mode  # noqa: E402
+from polca_lightning.core.functional import ParameterSpace  # noqa: E402
 from polca_lightning.core.losses import causal_lm_token_loss  # noqa: E402
 
 #: the runs compared: (name, snapshot_every, vectors, Hessian problems, LCA directions)
@@ -76,33 +76,23 @@ def unit_costs(workdir: Path, run: Path | None = None, at_step: int = 1000) -> d
     print(f"  training step (batch 64): {costs['train_step']:.3f} s", flush=True)
     dd = DirectionalDerivatives(model, causal_lm_token_loss, space, engine="auto")
     dd(theta, probe[:1])  # warm-up
-    t0 = time.perf_counter()
-    dd(theta, probe)
-    costs["loss_batch"] = (time.perf_counter() - t0) / len(probe)
+    costs["loss_batch"] = seconds(lambda: dd(theta, probe), s.device) / len(probe)
     t0 = time.perf_counter()
     costs |= dd.calibrate(theta, probe[0], max_directions=16)
     costs["calibration"] = time.perf_counter() - t0
     print(f"  per probe batch of 200: loss {costs['loss_batch']:.2f} s, forward mode {costs['forward_per_direction']:.2f} s "
           f"a direction, reverse mode {costs['reverse_base']:.2f} s + {costs['reverse_per_direction']:.2f} s a direction",
           flush=True)
-    directions = torch.linalg.qr(torch.randn(space.dim, 8, generator=torch.Generator().manual_seed(1)))[0].T
-    t0 = time.perf_counter()
-    dd(theta, probe, directions.contiguous())
-    costs["snapshot_8"] = time.perf_counter() - t0
+    directions = random_directions(8, space.dim, s.device, seed=8)
+    costs["snapshot_8"] = seconds(lambda: dd(theta, probe, directions), s.device)
     engine = min(costs["forward_per_direction"] * 8, costs["reverse_base"] + costs["reverse_per_direction"] * 8)
     print(f"  one snapshot's derivatives along 8 directions over the probe: {costs['snapshot_8']:.1f} s "
           f"(the calibration says {engine * len(probe):.1f} s)", flush=True)
     hessian = addition_batches(256, 20_000, 256, symbols=False)
     eig = _hvp_and_eigensolve(model, space, theta, hessian, s.device, 2)
     costs |= {"hvp": eig["hvp_s"], "eigensolve": eig["eigensolve_s"], "eigensolve_hvps": eig["eigensolve_hvps"]}
-    fn = FunctionalTokenLoss(model, causal_lm_token_loss, space)
-    with evaluation_mode(model):
-        hvp = fn.mean_loss_hvp(theta, addition_batches(1250, 20_000, 256, symbols=False))
-        v = torch.randn(theta.shape[0], generator=torch.Generator().manual_seed(0))
-        hvp(v)
-        t0 = time.perf_counter()
-        hvp(v)
-        costs["hvp_1250"] = time.perf_counter() - t0
+    costs["hvp_1250"] = _hvp_and_eigensolve(model, space, theta, addition_batches(1250, 20_000, 256, symbols=False),
+                                            s.device, 1, eigensolve=False)["hvp_s"]
     print(f"  Hessian-vector product: {costs['hvp']:.2f} s (256 problems), {costs['hvp_1250']:.2f} s (1,250); "
           f"eigensolve {costs['eigensolve']:.1f} s ({costs['eigensolve_hvps']} products, 256 problems)", flush=True)
     if run is not None:
@@ -125,20 +115,14 @@ def trained_eigensolve(model, space, hessian, store: Path, at_step: int) -> dict
     earlier vectors projected out, on the 256-problem Hessian sample."""
     from polca_lightning import open_store
     from polca_lightning.checkpoints import load_weights, read_state_dict, store_snapshots
-    from polca_lightning.core.hessian import projected_hessian_eigs
 
     snapshot = next(s for s in store_snapshots(store) if s.step == at_step)
     load_weights(model, read_state_dict(snapshot), f"the snapshot of step {at_step}")
     ds = open_store(store, analysis=False)
     earlier = ds["basis_step"].values < at_step
-    basis = torch.from_numpy(ds["basis_vectors"].values[earlier]).float()
-    theta = space.flatten(model)
-    fn = FunctionalTokenLoss(model, causal_lm_token_loss, space)
-    with evaluation_mode(model):
-        hvp = fn.mean_loss_hvp(theta, hessian)
-        start = time.perf_counter()
-        res = projected_hessian_eigs(hvp, theta.shape[0], 1, basis if len(basis) else None, tol=1e-3)
-    return {"eigensolve_trained": time.perf_counter() - start, "eigensolve_trained_hvps": res.n_hvp,
+    basis = torch.from_numpy(ds["basis_vectors"].values[earlier]).float() if earlier.any() else None
+    eig = _hvp_and_eigensolve(model, space, space.flatten(model), hessian, torch.device("cpu"), 1, basis=basis)
+    return {"eigensolve_trained": eig["eigensolve_s"], "eigensolve_trained_hvps": eig["eigensolve_hvps"],
             "eigensolve_trained_projected": int(earlier.sum())}
 
 

@@ -194,13 +194,11 @@ def without_vector_filter(ds, name: str, hdbscan: dict) -> dict:
 
     place, carry = ds["place"].values, ds["carry"].values
     traj = projected_loss(ds[name].transpose("interval", "basis", "token").values)  # [snapshot, basis, token]
-    kept, _ = filter_trajectories(traj)
+    kept, tokens = filter_trajectories(traj, vectors=False)
     settings = ClusterSettings(**hdbscan)
     best: dict = {"dropped_vectors": np.flatnonzero(~kept).tolist()}
     for b in range(traj.shape[1]):
-        final = traj[-1, b]
-        tokens = np.isfinite(traj[:, b]).all(0) & (final < -1e-5 * np.nanmax(np.abs(final)))
-        labels = cluster_trajectories(traj[:, b].T, settings, mask=tokens)
+        labels = cluster_trajectories(traj[:, b].T, settings, mask=tokens[b])
         if not (labels >= 0).any():
             continue
         scores = label_scores(labels, carry, values=[1], restrict=np.isin(place, (1, 2)), group=place)

@@ -155,6 +155,19 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def print_derivatives(derived: dict) -> None:
+    print("directional derivatives, in units of each token's |∇ℓ_x|/sqrt(d) (median over tokens):")
+    for i, s in enumerate(derived["snapshot_step"]):
+        print(f"  step {s:>5}: |∇ℓ_x| median {derived['grad_norm_median'][i]:.3g}; random RMS "
+              f"{derived['random_rms'][i]:.2f}; basis " + ", ".join(f"{v:.1f}" for v in derived["basis_median"][i]))
+    print("each direction's allocation g·δ against the full first-order change <∇ℓ_x, Δθ> over the interval that "
+          "starts there, across tokens: |correlation| (median over directions) and the share of tokens of the same sign:")
+    for i, s in enumerate(derived["snapshot_step"]):
+        print(f"  step {s:>5}: random {np.nanmedian(np.abs(derived['random_corr'][i])):.2f} / "
+              f"{np.median(derived['random_sign'][i]):.2f}; basis "
+              + ", ".join(f"{abs(c):.2f}/{sg:.2f}" for c, sg in zip(derived["basis_corr"][i], derived["basis_sign"][i])))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a finished run's folder (its polca.zarr)")
@@ -193,20 +206,8 @@ def main(argv=None) -> None:
     print("  per vector: " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(shaped["vector_share"],
                                                                           shaped["vector_aligned"]))
           + f"; exact loss {shaped['loss_share']:.2f}/{shaped['loss_aligned']:.2f}")
-    if derived is None:
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
-        return
-    print("directional derivatives, in units of each token's |∇ℓ_x|/sqrt(d) (median over tokens):")
-    for i, s in enumerate(derived["snapshot_step"]):
-        print(f"  step {s:>5}: |∇ℓ_x| median {derived['grad_norm_median'][i]:.3g}; random RMS "
-              f"{derived['random_rms'][i]:.2f}; basis " + ", ".join(f"{v:.1f}" for v in derived["basis_median"][i]))
-    print("each direction's allocation g·δ against the full first-order change <∇ℓ_x, Δθ> over the interval that "
-          "starts there, across tokens: |correlation| (median over directions) and the share of tokens of the same sign:")
-    for i, s in enumerate(derived["snapshot_step"]):
-        print(f"  step {s:>5}: random {np.nanmedian(np.abs(derived['random_corr'][i])):.2f} / "
-              f"{np.median(derived['random_sign'][i]):.2f}; basis "
-              + ", ".join(f"{abs(c):.2f}/{sg:.2f}" for c, sg in zip(derived["basis_corr"][i], derived["basis_sign"][i])))
+    if derived is not None:
+        print_derivatives(derived)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 

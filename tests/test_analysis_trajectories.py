@@ -46,6 +46,10 @@ def test_filter_constructed_case():
     kept, tok = filter_trajectories(P)
     assert kept.tolist() == [True, False, False]
     assert tok.tolist() == [[True, False, True, False], [False] * 4, [False] * 4]
+    # without the vector rule: the token rule along every vector, the vectors the rule keeps still said
+    kept, tok = filter_trajectories(P, vectors=False)
+    assert kept.tolist() == [True, False, False]
+    assert tok.tolist() == [[True, False, True, False], [True, False, False, False], [False] * 4]
     # a NaN anywhere drops the token but not the vector
     P[1, 0, 0] = np.nan
     kept, tok = filter_trajectories(P)

@@ -86,7 +86,8 @@ def cumulative_fisher(directional_grad: np.ndarray, n_intervals: int | None = No
 ROUNDOFF_RTOL = 1e-5
 
 
-def filter_trajectories(projected: np.ndarray, rtol: float = ROUNDOFF_RTOL) -> tuple[np.ndarray, np.ndarray]:
+def filter_trajectories(projected: np.ndarray, rtol: float = ROUNDOFF_RTOL,
+                        vectors: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The paper's §4.1 filter: which vectors, and which tokens along each, to cluster.
 
     Rule (exactly): with ``final = projected[-1]`` (the total POLCA over training, the
@@ -109,6 +110,9 @@ def filter_trajectories(projected: np.ndarray, rtol: float = ROUNDOFF_RTOL) -> t
             A ``[snapshot, token]`` array is treated as one vector.
         rtol: the decrease below which a token counts as unchanged, relative to the
             vector's largest ``|final|`` (:data:`ROUNDOFF_RTOL`, 1e-5; 0: every ``final < 0``).
+        vectors: apply the vector rule (default); ``False``: the token rule alone along
+            every vector (what the vector rule hides: the decreasing tokens of a vector whose
+            mean projected loss rises). ``kept`` still says which vectors the rule keeps.
 
     Returns:
         ``(kept [basis] bool, token_kept [basis, token] bool)``; ``token_kept`` is all
@@ -138,7 +142,7 @@ def filter_trajectories(projected: np.ndarray, rtol: float = ROUNDOFF_RTOL) -> t
         mean_final = np.where(n > 0, np.nansum(final, axis=1) / np.maximum(n, 1), np.nan)
         kept = mean_final < 0  # NaN -> False
         scale = np.nanmax(np.where(np.isfinite(final), np.abs(final), np.nan), axis=1, initial=0.0)  # [basis]
-        token_kept = kept[:, None] & finite & (final < -rtol * scale[:, None])
+        token_kept = (kept[:, None] if vectors else True) & finite & (final < -rtol * scale[:, None])
     if squeeze:
         return kept[0], token_kept[0]
     return kept, token_kept
