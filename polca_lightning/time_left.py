@@ -93,10 +93,10 @@ class TimeLeft(Callback):
 
     Put it beside a :class:`~polca_lightning.POLCACallback` in the ``Trainer``'s callbacks;
     it reads that callback's tracker (its measured timings and schedule). A resumed run
-    measures its rates again from the step it resumed at. The wall time and the tracker's
-    timings travel in the checkpoint (the callback's state), so :meth:`totals` gives a run
-    spread over several processes its whole cost: the time up to the checkpoint each
-    resumed from, plus the last process's.
+    measures its rates again from the step it resumed at. The wall time, the CPU time (of
+    every thread of the process) and the tracker's timings travel in the checkpoint (the
+    callback's state), so :meth:`totals` gives a run spread over several processes its whole
+    cost: the time up to the checkpoint each resumed from, plus the last process's.
 
     Args:
         every_n_steps: steps between two lines (a positive int).
@@ -117,27 +117,36 @@ class TimeLeft(Callback):
         self.printer = printer or (lambda line: print(line, flush=True))
         self._start: tuple[float, int] | None = None  # wall clock and step when training (re)started
         self._session = None
-        self._setup_clock: float | None = None  # when this process's fit began (the setup included)
-        self._prior: dict = {"seconds": 0.0, "timings": {}}  # earlier processes', up to the checkpoint
+        self._setup_clock: tuple[float, float] | None = None  # wall and CPU clocks when this process's fit began
+        # earlier processes', up to the checkpoint; cpu_from_step: the step CPU time is counted from
+        self._prior: dict = {"seconds": 0.0, "cpu_seconds": 0.0, "cpu_from_step": 0, "timings": {}}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._setup_clock = time.perf_counter()
+        self._setup_clock = (time.perf_counter(), time.process_time())
 
     def totals(self) -> dict:
-        """``{"seconds": wall seconds of fit, "timings": the tracker's timings by kind}``, over
-        every process of the run up to now (a resumed run's earlier ones up to its checkpoint)."""
-        seconds = self._prior["seconds"] + (time.perf_counter() - self._setup_clock if self._setup_clock else 0.0)
+        """``{"seconds": wall seconds of fit, "cpu_seconds": CPU seconds of fit, "cpu_from_step":
+        the step the CPU time counts from (0, or where a run resumed from a checkpoint written
+        without it), "timings": the tracker's timings by kind}``, over every process of the run
+        up to now (a resumed run's earlier ones up to its checkpoint)."""
+        wall, cpu = self._setup_clock if self._setup_clock else (None, None)
+        seconds = self._prior["seconds"] + (time.perf_counter() - wall if wall is not None else 0.0)
+        cpu_seconds = self._prior["cpu_seconds"] + (time.process_time() - cpu if cpu is not None else 0.0)
         timings = dict(self._prior["timings"])
         tracker = self._session.tracker if self._session is not None else None
         for name, value in (tracker.timings.items() if tracker is not None else ()):
             timings[name] = timings.get(name, 0.0) + value
-        return {"seconds": seconds, "timings": timings}
+        return {"seconds": seconds, "cpu_seconds": cpu_seconds, "cpu_from_step": self._prior["cpu_from_step"],
+                "timings": timings}
 
     def state_dict(self) -> dict:
         return self.totals()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._prior = {"seconds": float(state_dict["seconds"]), "timings": dict(state_dict["timings"])}
+        counted = "cpu_seconds" in state_dict  # a checkpoint written before CPU time was kept: from here on
+        self._prior = {"seconds": float(state_dict["seconds"]), "timings": dict(state_dict["timings"]),
+                       "cpu_seconds": float(state_dict["cpu_seconds"]) if counted else 0.0,
+                       "cpu_from_step": int(state_dict["cpu_from_step"]) if counted else None}
 
     def on_train_start(self, trainer, pl_module) -> None:
         from polca_lightning.callback import POLCACallback
@@ -145,6 +154,8 @@ class TimeLeft(Callback):
         found = [c for c in trainer.callbacks if isinstance(c, POLCACallback)]
         self._session = found[0].session if found else None
         self._start = (time.perf_counter(), trainer.global_step)
+        if self._prior["cpu_from_step"] is None:
+            self._prior["cpu_from_step"] = trainer.global_step
         tracker = self._session.tracker if self._session is not None else None
         # what the tracker had done before: a resumed run's restored snapshots, the first snapshot
         self._before = (dict(tracker.timings), tracker.n_snapshots) if tracker is not None else ({}, 0)

@@ -229,13 +229,15 @@ def main(argv=None) -> None:
     p.add_argument("--train-random", action="store_true",
                    help="train the random-basis runs (default: read along the weight snapshots of the seed's "
                         "finished Hessian run, the same training)")
+    p.add_argument("--figures", metavar="DIR",
+                   help="table: also copy the two figures into DIR as paper_<name>.png (docs/figures for the docs)")
     args = p.parse_args(argv)
     if args.what == "run":
         run(args)
     else:
         from paper_tables import write_tables
 
-        write_tables(Path(args.out), args.bases, args.seeds, measure)
+        write_tables(Path(args.out), args.bases, args.seeds, measure, figure_dir=args.figures)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ measures (``OUT/figures.json``) without training or measuring anything.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -106,16 +107,29 @@ def signal_rows(figures: list[dict]) -> list[str]:
     return lines
 
 
+def weights_source(f: dict, figures: list[dict]) -> str | None:
+    """The run among ``figures`` whose weight snapshots ``f`` was read along (its store's path
+    if none of them), or None for a run that trained."""
+    source = f["results"].get("weights_from")
+    if source is None:
+        return None
+    return next((x["run"] for x in figures if (Path(x["store"]) / "polca.zarr").resolve() == Path(source).resolve()), source)
+
+
+def trainings(figures: list[dict]) -> list[dict]:
+    """The runs that trained: a run over another's weight snapshots has that run's losses."""
+    return [f for f in figures if "weights_from" not in f["results"]]
+
+
 def loss_rows(figures: list[dict]) -> list[str]:
-    """Mean exact loss per (place, carry) group at CHECK_STEPS, one row per run and step."""
+    """Mean exact loss per (place, carry) group at CHECK_STEPS and the last step, one row per
+    training and step."""
     lines = ["| run | step | " + " | ".join(GROUPS) + " |", "|---|---|" + "---|" * len(GROUPS)]
-    for f in figures:
+    for f in trainings(figures):
         lg = f["loss_by_group"]
         step = np.array(lg["step"])
-        for s in CHECK_STEPS:
-            if s > step[-1]:
-                continue
-            i = int(np.argmin(np.abs(step - s)))
+        rows = sorted({int(np.argmin(np.abs(step - s))) for s in CHECK_STEPS if s <= step[-1]} | {len(step) - 1})
+        for i in rows:
             lines.append(f"| {f['run']} | {step[i]} | " + " | ".join(f"{lg[g]['mean'][i]:.3f}" for g in GROUPS) + " |")
     return lines
 
@@ -133,30 +147,51 @@ def vector_rows(figures: list[dict], top: int = 4) -> list[str]:
     return lines
 
 
+def time_rows(figures: list[dict]) -> list[str]:
+    """Per run: the command that made it, its wall and CPU time."""
+    lines = ["| run | command | wall time | CPU time |", "|---|---|---|---|"]
+    for f in figures:
+        r, t = f["results"], f["results"]["timings"]
+        seed = r.get("seed")
+        if "weights_from" in r:
+            made = (f"`python studies/paper_run.py run --seeds {seed} --bases random` (over "
+                    f"{weights_source(f, figures)}'s weight snapshots, no training)")
+        elif f["basis"] == "hessian":
+            made = f"`make paper SEED={seed}`"
+        else:
+            made = f"`python studies/paper_run.py run --seeds {seed} --bases random --train-random`"
+        cpu = "not measured" if t.get("cpu") is None else f"{t['cpu'] / 3600:.1f} h" + (
+            f" (from step {t['cpu_from_step']})" if t.get("cpu_from_step") else "")
+        lines.append(f"| {f['run']} | {made} | {_num(t.get('fit', float('nan')) / 3600, 1)} h | {cpu} |")
+    return lines
+
+
 def loss_figure(figures: list[dict], path: Path) -> None:
-    """Mean exact loss per (place, carry) group over training, every run, beside appendix F's readings."""
+    """Mean exact loss per (place, carry) group over training, one panel per training (a run
+    over another's weight snapshots shares its panel), beside appendix F's readings."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bases = sorted({f["basis"] for f in figures})
-    fig, axes = plt.subplots(1, len(bases), figsize=(6.5 * len(bases), 4.2), squeeze=False, sharey=True)
+    trained = trainings(figures)
+    fig, axes = plt.subplots(1, len(trained), figsize=(5 * len(trained), 4.2), squeeze=False, sharey=True)
     colours = dict(zip(GROUPS, plt.cm.tab10.colors))
-    for ax, basis in zip(axes[0], bases):
-        for f in (f for f in figures if f["basis"] == basis):
-            lg = f["loss_by_group"]
-            for g in GROUPS:
-                ax.plot(lg["step"], lg[g]["mean"], color=colours[g], lw=1.2, alpha=0.8,
-                        label=g if f is next(x for x in figures if x["basis"] == basis) else None,
-                        ls="--" if "carry" in g and "no" not in g else "-")
+    for ax, f in zip(axes[0], trained):
+        lg = f["loss_by_group"]
+        for g in GROUPS:
+            ax.plot(lg["step"], lg[g]["mean"], color=colours[g], lw=1.2, label=g,
+                    ls="--" if "carry" in g and "no" not in g else "-")
         ax.scatter([1000, 1000], [0.5, 0.6], marker="x", color="k", zorder=5, label="appendix F, step 1,000 (read off)")
-        ax.set_xlim(0, min(5000, max(f["loss_by_group"]["step"][-1] for f in figures)))
+        ax.set_xlim(0, min(5000, lg["step"][-1]))
         ax.set_xlabel("step")
-        ax.set_title(f"{basis} basis: mean exact loss per place and carry")
+        shared = [x["run"] for x in figures if weights_source(x, figures) == f["run"]]
+        ax.set_title(f"seed {f['results'].get('seed')}: {f['run']}" + (f" and {', '.join(shared)}" if shared else ""),
+                     fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("exact loss")
     axes[0][0].legend(fontsize=7)
+    fig.suptitle("mean exact loss per place and carry on the probe", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -209,7 +244,7 @@ def best_cluster_figure(out: Path, figures: list[dict], path: Path) -> dict | No
     return {"run": f["run"], "vector": unit, "cluster": cluster, "size": int(members.sum())}
 
 
-def write_tables(out: Path, bases, seeds, measure) -> str:
+def write_tables(out: Path, bases, seeds, measure, figure_dir: str | None = None) -> str:
     runs = [out / f"{b}_seed{s}" for b in bases for s in seeds if (out / f"{b}_seed{s}" / "results.json").exists()]
     if not runs:
         raise SystemExit(f"no finished run under {out} (studies/paper_run.py run first)")
@@ -217,9 +252,6 @@ def write_tables(out: Path, bases, seeds, measure) -> str:
                              measure=lambda p: {"store": p, **measure(Path(p))})
     loss_figure(figures, out / "loss_by_place_carry.png")
     best = best_cluster_figure(out, figures, out / "best_carry_cluster.png")
-    fit = [f"{f['run']} {f['results']['timings'].get('fit', float('nan')) / 60:.0f} min"
-           + (" (over the Hessian run's weight snapshots, no training)" if "weights_from" in f["results"]
-              else "") for f in figures]
     lines = [f"# The paper's run on 2 CPU cores: {len(figures)} run(s)", "",
              "Best 10s/100s carry cluster per trajectory type (appendix G, 85 % rule, outliers excluded): "
              "homogeneity (its chance level: the carry rate of the cluster's mix of places):", "",
@@ -237,12 +269,18 @@ def write_tables(out: Path, bases, seeds, measure) -> str:
               "Mean exact loss per (place, carry) group:", "", *loss_rows(figures), "",
               "The vectors that allocate the most loss decrease to 10s/100s carries beyond the other 10s/100s tokens "
               "(POLCA summed over training, mean per token):", "", *vector_rows(figures), "",
-              "Wall time on 2 cores (the training and everything POLCA does during it, the analysis after): "
-              + ", ".join(fit) + "."]
+              "What each run took on 2 cores (`Trainer.fit`: the training, everything POLCA does during it and "
+              "the analysis after; wall time over every process of a resumed run, the cores shared with other jobs "
+              "for part of it):", "", *time_rows(figures)]
     if best:
         lines += ["", f"best_carry_cluster.png: {best['run']}, vector {best['vector']}, cluster {best['cluster']} "
                       f"({best['size']} tokens)."]
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
+    if figure_dir:  # the copies the docs show
+        Path(figure_dir).mkdir(parents=True, exist_ok=True)
+        for name in ("loss_by_place_carry.png", "best_carry_cluster.png"):
+            if (out / name).exists():
+                shutil.copyfile(out / name, Path(figure_dir) / f"paper_{name}")
     print(text)
     return text

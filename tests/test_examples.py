@@ -343,6 +343,8 @@ def test_arithmetic_killed_and_started_again_ends_with_the_uninterrupted_store(t
     results = arithmetic.main(flags + ["--out", str(out)])  # the same command again: it resumes
     summary = json.loads((out / "results.json").read_text())
     assert summary["resumed_at_step"] in (8, 16)  # the newer checkpoint, or the older if the kill tore it
+    # the checkpoint carried the killed process's wall and CPU time: counted from step 0
+    assert summary["timings"]["cpu"] > 0 and "cpu_from_step" not in summary["timings"]
     a = open_store(uninterrupted / "polca.zarr").load()
     b = open_store(results).load()
     assert b.attrs["complete"] and a.sizes == b.sizes
@@ -405,3 +407,18 @@ def test_paper_study_reads_the_random_basis_along_a_finished_runs_weights(tmp_pa
     assert read["weights_from"] == str(uninterrupted / "polca.zarr") and set(read["timings"]) == {"fit", "cpu"}
     arithmetic.print_results(read)  # the study prints it
     assert paper_run.along_random_basis_of(uninterrupted, tmp_path / "read", random) == read  # reused
+
+    # the study's tables over the two runs, laid out as `run` leaves them
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "hessian_seed0").symlink_to(uninterrupted)
+    (study / "random_seed0").symlink_to(tmp_path / "read")
+    paper_run.main(["table", "--seeds", "0", "--out", str(study), "--figures", str(tmp_path / "figures")])
+    table = (study / "table.md").read_text()
+    seed = json.loads((uninterrupted / "results.json").read_text())["seed"]
+    assert f"| hessian_seed0 | `make paper SEED={seed}` |" in table
+    assert f"| random_seed0 | `python studies/paper_run.py run --seeds {seed} --bases random` (over hessian_seed0's" in table
+    loss_rows = table.split("Mean exact loss per (place, carry) group:")[1].split("The vectors")[0]
+    assert "hessian_seed0" in loss_rows and "random_seed0" not in loss_rows  # one row per training
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["paper_best_carry_cluster.png",
+                                                                      "paper_loss_by_place_carry.png"]

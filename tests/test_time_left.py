@@ -1,5 +1,9 @@
 """The time-left estimate against a hand count of the work left on a schedule."""
 
+import threading
+import time
+from types import SimpleNamespace
+
 import pytest
 
 from polca_lightning.time_left import Rates, TimeLeft, format_seconds, time_left
@@ -30,5 +34,36 @@ def test_format_seconds_and_argument_checks():
     with pytest.raises(ValueError, match="every_n_steps: expected a positive int, got 0"):
         TimeLeft(every_n_steps=0)
     clock = TimeLeft(10)
-    clock.load_state_dict({"seconds": 30.0, "timings": {"interval": 4.0}})  # a resumed run's earlier time
-    assert clock.totals() == {"seconds": 30.0, "timings": {"interval": 4.0}}
+    state = {"seconds": 30.0, "cpu_seconds": 50.0, "cpu_from_step": 0, "timings": {"interval": 4.0}}
+    clock.load_state_dict(state)  # a resumed run's earlier time
+    assert clock.totals() == state
+    # a checkpoint written before CPU time was kept: CPU time counts from the step training resumes at
+    clock.load_state_dict({"seconds": 30.0, "timings": {"interval": 4.0}})
+    assert clock.totals()["cpu_seconds"] == 0.0 and clock.totals()["cpu_from_step"] is None
+    clock.on_train_start(SimpleNamespace(callbacks=[], global_step=120), None)
+    assert clock.totals()["cpu_from_step"] == 120
+
+
+def test_totals_count_the_cpu_time_of_every_thread_and_carry_it_through_a_checkpoint():
+    clock = TimeLeft(10)
+    clock.setup(None, None, "fit")
+    wall, cpu = time.perf_counter(), time.process_time()
+
+    def spin():  # 0.3 s of CPU in this thread: the second thread's counts as the process's too
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    spin()
+    worker.join()
+    measured_cpu, measured_wall = time.process_time() - cpu, time.perf_counter() - wall
+    totals = clock.totals()
+    assert totals["cpu_seconds"] >= 0.6  # both threads' 0.3 s
+    assert measured_cpu <= totals["cpu_seconds"] <= measured_cpu + 0.05
+    assert measured_wall <= totals["seconds"] <= measured_wall + 0.05
+    resumed = TimeLeft(10)
+    resumed.load_state_dict(clock.state_dict())
+    resumed.setup(None, None, "fit")
+    assert resumed.totals()["cpu_seconds"] >= totals["cpu_seconds"] and resumed.totals()["cpu_from_step"] == 0
