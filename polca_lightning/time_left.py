@@ -14,16 +14,24 @@ hundred steps as one line (a log file reads it as well as a terminal), e.g.::
 
 The work after training (the LCA baseline, the causal check, the analysis and the report)
 is not in the estimate: it is measured only once training ends.
+
+:class:`Stopwatch` keeps the wall and CPU time of work that is not a Lightning run (e.g.
+:func:`~polca_lightning.from_checkpoints` over a long series) in a JSON file across the
+processes that resume it.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["TimeLeft", "Rates", "time_left", "format_seconds"]
+__all__ = ["TimeLeft", "Rates", "time_left", "format_seconds", "Stopwatch"]
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,8 @@ def time_left(step: int, max_steps: int, *, snapshot_every: int, basis_every: in
     train = (max_steps - step) * (rates.train_step or 0.0)
     snap = len(snapshots) * (rates.snapshot or 0.0)
     # a basis step at `s` backfills the s // snapshot_every + 1 snapshots taken by then
-    basis = sum((rates.eigensolve or 0.0) + (s // snapshot_every + 1) * (rates.backfill_snapshot or 0.0)
-                for s in basis_steps)
+    basis = sum(((rates.eigensolve or 0.0) + (s // snapshot_every + 1) * (rates.backfill_snapshot or 0.0)
+                 for s in basis_steps), 0.0)  # a float, nothing left included
     return {"training": train, "snapshots": snap, "basis": basis, "total": train + snap + basis}
 
 
@@ -199,3 +207,69 @@ class TimeLeft(Callback):
                           if left[name] > 0)
         self.printer(f"{line}: {', '.join(measured)}; left: about {format_seconds(left['total'])}"
                      + (f" ({parts})" if parts else "") + ", then the work after training")
+
+
+class Stopwatch:
+    """The wall and CPU time (every thread of the process) of work that may span several
+    processes, kept in the JSON file ``path`` and brought up to date every ``every`` seconds,
+    so that a process killed mid-way loses at most that much of the count; the next process
+    that enters a ``Stopwatch`` on the same file adds to it.
+
+    Args:
+        path: the JSON file (``{"seconds", "cpu_seconds", "processes"}``); created if absent.
+        every: seconds between two writes (a positive number).
+
+    Raises:
+        ValueError: ``every`` not positive.
+
+    Example:
+        >>> import tempfile
+        >>> with Stopwatch(Path(tempfile.mkdtemp()) / "time.json") as clock:
+        ...     pass
+        >>> clock.totals()["processes"]
+        1
+    """
+
+    def __init__(self, path, every: float = 30.0):
+        if not every > 0:
+            raise ValueError(f"every: expected a positive number of seconds, got {every!r}")
+        self.path, self.every = Path(path), float(every)
+        self._prior = {"seconds": 0.0, "cpu_seconds": 0.0, "processes": 0}
+        self._clocks: tuple[float, float] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def totals(self) -> dict:
+        """``{"seconds", "cpu_seconds", "processes"}`` over every process so far, this one included."""
+        if self._clocks is None:
+            return dict(self._prior)
+        wall, cpu = self._clocks
+        return {"seconds": self._prior["seconds"] + time.perf_counter() - wall,
+                "cpu_seconds": self._prior["cpu_seconds"] + time.process_time() - cpu,
+                "processes": self._prior["processes"] + 1}
+
+    def _write(self, totals: dict) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")  # a kill mid-write leaves the last whole file
+        tmp.write_text(json.dumps(totals))
+        os.replace(tmp, self.path)
+
+    def _keep_writing(self) -> None:
+        while not self._stop.wait(self.every):
+            self._write(self.totals())
+
+    def __enter__(self) -> "Stopwatch":
+        if self.path.exists():
+            prior = json.loads(self.path.read_text())
+            self._prior = {k: type(v)(prior[k]) for k, v in self._prior.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clocks = (time.perf_counter(), time.process_time())
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._keep_writing, daemon=True, name="polca-stopwatch")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._prior, self._clocks = self.totals(), None
+        self._write(self._prior)

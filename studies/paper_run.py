@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +87,11 @@ def along_random_basis_of(trained: Path, folder: Path, flags: list[str]) -> dict
     POLCA reads training without changing it, so a run's snapshots are the random-basis
     run's too (``tests/test_checkpoints.py`` checks that a random-basis callback keeps the same
     weights and writes the store this writes): the same trajectory along the other basis,
-    without training it again. Killed, it continues at the next snapshot; a finished one is
-    reused.
+    without training it again. Killed, it continues at the next snapshot, and its wall and CPU
+    time (``time_spent.json``) add up over the processes; a finished one is reused.
     """
     from polca_lightning import from_checkpoints
+    from polca_lightning.time_left import Stopwatch
 
     results = folder / "results.json"
     if results.exists():
@@ -103,13 +103,14 @@ def along_random_basis_of(trained: Path, folder: Path, flags: list[str]) -> dict
     arithmetic.L.seed_everything(args.seed, verbose=False)
     _, probe, hessian = arithmetic.splits(args)
     model = arithmetic.build_model(args)
-    start, cpu = time.perf_counter(), time.process_time()
-    arithmetic.addition_callback(  # the example's settings, over the stored snapshots instead of training
-        store, probe, hessian, args, callback_class=lambda **kw: from_checkpoints(model, weights, **kw),
-        order=args.order, basis="random", lca_directions=args.lca_directions, ablate=not args.no_ablate,
-        analysis_kwargs=arithmetic.analysis_settings(args), mode="a" if store.exists() else "w-",
-        progress=True, wandb_run=False)  # the bar over the snapshots, with its estimate of the time left
-    results = arithmetic.write_results(store, {"fit": time.perf_counter() - start, "cpu": time.process_time() - cpu})
+    with Stopwatch(folder / "time_spent.json") as clock:  # over every process that resumed it
+        arithmetic.addition_callback(  # the example's settings, over the stored snapshots instead of training
+            store, probe, hessian, args, callback_class=lambda **kw: from_checkpoints(model, weights, **kw),
+            order=args.order, basis="random", lca_directions=args.lca_directions, ablate=not args.no_ablate,
+            analysis_kwargs=arithmetic.analysis_settings(args), mode="a" if store.exists() else "w-",
+            progress=True, wandb_run=False)  # the bar over the snapshots, with its estimate of the time left
+    spent = clock.totals()
+    results = arithmetic.write_results(store, {"fit": spent["seconds"], "cpu": spent["cpu_seconds"]})
     results["weights_from"] = str(weights)  # the run whose snapshots these are
     (folder / "results.json").write_text(json.dumps(results, indent=1))
     return results

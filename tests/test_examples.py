@@ -405,6 +405,9 @@ def test_paper_study_reads_the_random_basis_along_a_finished_runs_weights(tmp_pa
     expected = json.loads((tmp_path / "trained" / "results.json").read_text())
     assert read["carry"] == expected["carry"] and read["signal"] == expected["signal"]
     assert read["weights_from"] == str(uninterrupted / "polca.zarr") and set(read["timings"]) == {"fit", "cpu"}
+    spent = json.loads((tmp_path / "read" / "time_spent.json").read_text())
+    assert spent["processes"] == 1 and (read["timings"]["fit"], read["timings"]["cpu"]) == (spent["seconds"],
+                                                                                           spent["cpu_seconds"])
     arithmetic.print_results(read)  # the study prints it
     assert paper_run.along_random_basis_of(uninterrupted, tmp_path / "read", random) == read  # reused
 

@@ -67,3 +67,38 @@ def test_totals_count_the_cpu_time_of_every_thread_and_carry_it_through_a_checkp
     resumed.load_state_dict(clock.state_dict())
     resumed.setup(None, None, "fit")
     assert resumed.totals()["cpu_seconds"] >= totals["cpu_seconds"] and resumed.totals()["cpu_from_step"] == 0
+
+
+def test_stopwatch_adds_up_processes_and_keeps_a_killed_ones_time(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from polca_lightning.time_left import Stopwatch
+
+    path = tmp_path / "time.json"
+    # a process that spins for ever inside a Stopwatch writing every 0.1 s, killed after 1.5 s
+    code = ("import sys, time\nfrom polca_lightning.time_left import Stopwatch\n"
+            "with Stopwatch(sys.argv[1], every=0.1):\n    print('in', flush=True)\n    while True:\n        pass\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, env=env)
+    assert proc.stdout.readline() == b"in\n"
+    start = time.perf_counter()
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = json.loads(path.read_text())
+    assert killed["processes"] == 1 and 1.0 < killed["seconds"] <= time.perf_counter() - start + 0.5
+    assert 0 < killed["cpu_seconds"] <= killed["seconds"] + 0.5  # one busy thread
+    with Stopwatch(path, every=60) as clock:  # the next process adds to it
+        end = time.thread_time() + 0.2
+        while time.thread_time() < end:
+            pass
+        assert clock.totals()["processes"] == 2
+    after = json.loads(path.read_text())
+    assert after["processes"] == 2 and after["cpu_seconds"] >= killed["cpu_seconds"] + 0.2
+    assert after["seconds"] >= killed["seconds"] + 0.2 and after == clock.totals()
+    with pytest.raises(ValueError, match="every: expected a positive number of seconds, got 0"):
+        Stopwatch(path, every=0)
