@@ -294,8 +294,7 @@ def run(args, out: Path) -> dict:
         import wandb
 
         wandb.finish()
-    cpu = {"cpu": totals["cpu_seconds"]} | ({"cpu_from_step": totals["cpu_from_step"]} if totals["cpu_from_step"] else {})
-    return write_results(store, {"fit": totals["seconds"], **cpu, **totals["timings"]},
+    return write_results(store, {"fit": totals["seconds"], "cpu": totals["cpu_seconds"], **totals["timings"]},
                          resumed_at=None if resume is None else start_step)
 
 
@@ -473,9 +472,8 @@ def print_results(r: dict) -> None:
           f"{r['tokens']} probe tokens, order {r['order']!r})")
     if r["timings"]:
         t = dict(r["timings"])
-        cpu, since = t.pop("cpu", None), t.pop("cpu_from_step", 0)
-        cpu = "" if cpu is None else f" ({cpu:.0f} s of CPU{f' from step {since}' if since else ''})"
-        print(f"fit took {t.pop('fit'):.0f} s{cpu}, of which the callback: "
+        cpu = t.pop("cpu", None)  # None: a run resumed from a checkpoint that did not count it
+        print(f"fit took {t.pop('fit'):.0f} s{'' if cpu is None else f' ({cpu:.0f} s of CPU)'}, of which the callback: "
               + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(t.items())))
     for name, c in r["coverage"].items():
         print(f"coverage of {name:<11}: allocated {c['allocated']:+.4f} of a real mean loss change "

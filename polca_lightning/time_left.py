@@ -34,6 +34,19 @@ from lightning.pytorch.callbacks import Callback
 __all__ = ["TimeLeft", "Rates", "time_left", "format_seconds", "Stopwatch"]
 
 
+def _clocks() -> tuple[float, float]:
+    """This process's wall clock and CPU clock (every thread), in seconds."""
+    return time.perf_counter(), time.process_time()
+
+
+def _add_elapsed(prior: dict, since: tuple[float, float] | None) -> dict:
+    """``prior``'s ``seconds`` and ``cpu_seconds`` plus the time since the :func:`_clocks`
+    reading ``since`` (None: none yet); a ``cpu_seconds`` of None (not counted) stays None."""
+    wall, cpu = (now - then for now, then in zip(_clocks(), since)) if since is not None else (0.0, 0.0)
+    return {"seconds": prior["seconds"] + wall,
+            "cpu_seconds": None if prior["cpu_seconds"] is None else prior["cpu_seconds"] + cpu}
+
+
 @dataclass(frozen=True)
 class Rates:
     """Seconds per unit of work, as measured: a training step (without POLCA's work), a
@@ -125,36 +138,30 @@ class TimeLeft(Callback):
         self.printer = printer or (lambda line: print(line, flush=True))
         self._start: tuple[float, int] | None = None  # wall clock and step when training (re)started
         self._session = None
-        self._setup_clock: tuple[float, float] | None = None  # wall and CPU clocks when this process's fit began
-        # earlier processes', up to the checkpoint; cpu_from_step: the step CPU time is counted from
-        self._prior: dict = {"seconds": 0.0, "cpu_seconds": 0.0, "cpu_from_step": 0, "timings": {}}
+        self._setup_clock: tuple[float, float] | None = None  # _clocks() when this process's fit began
+        self._prior: dict = {"seconds": 0.0, "cpu_seconds": 0.0, "timings": {}}  # earlier processes', to the checkpoint
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._setup_clock = (time.perf_counter(), time.process_time())
+        self._setup_clock = _clocks()
 
     def totals(self) -> dict:
-        """``{"seconds": wall seconds of fit, "cpu_seconds": CPU seconds of fit, "cpu_from_step":
-        the step the CPU time counts from (0, or where a run resumed from a checkpoint written
-        without it), "timings": the tracker's timings by kind}``, over every process of the run
-        up to now (a resumed run's earlier ones up to its checkpoint)."""
-        wall, cpu = self._setup_clock if self._setup_clock else (None, None)
-        seconds = self._prior["seconds"] + (time.perf_counter() - wall if wall is not None else 0.0)
-        cpu_seconds = self._prior["cpu_seconds"] + (time.process_time() - cpu if cpu is not None else 0.0)
+        """``{"seconds": wall seconds of fit, "cpu_seconds": CPU seconds of fit (None when the
+        run resumed from a checkpoint written without them), "timings": the tracker's timings
+        by kind}``, over every process of the run up to now (a resumed run's earlier ones up to
+        its checkpoint)."""
         timings = dict(self._prior["timings"])
         tracker = self._session.tracker if self._session is not None else None
         for name, value in (tracker.timings.items() if tracker is not None else ()):
             timings[name] = timings.get(name, 0.0) + value
-        return {"seconds": seconds, "cpu_seconds": cpu_seconds, "cpu_from_step": self._prior["cpu_from_step"],
-                "timings": timings}
+        return {**_add_elapsed(self._prior, self._setup_clock), "timings": timings}
 
     def state_dict(self) -> dict:
         return self.totals()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        counted = "cpu_seconds" in state_dict  # a checkpoint written before CPU time was kept: from here on
+        cpu = state_dict.get("cpu_seconds")  # absent from a checkpoint written before CPU time was kept
         self._prior = {"seconds": float(state_dict["seconds"]), "timings": dict(state_dict["timings"]),
-                       "cpu_seconds": float(state_dict["cpu_seconds"]) if counted else 0.0,
-                       "cpu_from_step": int(state_dict["cpu_from_step"]) if counted else None}
+                       "cpu_seconds": None if cpu is None else float(cpu)}
 
     def on_train_start(self, trainer, pl_module) -> None:
         from polca_lightning.callback import POLCACallback
@@ -162,8 +169,6 @@ class TimeLeft(Callback):
         found = [c for c in trainer.callbacks if isinstance(c, POLCACallback)]
         self._session = found[0].session if found else None
         self._start = (time.perf_counter(), trainer.global_step)
-        if self._prior["cpu_from_step"] is None:
-            self._prior["cpu_from_step"] = trainer.global_step
         tracker = self._session.tracker if self._session is not None else None
         # what the tracker had done before: a resumed run's restored snapshots, the first snapshot
         self._before = (dict(tracker.timings), tracker.n_snapshots) if tracker is not None else ({}, 0)
@@ -235,18 +240,14 @@ class Stopwatch:
             raise ValueError(f"every: expected a positive number of seconds, got {every!r}")
         self.path, self.every = Path(path), float(every)
         self._prior = {"seconds": 0.0, "cpu_seconds": 0.0, "processes": 0}
-        self._clocks: tuple[float, float] | None = None
+        self._clocks: tuple[float, float] | None = None  # _clocks() when this process entered
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def totals(self) -> dict:
         """``{"seconds", "cpu_seconds", "processes"}`` over every process so far, this one included."""
-        if self._clocks is None:
-            return dict(self._prior)
-        wall, cpu = self._clocks
-        return {"seconds": self._prior["seconds"] + time.perf_counter() - wall,
-                "cpu_seconds": self._prior["cpu_seconds"] + time.process_time() - cpu,
-                "processes": self._prior["processes"] + 1}
+        return {**_add_elapsed(self._prior, self._clocks),
+                "processes": self._prior["processes"] + (self._clocks is not None)}
 
     def _write(self, totals: dict) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")  # a kill mid-write leaves the last whole file
@@ -262,7 +263,7 @@ class Stopwatch:
             prior = json.loads(self.path.read_text())
             self._prior = {k: type(v)(prior[k]) for k, v in self._prior.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._clocks = (time.perf_counter(), time.process_time())
+        self._clocks = _clocks()
         self._stop.clear()
         self._thread = threading.Thread(target=self._keep_writing, daemon=True, name="polca-stopwatch")
         self._thread.start()

@@ -160,8 +160,7 @@ def time_rows(figures: list[dict]) -> list[str]:
             made = f"`make paper SEED={seed}`"
         else:
             made = f"`python studies/paper_run.py run --seeds {seed} --bases random --train-random`"
-        cpu = "not measured" if t.get("cpu") is None else f"{t['cpu'] / 3600:.1f} h" + (
-            f" (from step {t['cpu_from_step']})" if t.get("cpu_from_step") else "")
+        cpu = "not measured" if t.get("cpu") is None else f"{t['cpu'] / 3600:.1f} h"
         lines.append(f"| {f['run']} | {made} | {_num(t.get('fit', float('nan')) / 3600, 1)} h | {cpu} |")
     return lines
 
