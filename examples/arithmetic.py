@@ -473,8 +473,10 @@ def print_results(r: dict) -> None:
     if r["timings"]:
         t = dict(r["timings"])
         cpu = t.pop("cpu", None)  # None: a run resumed from a checkpoint that did not count it
-        print(f"fit took {t.pop('fit'):.0f} s{'' if cpu is None else f' ({cpu:.0f} s of CPU)'}, of which the callback: "
-              + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(t.items())))
+        fit = t.pop("fit")
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(t.items()))
+        print(f"fit took {fit:.0f} s{'' if cpu is None else f' ({cpu:.0f} s of CPU)'}"
+              + (f", of which the callback: {parts}" if parts else ""))
     for name, c in r["coverage"].items():
         print(f"coverage of {name:<11}: allocated {c['allocated']:+.4f} of a real mean loss change "
               f"{c['real']:+.4f} per token (ratio {c['ratio']:.2f})")
